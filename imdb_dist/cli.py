@@ -1,0 +1,151 @@
+"""The ``imdb-dist`` command: train, evaluate, predict.
+
+Exit status: 0 success; 2 bad input (one ``error: ...`` line on stderr);
+1 a run that failed for a known reason (one line) or an internal error
+(with its traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from imdb_dist.config import load_config
+from imdb_dist.errors import InputError, RunError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other bad input; --help still shows the usage.
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imdb-dist", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train in this process (CPU, one GPU, or all local GPUs)")
+    _add_config_args(train)
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a labeled split with an exported model; prints JSON")
+    evaluate.add_argument("--model", required=True, type=Path, help="RUN_DIR/model or RUN_DIR/model/<version>")
+    evaluate.add_argument("--data", required=True, help="aclImdb directory or .tar.gz (or a tfds data_dir)")
+    evaluate.add_argument("--split", default="test", choices=("test", "train", "validation"))
+    evaluate.add_argument("--source", default="aclimdb", choices=("aclimdb", "tfds", "keras"))
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="score raw reviews; prints one JSON line per review")
+    predict.add_argument("--model", required=True, type=Path, help="RUN_DIR/model or RUN_DIR/model/<version>")
+    predict.add_argument("texts", nargs="*", metavar="TEXT", help="reviews to score")
+    predict.add_argument("--file", type=Path, help="one review per line ('-' for stdin); blank lines are skipped")
+    predict.set_defaults(handler=_predict)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (see job/configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from imdb_dist.train import run
+
+    run(cfg)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from imdb_dist.config import DataConfig
+    from imdb_dist.data.sources import load_reviews
+    from imdb_dist.evaluate import metrics, score_texts
+    from imdb_dist.export import load_model
+
+    model = load_model(args.model)
+    # The validation split must be carved exactly as in training.
+    data = DataConfig(
+        source=args.source,
+        path=args.data,
+        validation_fraction=model.metadata["validation_fraction"],
+        seed=model.metadata["seed"],
+    )
+    reviews = load_reviews(data, args.split)
+    print(json.dumps(metrics(score_texts(model, reviews.texts), reviews.labels)))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from imdb_dist.evaluate import label_of, score_texts
+    from imdb_dist.export import load_model
+
+    keyed = _predict_inputs(args)
+    model = load_model(args.model)
+    scores = score_texts(model, [text for _, text in keyed])
+    for (key, _), score in zip(keyed, scores):
+        print(json.dumps({**key, "score": round(float(score), 6), "label": label_of(float(score))}))
+    return 0
+
+
+def _predict_inputs(args: argparse.Namespace) -> list[tuple[dict[str, int], str]]:
+    """Each review with what identifies it in the output: its ``index`` or file ``line``."""
+    if args.file is None:
+        if not args.texts:
+            raise InputError("predict needs review TEXT arguments or --file")
+        return [({"index": i}, text) for i, text in enumerate(args.texts)]
+    if args.texts:
+        raise InputError("give reviews as TEXT arguments or --file, not both")
+    try:
+        raw = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+        lines = raw.decode("utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read --file {args.file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--file {args.file} is not valid UTF-8 (byte {exc.start})") from None
+    keyed = [({"line": n}, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not keyed:
+        raise InputError(f"--file {args.file} holds no reviews")
+    return keyed
+
+
+def _setup_logging() -> None:
+    # TensorFlow's C++ start-up chatter (CPU features, CUDA probing) is noise in job logs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imdb-dist`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

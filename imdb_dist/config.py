@@ -1,0 +1,272 @@
+"""The job's configuration: frozen dataclasses, loaded from YAML, validated.
+
+Precedence is ``--set`` overrides > YAML file > dataclass defaults. Every
+value is checked against its field's type when it is loaded, and every field
+against its allowed range, so a typo or an impossible value fails before any
+data is read, naming the dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from imdb_dist.errors import ConfigError
+
+Source = Literal["auto", "aclimdb", "tfds", "keras"]
+Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
+Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+
+
+def _check_range(
+    key: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ConfigError(key, f"{value!r} is out of range {lo}{low}, {high}{hi}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the reviews come from and how they are encoded."""
+
+    source: Source = "auto"
+    # aclimdb: directory or .tar.gz; tfds: data_dir; keras: an imdb.npz path.
+    path: str | None = None
+    validation_fraction: float = 0.1
+    seed: int = 1337
+    vocab_size: int = 20000
+    max_len: int = 400
+    # Group reviews of similar length so short ones are not padded to max_len.
+    bucketing: bool = True
+    bucket_width: int = 50
+    shuffle_buffer: int = 25000
+
+    def __post_init__(self) -> None:
+        _check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
+        _check_range("data.vocab_size", self.vocab_size, 3, 1_000_000)
+        _check_range("data.max_len", self.max_len, 8, 10_000)
+        _check_range("data.bucket_width", self.bucket_width, 8, 10_000)
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, 1, 10_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the fixed network (Embedding, Conv1D, MaxPooling1D, LSTM, Dense)."""
+
+    embedding_dim: int = 128
+    dropout: float = 0.25
+    conv_filters: int = 64
+    kernel_size: int = 5
+    pool_size: int = 4
+    lstm_units: int = 70
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "conv_filters", "kernel_size", "pool_size", "lstm_units"):
+            _check_range(f"model.{name}", getattr(self, name), 1, 100_000)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: the global batch is split evenly across all replicas."""
+
+    epochs: int = 2
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    mixed_precision: Precision = "auto"
+    # 0 disables early stopping; otherwise patience in epochs on val_loss,
+    # restoring the best epoch's weights at the end.
+    early_stopping_patience: int = 0
+    steps_per_execution: int = 1
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 1, 100_000)
+        _check_range("train.batch_size", self.batch_size, 1, 1_000_000)
+        _check_range("train.learning_rate", self.learning_rate, 0.0, 10.0, low_open=True)
+        _check_range("train.early_stopping_patience", self.early_stopping_patience, 0, 100_000)
+        _check_range("train.steps_per_execution", self.steps_per_execution, 1, 100_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionConfig:
+    """Which tf.distribute strategy runs the replicas."""
+
+    strategy: Strategy = "auto"
+    # mirrored only: explicit devices (e.g. ["/gpu:0", "/gpu:1"]); empty = all GPUs.
+    devices: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where results go and how often the run saves itself."""
+
+    output_dir: str = "runs/default"
+    # 0 = checkpoint at the end of every epoch only; N = also every N steps.
+    checkpoint_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise ConfigError("run.output_dir", "must not be empty")
+        _check_range("run.checkpoint_steps", self.checkpoint_steps, 0, 10_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole job."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # The first conv + pool must see at least one window of real length.
+        if self.data.max_len < self.model.kernel_size + self.model.pool_size - 1:
+            raise ConfigError(
+                "data.max_len",
+                f"{self.data.max_len} is shorter than model.kernel_size + model.pool_size - 1 "
+                f"({self.model.kernel_size + self.model.pool_size - 1})",
+            )
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build the config from defaults, an optional YAML file, and ``key=value`` overrides.
+
+    Args:
+        path: a YAML file whose nested mapping mirrors :class:`Config`.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML
+            scalars and then checked against the field's type.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key, wrong type or
+            out-of-range value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, prefix="")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc}") from None
+    try:
+        # safe_load never constructs Python objects from tags like !!python/object.
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("", f"invalid YAML in {path}{line}: {reason}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("", f"override {item!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not a YAML scalar: keep the string and let the type check judge.
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip("."), f"must be a mapping, not {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known here: {known})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(key, hint, value)
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against ``hint``; the only conversions are int->float and list->tuple."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, inner, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+    # bool is an int subclass: never let `true` pass for a count, or 1 for a flag.
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain YAML-ready data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML, in field order, loadable by :func:`load_config`."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,218 @@
+"""Reading labeled reviews from the supported sources into memory.
+
+Every source ends as the same :class:`Reviews`: raw review strings and 0/1
+labels, in a deterministic order, so the seeded validation split and the
+vocabulary are the same on every run and on every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from imdb_dist.config import DataConfig
+from imdb_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+ENV_PATH = "IMDB_DATA"
+# Reviews are ID_RATING.txt files in <split>/pos and <split>/neg; train/unsup
+# (unlabeled) and anything not directly inside pos/ or neg/ is ignored.
+_REVIEW = re.compile(r"(?:^|/)(train|test)/(pos|neg)/([^/]+\.txt)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reviews:
+    """Labeled reviews held in memory (the whole of IMDB is ~33 MB of text)."""
+
+    texts: list[str]
+    labels: np.ndarray  # int32, 1 = positive
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
+    """Return ``(source, path)`` with ``auto`` resolved.
+
+    ``auto`` uses ``data.path``, else ``$IMDB_DATA``, as an aclImdb directory
+    or tarball, and falls back to TensorFlow Datasets' ``imdb_reviews``.
+    """
+    path = cfg.path or os.environ.get(ENV_PATH) or None
+    if cfg.source == "aclimdb":
+        return "aclimdb", path
+    if cfg.source != "auto":
+        return cfg.source, cfg.path
+    return ("aclimdb", path) if path else ("tfds", None)
+
+
+def load_reviews(cfg: DataConfig, split: str) -> Reviews:
+    """Load one split: ``train`` and ``validation`` partition the source's train split.
+
+    The validation part is a fixed fraction drawn with ``data.seed``; the two
+    never overlap and together hold every training review.
+
+    Raises:
+        DataError: the source, or the split in it, is missing or malformed.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    source, path = resolve_source(cfg)
+    raw_split = "test" if split == "test" else "train"
+    if source == "aclimdb":
+        if not path:
+            raise DataError("data.source aclimdb needs data.path (a directory or .tar.gz)")
+        reviews = read_aclimdb(path, raw_split)
+    elif source == "tfds":
+        reviews = _read_tfds(path, raw_split)
+    else:
+        reviews = _read_keras(path, raw_split, cfg.vocab_size)
+    if split == "test":
+        return reviews
+    train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed)
+    return subset(reviews, train_idx if split == "train" else val_idx)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded partition of ``range(n)`` into (train, validation) index arrays."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def subset(reviews: Reviews, indices: np.ndarray) -> Reviews:
+    """The reviews at ``indices``, in that order."""
+    return Reviews([reviews.texts[i] for i in indices], reviews.labels[indices])
+
+
+def read_aclimdb(path: str | os.PathLike, split: str) -> Reviews:
+    """Read ``split`` (train or test) from an aclImdb directory or tarball.
+
+    Reviews must be UTF-8: a file that is not is rejected with its name,
+    since it means a corrupt or wrongly converted dataset. Empty review
+    files are skipped with a warning: they carry no signal to learn from.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist")
+    if root.is_dir():
+        files = _iter_dir(root)
+    elif not os.access(root, os.R_OK):
+        raise DataError(f"data path {root} is not readable")
+    elif tarfile.is_tarfile(root):
+        files = _iter_tar(root)
+    else:
+        raise DataError(f"data path {root} is neither a directory nor a tar archive")
+
+    found: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    empty = 0
+    for name, payload in files:
+        match = _REVIEW.search(name)
+        if match is None:
+            continue
+        file_split, label = match.group(1), match.group(2)
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{root}: {name} is not valid UTF-8 (byte {exc.start})") from None
+        if not text.strip():
+            empty += 1
+            continue
+        found.setdefault((file_split, label), []).append((name, text))
+    if empty:
+        log.warning("%s: skipped %d empty review file(s)", root, empty)
+    return _collect(root, split, found)
+
+
+def _collect(root: Path, split: str, found: dict[tuple[str, str], list[tuple[str, str]]]) -> Reviews:
+    present = sorted({s for s, _ in found})
+    if split not in present:
+        holds = ", ".join(present) if present else "no reviews in the aclImdb layout"
+        raise DataError(f"{root} has no {split} split (it holds: {holds})")
+    pairs: list[tuple[str, str, int]] = []
+    for label, value in (("neg", 0), ("pos", 1)):
+        items = found.get((split, label), [])
+        if not items:
+            raise DataError(f"{root}: {split}/{label} holds no reviews")
+        pairs += [(name, text, value) for name, text in items]
+    # Sort by file name so the order (and so the seeded split) never depends
+    # on directory listing or archive member order.
+    pairs.sort(key=lambda p: p[0])
+    return Reviews([p[1] for p in pairs], np.array([p[2] for p in pairs], dtype=np.int32))
+
+
+def _iter_dir(root: Path) -> Iterator[tuple[str, bytes]]:
+    base = root / "aclImdb" if (root / "aclImdb").is_dir() else root
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            folder = base / split / label
+            if not folder.is_dir():
+                continue
+            for file in folder.iterdir():
+                if file.suffix == ".txt" and file.is_file():
+                    try:
+                        yield f"{split}/{label}/{file.name}", file.read_bytes()
+                    except OSError as exc:
+                        raise DataError(f"cannot read {file}: {exc.strerror}") from None
+
+
+def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
+    try:
+        # Stream mode reads the gzip once, front to back, never seeking.
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if member.isfile() and _REVIEW.search(member.name):
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        yield member.name, handle.read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"{path} is a corrupt or truncated archive: {exc}") from None
+
+
+def _read_tfds(data_dir: str | None, split: str) -> Reviews:
+    import tensorflow_datasets as tfds
+
+    try:
+        dataset = tfds.load("imdb_reviews", split=split, as_supervised=True, data_dir=data_dir)
+        pairs = list(tfds.as_numpy(dataset))
+    except Exception as exc:  # tfds raises many types (network, checksum, missing split).
+        raise DataError(
+            f"cannot load tfds imdb_reviews/{split}: {exc}; offline, point data.path "
+            "(or $IMDB_DATA) at an aclImdb directory or .tar.gz"
+        ) from None
+    texts = [t.decode("utf-8", errors="replace") for t, _ in pairs]
+    return Reviews(texts, np.array([int(y) for _, y in pairs], dtype=np.int32))
+
+
+def _read_keras(path: str | None, split: str, vocab_size: int) -> Reviews:
+    import tf_keras as keras
+
+    imdb = keras.datasets.imdb
+    try:
+        # load_data verifies the archive's sha256 before opening it.
+        (x_train, y_train), (x_test, y_test) = imdb.load_data(path=path or "imdb.npz", num_words=vocab_size)
+        word_index = imdb.get_word_index()
+    except Exception as exc:  # download and file errors surface as many types.
+        raise DataError(f"cannot load keras.datasets.imdb: {exc}") from None
+    sequences, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
+    return Reviews(decode_keras(sequences, word_index), np.asarray(labels, dtype=np.int32))
+
+
+def decode_keras(sequences: list[list[int]], word_index: dict[str, int], index_from: int = 3) -> list[str]:
+    """Turn keras.datasets.imdb's word ids back into text.
+
+    The rest of the pipeline (and the exported model) works on raw strings,
+    so the pre-indexed source is mapped back to words; ids below
+    ``index_from`` are padding, start and out-of-vocabulary markers.
+    """
+    words = {i + index_from: w for w, i in word_index.items()}
+    return [" ".join(words[i] for i in seq if i in words) for seq in sequences]

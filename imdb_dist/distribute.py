@@ -1,0 +1,126 @@
+"""Strategy, chief and precision decisions: the only module that reads TF_CONFIG.
+
+Create the strategy first thing in a worker: MultiWorkerMirroredStrategy
+must exist before any other TensorFlow op initialises the runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+
+import tensorflow as tf
+import tf_keras as keras
+
+from imdb_dist.config import DistributionConfig
+from imdb_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def cluster_spec() -> dict | None:
+    """The parsed ``TF_CONFIG`` (set by Ray Train or the operator), or None if unset.
+
+    Raises:
+        ConfigError: TF_CONFIG is set but not JSON with ``cluster`` and ``task``.
+    """
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("TF_CONFIG", f"is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    task = spec.get("task") if isinstance(spec, dict) else None
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ConfigError("TF_CONFIG", 'must be {"cluster": {...}, "task": {"type": ..., "index": ...}}')
+    if task["type"] not in cluster or not 0 <= int(task["index"]) < len(cluster[task["type"]]):
+        raise ConfigError("TF_CONFIG", f"task {task} is not in the cluster {sorted(cluster)}")
+    return spec
+
+
+def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
+    """The strategy ``distribution.strategy`` names; ``auto`` picks by environment.
+
+    ``auto``: TF_CONFIG set → MultiWorkerMirroredStrategy; more than one
+    GPU → MirroredStrategy over all of them; else the default strategy.
+    """
+    name = cfg.strategy
+    spec = cluster_spec()
+    if name == "auto":
+        if spec is not None:
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "multi_worker":
+        if spec is None:
+            raise ConfigError("distribution.strategy", "multi_worker needs TF_CONFIG (Ray Train sets it)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=list(cfg.devices) or None)
+    if cfg.devices:
+        raise ConfigError("distribution.devices", f"only applies to the mirrored strategy, not {name}")
+    return tf.distribute.get_strategy()
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """``(num_workers, this worker's index)``: ``(1, 0)`` unless multi-worker.
+
+    The index orders chief before workers, as tf.distribute's input
+    pipeline ids do, so it can pick this worker's data shard.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1, 0
+    cluster = resolver.cluster_spec().as_dict()
+    n_chief = len(cluster.get("chief", []))
+    total = n_chief + len(cluster.get("worker", []))
+    index = resolver.task_id if resolver.task_type == "chief" else n_chief + resolver.task_id
+    return total, index
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """The one process that writes the run directory.
+
+    TF's rule: the ``chief`` task if the cluster has one, else ``worker`` 0;
+    any single-process strategy is its own chief.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def resolve_precision(name: str) -> str:
+    """``auto`` → ``mixed_float16`` on a GPU, ``float32`` elsewhere.
+
+    On CPUs float16 math is emulated and slow, and bfloat16 is only a win
+    where it is measured to be (docs/BENCHMARKS.md), so it is opt-in.
+    """
+    if name != "auto":
+        return name
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+
+
+@contextlib.contextmanager
+def precision_policy(name: str) -> Iterator[None]:
+    """Build layers under the Keras dtype policy ``name``, restoring the old one after.
+
+    Layers take the global policy when they are created, so only model
+    construction needs to sit inside this block.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -1,0 +1,124 @@
+"""Exporting and loading the serving model (TF-Serving layout ``model/<version>/``).
+
+The export is one SavedModel holding the vectorizer and the network, so it
+scores raw review text with no Python of ours: signature ``serving_default``
+takes ``text`` (string ``[None]``) and returns ``score`` (float32
+``[None, 1]``, the probability that the review is positive).
+
+A SavedModel is a program: load one only from storage you trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from imdb_dist.data.pipeline import encode_padded
+from imdb_dist.errors import InputError
+
+SIGNATURE = "serving_default"
+METADATA = Path("assets.extra") / "imdb_dist.json"
+
+
+class _Serving(tf.Module):
+    def __init__(self, vectorizer: keras.layers.TextVectorization, model: keras.Model, max_len: int) -> None:
+        super().__init__(name="imdb_dist")
+        self.vectorizer = vectorizer
+        self.model = model
+        self.max_len = max_len
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve(self, text: tf.Tensor) -> dict[str, tf.Tensor]:
+        tokens = encode_padded(self.vectorizer, text, self.max_len)
+        return {"score": self.model(tokens, training=False)}
+
+
+def export_model(
+    model_root: Path,
+    vectorizer: keras.layers.TextVectorization,
+    model: keras.Model,
+    max_len: int,
+    metadata: dict[str, Any],
+    version: int = 1,
+) -> Path:
+    """Save ``model_root/<version>`` atomically and return its path.
+
+    The SavedModel is written to a hidden sibling and renamed into place,
+    so a crash leaves either the previous export or none, never a part.
+    """
+    module = _Serving(vectorizer, model, max_len)
+    model_root.mkdir(parents=True, exist_ok=True)
+    target = model_root / str(version)
+    staging = model_root / f".{version}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+    (staging / METADATA).parent.mkdir(parents=True, exist_ok=True)
+    (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if target.exists():
+        # A directory cannot be replaced in one rename: move the old one aside first.
+        retired = model_root / f".{version}.old-{os.getpid()}"
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, target)
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """A loaded export: ``score(texts)`` returns probabilities as a float32 ``[n, 1]`` tensor."""
+
+    path: Path
+    score: Callable[[tf.Tensor], tf.Tensor]
+    metadata: dict[str, Any]
+
+
+def find_export(path: Path) -> Path:
+    """``path`` itself if it is a SavedModel, else its highest numbered version inside."""
+    if (path / "saved_model.pb").is_file():
+        return path
+    versions = sorted(
+        (int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        if path.is_dir()
+        else []
+    )
+    if not versions:
+        raise InputError(f"{path} is not an exported imdb-dist model (no saved_model.pb in it or in {path}/<version>/)")
+    return path / str(versions[-1])
+
+
+def load_model(path: str | os.PathLike) -> ServedModel:
+    """Load an export made by :func:`export_model` (a run's ``model/`` or ``model/<version>/``).
+
+    Raises:
+        InputError: not a SavedModel, or one without our signature and metadata.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"model path {root} does not exist")
+    export = find_export(root)
+    try:
+        loaded = tf.saved_model.load(str(export))
+    except Exception as exc:  # corrupt protobufs and missing variables raise many types.
+        raise InputError(f"{export} is not a loadable SavedModel: {str(exc).splitlines()[0]}") from None
+    signature = loaded.signatures.get(SIGNATURE)
+    meta_path = export / METADATA
+    if signature is None or not meta_path.is_file():
+        raise InputError(f"{export} is a SavedModel but not an imdb-dist export (no {SIGNATURE} or {METADATA})")
+    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+
+    def score(texts: tf.Tensor) -> tf.Tensor:
+        return signature(text=texts)["score"]
+
+    # Keep the loaded object alive as long as the signature that closes over it.
+    score.loaded = loaded  # type: ignore[attr-defined]
+    return ServedModel(export, score, metadata)

@@ -1,0 +1,65 @@
+"""The network, and nothing else: no strategies, no files, no precision policy.
+
+Embedding → Dropout → Conv1D(relu) → MaxPooling1D → LSTM → Dense(1, sigmoid).
+The caller builds it inside a strategy scope and a dtype policy; the output
+layer is pinned to float32 so the sigmoid and the loss stay stable under
+mixed precision.
+"""
+
+from __future__ import annotations
+
+import tf_keras as keras
+
+from imdb_dist.config import ModelConfig
+
+# The arguments tf_keras checks before it dispatches the LSTM to the fused
+# cuDNN kernel on a GPU; any other value silently falls back to a loop of
+# small kernels (several times slower). Masks are not used: a pre-padded
+# (left-padded) mask would also disqualify cuDNN.
+CUDNN_LSTM_ARGS = {
+    "activation": "tanh",
+    "recurrent_activation": "sigmoid",
+    "recurrent_dropout": 0.0,
+    "unroll": False,
+    "use_bias": True,
+}
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
+    """The sentiment model over pre-padded token ids of any length ``>= min_length(cfg)``.
+
+    Args:
+        cfg: layer sizes.
+        vocab_size: number of token ids, padding (0) and unknown (1) included.
+
+    Returns:
+        An uncompiled model mapping int ids ``[batch, length]`` to the
+        probability of a positive review, float32 ``[batch, 1]``.
+    """
+    tokens = keras.Input(shape=(None,), dtype="int64", name="tokens")
+    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(tokens)
+    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    x = keras.layers.Conv1D(cfg.conv_filters, cfg.kernel_size, activation="relu", name="conv")(x)
+    x = keras.layers.MaxPooling1D(cfg.pool_size, name="pool")(x)
+    x = keras.layers.LSTM(cfg.lstm_units, name="lstm", **CUDNN_LSTM_ARGS)(x)
+    score = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="score")(x)
+    return keras.Model(tokens, score, name="imdb_cnn_lstm")
+
+
+def min_length(cfg: ModelConfig) -> int:
+    """The shortest input that leaves one time step after the valid conv and the pool."""
+    return cfg.kernel_size + cfg.pool_size - 1
+
+
+def compile_model(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
+    """Adam + binary cross-entropy, tracking accuracy.
+
+    Under a ``mixed_float16`` policy tf_keras wraps Adam in a
+    LossScaleOptimizer here, so float16 gradients do not underflow.
+    """
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
+    )

@@ -1,0 +1,274 @@
+"""One worker's whole job: data, model under the strategy scope, fit, export, report.
+
+The same ``run(cfg)`` serves every launcher: ``imdb-dist train`` calls it in
+process (default or Mirrored strategy), and each Ray Train worker calls it
+under MultiWorkerMirroredStrategy. Side effects on the run directory happen
+on the chief only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from imdb_dist import __version__, rundir
+from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
+from imdb_dist.config import Config, to_dict
+from imdb_dist.data import pipeline
+from imdb_dist.data.sources import Reviews, load_reviews
+from imdb_dist.distribute import is_chief, make_strategy, precision_policy, resolve_precision, worker_index
+from imdb_dist.errors import ConfigError, DataError
+from imdb_dist.evaluate import metrics, score_texts
+from imdb_dist.export import export_model, load_model
+from imdb_dist.model import build_model, compile_model, min_length
+from imdb_dist.curves import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What this process is within the job."""
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    num_workers: int
+    index: int
+    precision: str
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+def run(cfg: Config) -> Path:
+    """Train, export and evaluate as ``cfg`` says; return the run directory.
+
+    Raises:
+        InputError: bad config, data or output directory (nothing is written).
+        RunError: the loss diverged (the last epoch checkpoint is kept).
+    """
+    started = time.perf_counter()
+    worker = _start_worker(cfg)
+    run_dir = Path(cfg.run.output_dir)
+    if _already_complete(cfg, run_dir, worker):
+        return run_dir
+    # Read the data before creating anything, so bad data leaves no run dir.
+    train_set, val_set = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    _check_sizes(cfg, train_set, val_set)
+    if worker.chief:
+        rundir.write_config(run_dir, cfg)
+    vectorizer = _vectorizer(cfg, run_dir, train_set, worker)
+    model = _fit(cfg, worker, run_dir, vectorizer, train_set, val_set)
+    if worker.chief:
+        _finish(cfg, worker, run_dir, vectorizer, model, val_set, time.perf_counter() - started)
+    return run_dir
+
+
+def _start_worker(cfg: Config) -> Worker:
+    # The strategy comes first: MultiWorkerMirroredStrategy must be created
+    # before any other op initialises the TensorFlow runtime.
+    strategy = make_strategy(cfg.distribution)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(
+            "train.batch_size",
+            f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas in sync",
+        )
+    num_workers, index = worker_index(strategy)
+    chief = is_chief(strategy)
+    precision = resolve_precision(cfg.train.mixed_precision)
+    if chief:
+        rundir.check_writable(Path(cfg.run.output_dir))
+    log.info(
+        "strategy %s: %d worker(s), %d replica(s) in sync; precision %s; global batch %d",
+        type(strategy).__name__,
+        num_workers,
+        replicas,
+        precision,
+        cfg.train.batch_size,
+    )
+    keras.utils.set_random_seed(cfg.train.seed)
+    return Worker(strategy, chief, num_workers, index, precision)
+
+
+def _already_complete(cfg: Config, run_dir: Path, worker: Worker) -> bool:
+    """Check a previous run in ``run_dir``; True if it already finished this exact job."""
+    previous = rundir.prior_config(run_dir)
+    if previous is None:
+        return False
+    rundir.check_resumable(previous, cfg, run_dir)
+    if previous == cfg and (run_dir / rundir.REPORT).exists():
+        log.info("%s already holds a complete run of this config; nothing to do", run_dir)
+        return True
+    log.info("resuming the run in %s from its last checkpoint", run_dir)
+    return False
+
+
+def _check_sizes(cfg: Config, train_set: Reviews, val_set: Reviews) -> None:
+    if len(train_set) < cfg.train.batch_size:
+        raise DataError(
+            f"{len(train_set)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
+        )
+    if len(val_set) == 0:
+        raise ConfigError("data.validation_fraction", f"leaves no validation reviews out of {len(train_set)}")
+    log.info("data: %d training and %d validation reviews", len(train_set), len(val_set))
+
+
+def _vectorizer(cfg: Config, run_dir: Path, train_set: Reviews, worker: Worker) -> keras.layers.TextVectorization:
+    """Reuse the run's saved vocabulary when resuming, else adapt on the training split.
+
+    ``adapt`` is deterministic (tokens sorted by count, then by value), so every
+    worker derives the same token ids from the same data without talking to the others.
+    """
+    saved = rundir.read_vocab(run_dir)
+    if saved is not None:
+        return pipeline.make_vectorizer(cfg.data.vocab_size, saved)
+    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
+    pipeline.adapt_vectorizer(vectorizer, train_set.texts)
+    if worker.chief:
+        rundir.write_vocab(run_dir, pipeline.vocabulary(vectorizer))
+    return vectorizer
+
+
+def _datasets(
+    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, train_set: Reviews, val_set: Reviews
+) -> tuple[Any, tf.data.Dataset]:
+    common = {
+        "max_len": cfg.data.max_len,
+        "min_len": min_length(cfg.model),
+        "bucket_width": cfg.data.bucket_width if cfg.data.bucketing else None,
+    }
+
+    def train_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        # One input pipeline per worker, each on its own shard of the reviews.
+        return pipeline.make_dataset(
+            train_set.texts,
+            train_set.labels,
+            vectorizer,
+            batch_size=context.get_per_replica_batch_size(cfg.train.batch_size),
+            shuffle_seed=cfg.data.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            shard=(context.num_input_pipelines, context.input_pipeline_id),
+            repeat=True,
+            **common,
+        )
+
+    train = worker.strategy.distribute_datasets_from_function(train_fn)
+    # Validation stays a plain dataset of global batches: Keras splits each
+    # batch across replicas and workers, and runs it to the end every epoch.
+    val = pipeline.make_dataset(val_set.texts, val_set.labels, vectorizer, batch_size=cfg.train.batch_size, **common)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return train, val.with_options(options)
+
+
+def _fit(
+    cfg: Config,
+    worker: Worker,
+    run_dir: Path,
+    vectorizer: keras.layers.TextVectorization,
+    train_set: Reviews,
+    val_set: Reviews,
+) -> keras.Model:
+    train_ds, val_ds = _datasets(cfg, worker, vectorizer, train_set, val_set)
+    steps = math.ceil(len(train_set) / cfg.train.batch_size)
+    with worker.strategy.scope(), precision_policy(worker.precision):
+        model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
+        compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution)
+    callbacks = _callbacks(cfg, worker, run_dir, examples_per_epoch=steps * cfg.train.batch_size)
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.train.epochs,
+        steps_per_epoch=steps,
+        callbacks=callbacks,
+        verbose=1 if worker.chief and sys.stdout.isatty() else 0,
+    )
+    return model
+
+
+def _callbacks(cfg: Config, worker: Worker, run_dir: Path, examples_per_epoch: int) -> list[keras.callbacks.Callback]:
+    callbacks: list[keras.callbacks.Callback] = [
+        FiniteLoss(),
+        EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, examples_per_epoch),
+    ]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.train.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    if worker.chief:
+        callbacks.append(
+            keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD), write_graph=False, profile_batch=0)
+        )
+    # Last, so an epoch's checkpoint is written only after its metrics line:
+    # a crash in between re-runs that epoch and EpochMetrics drops the stale line.
+    # Under MultiWorkerMirroredStrategy, non-chief workers write to temp dirs.
+    callbacks.append(
+        keras.callbacks.BackupAndRestore(
+            str(run_dir / rundir.CHECKPOINTS),
+            save_freq=cfg.run.checkpoint_steps or "epoch",
+            delete_checkpoint=False,
+        )
+    )
+    return callbacks
+
+
+def _finish(
+    cfg: Config,
+    worker: Worker,
+    run_dir: Path,
+    vectorizer: keras.layers.TextVectorization,
+    model: keras.Model,
+    val_set: Reviews,
+    wall_s: float,
+) -> None:
+    """Export a float32 copy of the model, score the validation split with it, write the report."""
+    # A fresh float32 model outside any strategy: the export then holds plain
+    # variables and serves at full speed on CPUs, whatever the training policy.
+    serving = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
+    serving.set_weights(model.get_weights())
+    metadata = {
+        "max_len": cfg.data.max_len,
+        "validation_fraction": cfg.data.validation_fraction,
+        "seed": cfg.data.seed,
+        "imdb_dist_version": __version__,
+    }
+    export = export_model(run_dir / rundir.MODEL, vectorizer, serving, cfg.data.max_len, metadata)
+    # Scored through the export itself: the report describes what users will serve.
+    validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
+    records = read_metrics(run_dir / rundir.METRICS)
+    plot_curves(records, run_dir / rundir.CURVES)
+    report = {
+        "validation": validation,
+        "epochs": len(records),
+        "stopped_early": len(records) < cfg.train.epochs,
+        "examples_per_s_median": statistics.median(r["examples_per_s"] for r in records) if records else None,
+        "wall_s": wall_s,
+        "strategy": type(worker.strategy).__name__,
+        "workers": worker.num_workers,
+        "replicas": worker.replicas,
+        "precision": worker.precision,
+        "config": to_dict(cfg),
+        "versions": {"imdb_dist": __version__, "tensorflow": tf.__version__, "python": platform.python_version()},
+    }
+    rundir.write_json(run_dir / rundir.REPORT, report)
+    log.info(
+        "done: validation accuracy %.4f auc %.4f (n=%d); model at %s",
+        validation["accuracy"],
+        validation["auc"],
+        validation["n"],
+        export,
+    )
