@@ -30,6 +30,7 @@ class EpochMetrics(keras.callbacks.Callback):
         self.examples = examples_per_epoch
         self._start = self._train_end = self._run_start = 0.0
         self._first_epoch = True
+        self._wall_offset = 0.0  # wall time of the epochs done before a resume
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._run_start = time.perf_counter()
@@ -37,7 +38,8 @@ class EpochMetrics(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self._first_epoch and self.path is not None:
             # Resuming at `epoch`: lines for it and later came from the lost attempt.
-            drop_epochs_from(self.path, epoch + 1)
+            kept = drop_epochs_from(self.path, epoch + 1)
+            self._wall_offset = kept[-1]["wall_s"] if kept else 0.0
         self._first_epoch = False
         self._start = time.perf_counter()
         self._train_end = 0.0
@@ -52,7 +54,7 @@ class EpochMetrics(keras.callbacks.Callback):
         record: dict[str, Any] = {"epoch": epoch + 1}
         record.update({k: float(v) for k, v in (logs or {}).items()})
         record["examples_per_s"] = self.examples / train_s if train_s > 0 else 0.0
-        record["wall_s"] = now - self._run_start
+        record["wall_s"] = self._wall_offset + now - self._run_start
         log.info(
             "epoch %d: %s",
             epoch + 1,
@@ -70,12 +72,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def drop_epochs_from(path: Path, epoch: int) -> None:
-    """Remove records of ``epoch`` and later, so a resumed run never counts an epoch twice."""
+def drop_epochs_from(path: Path, epoch: int) -> list[dict[str, Any]]:
+    """Remove records of ``epoch`` and later, so a resumed run never counts an epoch twice.
+
+    Returns the records kept.
+    """
     records = read_metrics(path)
     kept = [r for r in records if r["epoch"] < epoch]
     if len(kept) != len(records):
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 class FiniteLoss(keras.callbacks.Callback):

@@ -131,6 +131,9 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # SavedModel export narrates every asset and renamed input at INFO.
+    for chatty in ("absl", "tensorflow"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
