@@ -1,0 +1,91 @@
+"""Shared fixtures: generated aclImdb-layout data, the real data path, two logical CPUs.
+
+Generated reviews are built from made-up word lists (no review text is
+copied): positive reviews draw from POSITIVE words, negative ones from
+NEGATIVE words, both padded with NEUTRAL filler, so a model can learn them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+# Split the host CPU into two logical devices before any op runs, so tests can
+# build a MirroredStrategy with two replicas on a machine with no GPU.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("IMDB_REAL_DATA", REPO.parent / "shared" / "data" / "imdb" / "aclImdb_train.tar.gz"))
+
+POSITIVE = ["superb", "delightful", "masterful", "gripping", "charming", "brilliant", "moving", "joyous"]
+NEGATIVE = ["dreadful", "tedious", "clumsy", "lifeless", "awful", "boring", "muddled", "shoddy"]
+NEUTRAL = ["film", "plot", "actor", "scene", "the", "a", "story", "camera", "music", "ending", "it", "was"]
+
+
+def fake_review(rng: random.Random, positive: bool, length: int = 30) -> str:
+    """A made-up review: neutral filler with a few sentiment words and some markup."""
+    words = [rng.choice(NEUTRAL) for _ in range(length)]
+    cue = POSITIVE if positive else NEGATIVE
+    for _ in range(max(3, length // 6)):
+        words[rng.randrange(length)] = rng.choice(cue)
+    text = " ".join(words)
+    return text[:40] + "<br /><br />" + text[40:] + "."
+
+
+def write_aclimdb(
+    root: Path,
+    splits: dict[str, int],
+    *,
+    seed: int = 0,
+    unsup: int = 0,
+    length: int = 30,
+) -> Path:
+    """Write ``aclImdb/<split>/{pos,neg}/ID_RATING.txt`` with ``n`` reviews per class per split."""
+    rng = random.Random(seed)
+    base = root / "aclImdb"
+    for split, n in splits.items():
+        for label in ("pos", "neg"):
+            folder = base / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rating = rng.randint(7, 10) if label == "pos" else rng.randint(1, 4)
+                (folder / f"{i}_{rating}.txt").write_text(fake_review(rng, label == "pos", length), encoding="utf-8")
+    if unsup:
+        folder = base / "train" / "unsup"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(unsup):
+            (folder / f"{i}_0.txt").write_text(fake_review(rng, True, length), encoding="utf-8")
+    (base / "README").write_text("generated for tests\n", encoding="utf-8")
+    return base
+
+
+def make_tarball(source: Path, target: Path) -> Path:
+    """Pack ``source`` (an ``aclImdb`` dir) as ``target`` (.tar.gz), with the dir at the top."""
+    with tarfile.open(target, "w:gz") as archive:
+        archive.add(source, arcname=source.name)
+    return target
+
+
+@pytest.fixture
+def aclimdb(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``aclimdb({"train": 40}, unsup=5)`` returns the generated ``aclImdb`` dir."""
+
+    def make(splits: dict[str, int] | None = None, **kwargs) -> Path:
+        return write_aclimdb(tmp_path / "data", splits or {"train": 40}, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real 25k training reviews; tests using it skip when the file is absent."""
+    if not REAL_DATA.is_file():
+        pytest.skip(f"real IMDB data not found at {REAL_DATA} (set IMDB_REAL_DATA or provide ../shared)")
+    return REAL_DATA
