@@ -9,6 +9,7 @@ data is read, naming the dotted key at fault.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -32,6 +33,8 @@ def _check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
@@ -209,7 +212,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip("."), f"must be a mapping, not {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints or bools
     if unknown:
         known = ", ".join(sorted(fields))
         raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key (known here: {known})")
@@ -226,7 +229,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Check ``value`` against ``hint``; the only conversions are int->float and list->tuple."""
+    """Check ``value`` against ``hint``; the only conversions are int/numeric str->float and list->tuple."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is Literal:
@@ -249,6 +252,12 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string; it is how learning rates are written.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, str):
         return value
     raise ConfigError(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")

@@ -89,3 +89,35 @@ def real_data() -> Path:
     if not REAL_DATA.is_file():
         pytest.skip(f"real IMDB data not found at {REAL_DATA} (set IMDB_REAL_DATA or provide ../shared)")
     return REAL_DATA
+
+
+def tiny_overrides(data: Path, out: Path) -> list[str]:
+    """``--set`` overrides for a seconds-long run of a tiny model on generated data."""
+    return [
+        "data.source=aclimdb",
+        f"data.path={data}",
+        "data.max_len=32",
+        "data.vocab_size=64",
+        "data.bucket_width=8",
+        "data.validation_fraction=0.2",
+        "model.embedding_dim=8",
+        "model.conv_filters=8",
+        "model.kernel_size=3",
+        "model.pool_size=2",
+        "model.lstm_units=8",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.learning_rate=0.01",
+        f"run.output_dir={out}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete run of a tiny model on generated data, shared by the tests that only read it."""
+    from imdb_dist.config import load_config
+    from imdb_dist.train import run
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_aclimdb(root / "data", {"train": 100, "test": 20})
+    return run(load_config(None, tiny_overrides(data, root / "run")))

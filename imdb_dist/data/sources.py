@@ -7,14 +7,18 @@ vocabulary are the same on every run and on every worker.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import logging
+import lzma
 import os
 import re
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -27,6 +31,7 @@ SPLITS = ("train", "validation", "test")
 ENV_PATH = "IMDB_DATA"
 # Reviews are ID_RATING.txt files in <split>/pos and <split>/neg; train/unsup
 # (unlabeled) and anything not directly inside pos/ or neg/ is ignored.
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 _REVIEW = re.compile(r"(?:^|/)(train|test)/(pos|neg)/([^/]+\.txt)$")
 
 
@@ -108,7 +113,7 @@ def read_aclimdb(path: str | os.PathLike, split: str) -> Reviews:
         files = _iter_dir(root)
     elif not os.access(root, os.R_OK):
         raise DataError(f"data path {root} is not readable")
-    elif tarfile.is_tarfile(root):
+    elif _looks_like_archive(root):
         files = _iter_tar(root)
     else:
         raise DataError(f"data path {root} is neither a directory nor a tar archive")
@@ -165,16 +170,42 @@ def _iter_dir(root: Path) -> Iterator[tuple[str, bytes]]:
                         raise DataError(f"cannot read {file}: {exc.strerror}") from None
 
 
+def _open_stream(path: Path) -> BinaryIO:
+    """The archive's bytes, decompressed if its magic number says gzip, bzip2 or xz."""
+    with path.open("rb") as handle:
+        head = handle.read(6)
+    for magic, opener in _COMPRESSED.items():
+        if head.startswith(magic):
+            return opener(path, "rb")
+    return path.open("rb")
+
+
+def _looks_like_archive(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(6)
+    if any(head.startswith(magic) for magic in _COMPRESSED):
+        return True  # a compressed file: _iter_tar tells a corrupt one apart
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
 def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
-        # Stream mode reads the gzip once, front to back, never seeking.
-        with tarfile.open(path, mode="r|*") as archive:
+        # Stream mode reads the archive once, front to back, never seeking.
+        with _open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
                 if member.isfile() and _REVIEW.search(member.name):
                     handle = archive.extractfile(member)
                     if handle is not None:
                         yield member.name, handle.read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            # Read to the end: a tarball cut at a member boundary otherwise
+            # just looks shorter, while the decompressor's end-of-stream and
+            # CRC checks catch the truncation.
+            while stream.read(1 << 20):
+                pass
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
         raise DataError(f"{path} is a corrupt or truncated archive: {exc}") from None
 
 

@@ -1,0 +1,185 @@
+"""The imdb-dist command: exit codes, one-line errors, and the JSON it prints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import make_tarball, tiny_overrides, write_aclimdb
+
+from imdb_dist import rundir
+from imdb_dist.cli import main
+
+
+# Long enough to look like the generated training reviews (the tiny model has seen nothing shorter).
+GOOD = " ".join(["superb", "the", "brilliant", "film", "moving", "plot"] * 5)
+BAD = " ".join(["dreadful", "the", "tedious", "film", "shoddy", "plot"] * 5)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def assert_one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0]
+    return err[0]
+
+
+def _bad_yaml(tmp: Path) -> list[str]:
+    (tmp / "bad.yaml").write_text("train:\n  epochs: [1\n")
+    return ["--config", str(tmp / "bad.yaml")]
+
+
+def _unknown_key(tmp: Path) -> list[str]:
+    (tmp / "c.yaml").write_text("data:\n  max_lenn: 10\n")
+    return ["--config", str(tmp / "c.yaml")]
+
+
+def _corrupt_tarball(tmp: Path) -> Path:
+    good = make_tarball(write_aclimdb(tmp / "src", {"train": 20}), tmp / "good.tar.gz")
+    bad = tmp / "bad.tar.gz"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return bad
+
+
+def _empty_class(tmp: Path) -> Path:
+    data = write_aclimdb(tmp / "src", {"train": 20})
+    for review in (data / "train" / "neg").iterdir():
+        review.unlink()
+    return data
+
+
+def _non_utf8(tmp: Path) -> Path:
+    data = write_aclimdb(tmp / "src", {"train": 20})
+    (data / "train" / "pos" / "3_9.txt").write_bytes(b"caf\xe9 latin-1 text")
+    return data
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        (lambda t: _bad_yaml(t), ["invalid YAML", "bad.yaml", "(line "]),
+        (lambda t: _unknown_key(t), ["data.max_lenn", "unknown key"]),
+        (lambda t: ["--set", "train.epochs=two"], ["train.epochs", "expected int"]),
+        (lambda t: ["--set", "data.max_len=0"], ["data.max_len", "out of range"]),
+        (lambda t: ["--set", "train.epochs"], ["not of the form key.path=value"]),
+        (lambda t: ["--set", f"data.path={t / 'nowhere'}"], ["does not exist", "nowhere"]),
+        (lambda t: ["--set", f"data.path={_corrupt_tarball(t)}"], ["corrupt or truncated", "bad.tar.gz"]),
+        (lambda t: ["--set", f"data.path={_empty_class(t)}"], ["train/neg holds no reviews"]),
+        (lambda t: ["--set", f"data.path={_non_utf8(t)}"], ["not valid UTF-8", "3_9.txt"]),
+    ],
+    ids=["bad-yaml", "unknown-key", "wrong-type", "impossible-value", "override-syntax", "missing-data",
+         "corrupt-tarball", "empty-class-dir", "non-utf8-review"],
+)
+def test_train_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, case, needles) -> None:
+    out = tmp_path / "run"
+    data = write_aclimdb(tmp_path / "data", {"train": 20})
+    args = ["train", *sets(tiny_overrides(data, out)), *case(tmp_path)]
+    assert main(args) == 2
+    assert_one_line_error(capsys, *needles)
+    assert not out.exists()
+
+
+def test_train_unwritable_output_dir_exits_2(tmp_path: Path, capsys) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 20})
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", *sets(tiny_overrides(data, blocker / "run"))]) == 2
+    assert_one_line_error(capsys, "run.output_dir", "is a file")
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict"])
+    assert exc.value.code == 2
+    assert_one_line_error(capsys, "--model")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_dir_that_is_not_a_model_exits_2(tmp_path: Path, capsys, command: str) -> None:
+    extra = ["--data", str(tmp_path)] if command == "evaluate" else ["some text"]
+    assert main([command, "--model", str(tmp_path), *extra]) == 2
+    assert_one_line_error(capsys, "not an exported imdb-dist model")
+
+
+def test_predict_scores_each_review(trained_run: Path, capsys) -> None:
+    model = str(trained_run / rundir.MODEL)
+    assert main(["predict", "--model", model, GOOD, BAD, ""]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert rows[0]["label"] == "positive" and rows[1]["label"] == "negative"
+    assert rows[0]["score"] > 0.5 > rows[1]["score"]
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+def test_predict_file_skips_blank_lines_and_keeps_line_numbers(trained_run: Path, tmp_path: Path, capsys) -> None:
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text(f"{GOOD}\n\n   \n{BAD}\n", encoding="utf-8")
+    assert main(["predict", "--model", str(trained_run / rundir.MODEL), "--file", str(reviews)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["line"], r["label"]) for r in rows] == [(1, "positive"), (4, "negative")]
+
+
+@pytest.mark.parametrize(
+    "content, args, needle",
+    [
+        (None, [], "needs review TEXT arguments or --file"),
+        (b"\xff\xfe\n", ["--file"], "not valid UTF-8"),
+        (b"\n  \n", ["--file"], "holds no reviews"),
+    ],
+    ids=["nothing", "non-utf8-file", "only-blank-lines"],
+)
+def test_predict_bad_input_exits_2(trained_run: Path, tmp_path: Path, capsys, content, args, needle) -> None:
+    if content is not None:
+        (tmp_path / "in.txt").write_bytes(content)
+        args = [*args, str(tmp_path / "in.txt")]
+    assert main(["predict", "--model", str(trained_run / rundir.MODEL), *args]) == 2
+    assert_one_line_error(capsys, needle)
+
+
+def test_evaluate_on_a_source_with_only_a_test_split(trained_run: Path, tmp_path: Path, capsys) -> None:
+    data = write_aclimdb(tmp_path / "data", {"test": 15}, seed=7)
+    with tarfile.open(tmp_path / "test.tar.gz", "w:gz") as archive:
+        archive.add(data, arcname="aclImdb")
+    assert main(["evaluate", "--model", str(trained_run / rundir.MODEL), "--data", str(tmp_path / "test.tar.gz")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"accuracy", "auc", "loss", "n", "confusion"}
+    assert result["n"] == 30 and sum(map(sum, result["confusion"])) == 30
+    assert result["accuracy"] >= 0.8
+
+
+def test_evaluate_validation_reproduces_the_runs_split(trained_run: Path, capsys) -> None:
+    data = load_data_path(trained_run)
+    assert main(["evaluate", "--model", str(trained_run / rundir.MODEL), "--data", data, "--split", "validation"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((trained_run / rundir.REPORT).read_text())["validation"]
+    assert result["n"] == report["n"]
+    assert result["accuracy"] == pytest.approx(report["accuracy"])
+    assert result["confusion"] == report["confusion"]
+
+
+def load_data_path(run_dir: Path) -> str:
+    from imdb_dist.config import load_config
+
+    return load_config(run_dir / rundir.CONFIG).data.path
+
+
+def test_the_console_script_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("train: {epochs: !!python/object/apply:os.system [echo pwned]}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "pwned" not in proc.stdout

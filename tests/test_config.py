@@ -1,0 +1,303 @@
+"""Config loading: defaults, YAML file, typed ``--set`` overrides, and the errors for bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imdb_dist.config import (
+    Config,
+    DataConfig,
+    DistributionConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    dump_yaml,
+    load_config,
+)
+from imdb_dist.errors import ConfigError, InputError
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "job" / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_config_error_is_an_input_error():
+    # The CLI maps InputError to "error: ..." and exit 2; config mistakes must take that path.
+    assert issubclass(ConfigError, InputError)
+
+
+def test_defaults_load_with_no_file():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.data.source == "auto"
+    assert cfg.data.path is None
+    assert cfg.train.epochs == 2
+    assert cfg.train.learning_rate == 0.001
+    assert cfg.distribution.devices == ()
+    assert cfg.run.output_dir == "runs/default"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_empty_file_gives_defaults(tmp_path, text):
+    assert load_config(write(tmp_path, text)) == Config()
+
+
+def test_yaml_file_is_read(tmp_path):
+    path = write(
+        tmp_path,
+        """
+data:
+  source: aclimdb
+  path: /data/aclImdb.tar.gz
+  max_len: 200
+  bucketing: false
+model:
+  dropout: 0.5
+train:
+  epochs: 5
+  learning_rate: 0.002
+  mixed_precision: mixed_bfloat16
+distribution:
+  strategy: mirrored
+  devices: [/gpu:0, /gpu:1]
+run:
+  output_dir: runs/yaml
+""",
+    )
+    cfg = load_config(path)
+    assert cfg.data == dataclasses.replace(
+        DataConfig(), source="aclimdb", path="/data/aclImdb.tar.gz", max_len=200, bucketing=False
+    )
+    assert cfg.model == ModelConfig(dropout=0.5)
+    assert cfg.train == TrainConfig(epochs=5, learning_rate=0.002, mixed_precision="mixed_bfloat16")
+    assert cfg.distribution == DistributionConfig(strategy="mirrored", devices=("/gpu:0", "/gpu:1"))
+    assert cfg.run == RunConfig(output_dir="runs/yaml")
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "field", "expected"),
+    [
+        ("train.epochs=3", "train", "epochs", 3),
+        ("train.learning_rate=0.02", "train", "learning_rate", 0.02),
+        ("train.learning_rate=1", "train", "learning_rate", 1.0),  # int accepted for a float
+        ("data.bucketing=false", "data", "bucketing", False),
+        ("data.bucketing=true", "data", "bucketing", True),
+        ("run.output_dir=runs/x", "run", "output_dir", "runs/x"),
+        ("run.output_dir=a=b", "run", "output_dir", "a=b"),  # only the first '=' splits
+        ("data.path=/data/aclImdb", "data", "path", "/data/aclImdb"),
+        ("data.path=null", "data", "path", None),
+        ("distribution.devices=[/gpu:0,/gpu:1]", "distribution", "devices", ("/gpu:0", "/gpu:1")),
+        ("distribution.devices=[]", "distribution", "devices", ()),
+        ("distribution.strategy=multi_worker", "distribution", "strategy", "multi_worker"),
+        ("train.mixed_precision=mixed_float16", "train", "mixed_precision", "mixed_float16"),
+        ("data.source=keras", "data", "source", "keras"),
+        (" train.epochs = 4 ", "train", "epochs", 4),
+    ],
+)
+def test_override_is_typed_by_the_schema(override, section, field, expected):
+    value = getattr(getattr(load_config(None, [override]), section), field)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_precedence_override_over_file_over_default(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 5\n  batch_size: 32\ndata:\n  path: /from/file\n")
+    cfg = load_config(path, ["train.epochs=7", "data.path=null"])
+    assert cfg.train.epochs == 7  # override beats file
+    assert cfg.data.path is None  # override to null beats file
+    assert cfg.train.batch_size == 32  # file beats default
+    assert cfg.train.learning_rate == TrainConfig().learning_rate  # default remains
+
+
+def test_later_override_wins():
+    assert load_config(None, ["train.epochs=3", "train.epochs=4"]).train.epochs == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "key"),
+    [
+        ("trian:\n  epochs: 1\n", [], "trian"),
+        ("data:\n  max_lenn: 300\n", [], "data.max_lenn"),
+        ("", ["data.max_lenn=300"], "data.max_lenn"),
+        ("", ["optimizer.lr=0.1"], "optimizer"),
+        ("", ["epochs=3"], "epochs"),
+    ],
+)
+def test_unknown_key_is_named(tmp_path, text, overrides, key):
+    with pytest.raises(ConfigError, match=rf"config key {key}: unknown key") as info:
+        load_config(write(tmp_path, text), overrides)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('train:\n  epochs: "two"\n', "train.epochs"),
+        ("train:\n  epochs: true\n", "train.epochs"),  # bool is an int subclass; still refused
+        ("train:\n  epochs: 2.0\n", "train.epochs"),
+        ("train:\n  mixed_precision: 16\n", "train.mixed_precision"),
+        ("train:\n  mixed_precision: float64\n", "train.mixed_precision"),
+        ("train:\n  learning_rate: fast\n", "train.learning_rate"),
+        ("train:\n  learning_rate: true\n", "train.learning_rate"),
+        ("data:\n  bucketing: 1\n", "data.bucketing"),
+        ("data:\n  source: s3\n", "data.source"),
+        ("data:\n  path: [a, b]\n", "data.path"),
+        ("distribution:\n  devices: /gpu:0\n", "distribution.devices"),
+        ("distribution:\n  devices: [/gpu:0, 1]\n", r"distribution.devices\[1\]"),
+        ("run:\n  output_dir: 5\n", "run.output_dir"),
+        ("train: 3\n", "train"),
+    ],
+)
+def test_wrong_type_is_refused(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=rf"config key {key}:"):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.max_len=0", "data.max_len"),
+        ("data.vocab_size=-1", "data.vocab_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.validation_fraction=0.9", "data.validation_fraction"),
+        ("data.validation_fraction=0", "data.validation_fraction"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("model.dropout=-0.1", "model.dropout"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.steps_per_execution=0", "train.steps_per_execution"),
+        ("model.lstm_units=0", "model.lstm_units"),
+        ("run.checkpoint_steps=-1", "run.checkpoint_steps"),
+        ("run.output_dir=' '", "run.output_dir"),
+    ],
+)
+def test_impossible_value_is_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"config key {key}:"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.validation_fraction=0.5"],
+        ["model.dropout=0.0"],
+        ["data.max_len=8", "model.kernel_size=3", "model.pool_size=2"],
+        ["train.early_stopping_patience=0", "run.checkpoint_steps=0"],
+    ],
+)
+def test_range_edges_are_accepted(overrides):
+    load_config(None, overrides)
+
+
+def test_max_len_must_cover_first_conv_and_pool_window():
+    with pytest.raises(ConfigError, match=r"config key data\.max_len: 12 is shorter .*\(13\)"):
+        load_config(None, ["data.max_len=12", "model.kernel_size=10", "model.pool_size=4"])
+    assert load_config(None, ["data.max_len=13", "model.kernel_size=10", "model.pool_size=4"]).data.max_len == 13
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = write(tmp_path, "data:\n  max_len: [1, 2\ntrain:\n  epochs: 1\n", name="broken.yaml")
+    with pytest.raises(ConfigError, match=rf"invalid YAML in {re.escape(str(path))} \(line \d+\)"):
+        load_config(path)
+
+
+def test_yaml_python_tag_is_refused_and_not_executed(tmp_path, capfd):
+    marker = tmp_path / "executed"
+    path = write(tmp_path, f'x: !!python/object/apply:os.system ["echo hi > {marker}; echo hi"]\n', name="evil.yaml")
+    with pytest.raises(ConfigError, match=rf"invalid YAML in {re.escape(str(path))}"):
+        load_config(path)
+    assert not marker.exists()
+    assert "hi" not in capfd.readouterr().out
+
+
+def test_top_level_list_is_refused(tmp_path):
+    path = write(tmp_path, "- train\n- data\n", name="list.yaml")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))} must hold a mapping at the top level, not list"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "=3", " =3", ""])
+def test_override_without_key_and_equals_is_refused(override):
+    with pytest.raises(ConfigError, match="is not of the form key.path=value"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("", ["train.epochs.x=1"], "expected int"),
+        ("", ["train.epochs=3", "train.epochs.x=1"], "is not a section"),
+        ("train:\n  epochs: 3\n", ["train.epochs.x=1"], "is not a section"),
+    ],
+)
+def test_override_into_a_scalar_is_refused(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=rf"config key train\.epochs: .*{message}"):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"cannot read config file {re.escape(str(path))}"):
+        load_config(path)
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match=rf"cannot read config file {re.escape(str(tmp_path))}"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config(),
+        Config(
+            data=DataConfig(source="aclimdb", path="/d/aclImdb.tar.gz", validation_fraction=0.25, bucketing=False),
+            model=ModelConfig(dropout=0.0, kernel_size=3),
+            train=TrainConfig(epochs=9, learning_rate=1e-5, mixed_precision="mixed_float16"),
+            distribution=DistributionConfig(strategy="mirrored", devices=("/gpu:0", "/gpu:1")),
+            run=RunConfig(output_dir="runs/round trip", checkpoint_steps=100),
+        ),
+    ],
+    ids=["defaults", "custom"],
+)
+def test_dump_yaml_round_trips(tmp_path, config):
+    path = write(tmp_path, dump_yaml(config), name="resolved.yaml")
+    assert load_config(path) == config
+
+
+def test_presets_exist():
+    assert PRESETS, "job/configs/*.yaml holds no presets"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_preset_loads_with_its_values(preset):
+    cfg = load_config(preset, ["data.path=/data/aclImdb_train.tar.gz"])
+    raw = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    for section, values in raw.items():
+        for field, value in values.items():
+            assert getattr(getattr(cfg, section), field) == value, f"{section}.{field}"
+
+
+@pytest.mark.parametrize("key", ["train.learning_rate", "data.validation_fraction", "model.dropout"])
+def test_nan_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"config key {key}:"):
+        load_config(None, [f"{key}=.nan"])
+
+
+@pytest.mark.parametrize("text", ["1e-3", "5E-4"])
+def test_scientific_notation_is_a_float(text):
+    assert load_config(None, [f"train.learning_rate={text}"]).train.learning_rate == float(text)
+
+
+def test_unknown_keys_of_mixed_types_raise_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key data\.\S+: unknown key"):
+        load_config(write(tmp_path, "data:\n  1: x\n  max_lenn: 3\n"))

@@ -1,0 +1,306 @@
+"""Reading labeled reviews: aclImdb directories and tarballs, the seeded split, source resolution."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import fake_review, make_tarball
+
+from imdb_dist.config import DataConfig
+from imdb_dist.data.sources import ENV_PATH, decode_keras, load_reviews, read_aclimdb, resolve_source
+from imdb_dist.errors import DataError, InputError
+
+
+def as_source(base: Path, form: str) -> Path:
+    """The generated ``aclImdb`` dir as the path a user would give: itself, its parent, or a tarball."""
+    if form == "dir":
+        return base
+    if form == "parent":
+        return base.parent
+    return make_tarball(base, base.parent.parent / "aclImdb.tar.gz")
+
+
+def on_disk(base: Path, split: str) -> collections.Counter:
+    """The (text, label) multiset a reader must return, read straight from the files."""
+    found = collections.Counter()
+    for label, value in (("neg", 0), ("pos", 1)):
+        for file in (base / split / label).glob("*.txt"):
+            found[(file.read_text(encoding="utf-8"), value)] += 1
+    return found
+
+
+def pairs(reviews) -> list[tuple[str, int]]:
+    return list(zip(reviews.texts, reviews.labels.tolist()))
+
+
+def first_review(base: Path, split: str, label: str) -> Path:
+    return sorted((base / split / label).glob("*.txt"))[0]
+
+
+FORMS = ["dir", "parent", "tar"]
+
+
+def test_data_error_is_an_input_error():
+    assert issubclass(DataError, InputError)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_directory_parent_and_tarball_read_the_same_in_the_same_order(aclimdb, split):
+    base = aclimdb({"train": 12, "test": 5})
+    read = {form: read_aclimdb(as_source(base, form), split) for form in FORMS}
+    assert pairs(read["dir"]) == pairs(read["parent"]) == pairs(read["tar"])
+    assert collections.Counter(pairs(read["dir"])) == on_disk(base, split)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_labels_are_one_for_pos_zero_for_neg_with_matching_counts(aclimdb, form):
+    base = aclimdb({"train": 7})
+    reviews = read_aclimdb(as_source(base, form), "train")
+    assert len(reviews) == 14
+    assert reviews.labels.dtype == np.int32
+    assert int((reviews.labels == 1).sum()) == 7
+    assert int((reviews.labels == 0).sum()) == 7
+    pos = {file.read_text(encoding="utf-8") for file in (base / "train" / "pos").glob("*.txt")}
+    for text, label in pairs(reviews):
+        assert label == (1 if text in pos else 0)
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_unsup_reviews_are_ignored(aclimdb, form):
+    base = aclimdb({"train": 6}, unsup=9)
+    reviews = read_aclimdb(as_source(base, form), "train")
+    assert len(reviews) == 12
+    assert collections.Counter(pairs(reviews)) == on_disk(base, "train")
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_test_split_is_read_when_present(aclimdb, form):
+    base = aclimdb({"train": 6, "test": 4})
+    reviews = read_aclimdb(as_source(base, form), "test")
+    assert collections.Counter(pairs(reviews)) == on_disk(base, "test")
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_missing_split_is_named(aclimdb, form):
+    source = as_source(aclimdb({"train": 6}), form)
+    with pytest.raises(DataError, match=rf"{re.escape(str(source))} has no test split \(it holds: train\)"):
+        read_aclimdb(source, "test")
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_empty_class_dir_is_named(aclimdb, form):
+    base = aclimdb({"train": 6})
+    for file in (base / "train" / "neg").iterdir():
+        file.unlink()
+    with pytest.raises(DataError, match=r"train/neg holds no reviews"):
+        read_aclimdb(as_source(base, form), "train")
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_review_that_is_not_utf8_is_named(aclimdb, form):
+    base = aclimdb({"train": 6})
+    bad = first_review(base, "train", "pos")
+    bad.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match=rf"train/pos/{re.escape(bad.name)} is not valid UTF-8"):
+        read_aclimdb(as_source(base, form), "train")
+
+
+@pytest.mark.parametrize("content", ["", " \n\t\n"])
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_empty_review_file_is_skipped(aclimdb, form, content):
+    base = aclimdb({"train": 6})
+    first_review(base, "train", "neg").write_text(content, encoding="utf-8")
+    reviews = read_aclimdb(as_source(base, form), "train")
+    assert len(reviews) == 11
+    assert int((reviews.labels == 0).sum()) == 5
+    assert all(text.strip() for text in reviews.texts)
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
+def test_stray_files_are_ignored(aclimdb, form):
+    base = aclimdb({"train": 6})
+    # Binary or non-review content: reading any of them as a review would fail or add a review.
+    (base / "train" / "pos" / ".DS_Store").write_bytes(b"\x00\x01Bud1\xff\xfe")
+    (base / "train" / "urls_pos.txt").write_text("http://example.invalid/1\n", encoding="utf-8")
+    (base / "train" / "labeledBow.feat").write_text("1 0:1\n", encoding="utf-8")
+    nested = base / "train" / "neg" / "nested"
+    nested.mkdir()
+    (nested / "99_1.txt").write_bytes(b"\xff not a review")
+    reviews = read_aclimdb(as_source(base, form), "train")
+    assert collections.Counter(pairs(reviews)) == on_disk(base, "train")
+    assert len(reviews) == 12
+
+
+def big_tarball(aclimdb, tmp_path: Path) -> Path:
+    """A valid tarball whose middle bytes are the data of one long review.
+
+    Cutting it in half then always lands inside a member's data, so the
+    error comes from the tar reader, not only from the gzip trailer check.
+    """
+    base = aclimdb({"train": 3})
+    first_review(base, "train", "pos").write_text(fake_review(random.Random(1), True, 20000), encoding="utf-8")
+    tarball = make_tarball(base, tmp_path / "aclImdb.tar.gz")
+    assert len(read_aclimdb(tarball, "train")) == 6
+    return tarball
+
+
+def nonexistent(aclimdb, tmp_path: Path) -> Path:
+    return tmp_path / "missing" / "aclImdb.tar.gz"
+
+
+def plain_text(aclimdb, tmp_path: Path) -> Path:
+    path = tmp_path / "notes.tar.gz"
+    path.write_text("this is not an archive\n", encoding="utf-8")
+    return path
+
+
+def truncated_half(aclimdb, tmp_path: Path) -> Path:
+    data = big_tarball(aclimdb, tmp_path).read_bytes()
+    path = tmp_path / "truncated.tar.gz"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def gzip_of_random_bytes(aclimdb, tmp_path: Path) -> Path:
+    path = tmp_path / "random.tar.gz"
+    path.write_bytes(gzip.compress(random.Random(0).randbytes(8192)))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (nonexistent, "does not exist"),
+        (plain_text, "neither a directory nor a tar archive"),
+        (truncated_half, "corrupt or truncated archive"),
+        (gzip_of_random_bytes, "corrupt or truncated archive"),
+    ],
+    ids=lambda v: getattr(v, "__name__", "")[:40] or None,
+)
+def test_bad_data_path_raises_data_error(aclimdb, tmp_path, make, message):
+    path = make(aclimdb, tmp_path)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))} .*{message}"):
+        read_aclimdb(path, "train")
+
+
+def test_tarball_truncated_to_its_first_bytes_raises_data_error(aclimdb, tmp_path):
+    data = make_tarball(aclimdb({"train": 3}), tmp_path / "aclImdb.tar.gz").read_bytes()
+    path = tmp_path / "cut.tar.gz"
+    path.write_bytes(data[:20])
+    with pytest.raises(DataError):
+        read_aclimdb(path, "train")
+
+
+def test_no_truncation_of_a_tarball_is_read_as_fewer_reviews(aclimdb, tmp_path):
+    data = make_tarball(aclimdb({"train": 3}), tmp_path / "aclImdb.tar.gz").read_bytes()
+    path = tmp_path / "cut.tar.gz"
+    silent = []
+    for cut in range(1, len(data)):
+        path.write_bytes(data[:cut])
+        try:
+            reviews = read_aclimdb(path, "train")
+        except DataError:  # refused: what this test asks for
+            continue
+        if len(reviews) < 6:
+            silent.append((cut, len(reviews)))
+    assert not silent, f"truncated archives read without error as fewer reviews (cut, count): {silent}"
+
+
+def data_config(path: Path, **kwargs) -> DataConfig:
+    return DataConfig(source="aclimdb", path=str(path), **kwargs)
+
+
+@pytest.mark.parametrize(("per_class", "fraction"), [(21, 0.1), (20, 0.25), (15, 0.5)])
+def test_train_and_validation_partition_the_train_split(aclimdb, per_class, fraction):
+    base = aclimdb({"train": per_class})
+    cfg = data_config(base, validation_fraction=fraction)
+    everything = collections.Counter(pairs(read_aclimdb(base, "train")))
+    assert max(everything.values()) == 1  # generated texts are distinct, so multisets compare as sets
+    train = collections.Counter(pairs(load_reviews(cfg, "train")))
+    validation = collections.Counter(pairs(load_reviews(cfg, "validation")))
+    n = 2 * per_class
+    assert sum(validation.values()) == round(n * fraction)
+    assert not (train & validation)
+    assert train + validation == everything
+
+
+def test_same_seed_same_split_other_seed_other_split(aclimdb):
+    base = aclimdb({"train": 20})
+    first = load_reviews(data_config(base, seed=7), "validation")
+    again = load_reviews(data_config(base, seed=7), "validation")
+    other = load_reviews(data_config(base, seed=8), "validation")
+    assert pairs(first) == pairs(again)
+    assert set(pairs(first)) != set(pairs(other))
+
+
+def test_split_is_the_same_from_directory_and_tarball(aclimdb):
+    # Workers may be handed different copies of the data; they must agree on the split.
+    base = aclimdb({"train": 20})
+    from_dir = load_reviews(data_config(base, seed=3), "validation")
+    from_tar = load_reviews(data_config(as_source(base, "tar"), seed=3), "validation")
+    assert pairs(from_dir) == pairs(from_tar)
+
+
+def test_test_split_is_returned_whole(aclimdb):
+    base = aclimdb({"train": 5, "test": 4})
+    reviews = load_reviews(data_config(base), "test")
+    assert collections.Counter(pairs(reviews)) == on_disk(base, "test")
+
+
+@pytest.mark.parametrize("split", ["dev", "unsup", "TRAIN", ""])
+def test_unknown_split_is_refused(aclimdb, split):
+    base = aclimdb({"train": 3})
+    with pytest.raises(DataError, match=rf"unknown split {re.escape(repr(split))}"):
+        load_reviews(data_config(base), split)
+
+
+@pytest.mark.parametrize(
+    ("source", "path", "env", "expected"),
+    [
+        ("auto", "/cfg/aclImdb", None, ("aclimdb", "/cfg/aclImdb")),
+        ("auto", "/cfg/aclImdb", "/env/aclImdb", ("aclimdb", "/cfg/aclImdb")),
+        ("auto", None, "/env/aclImdb", ("aclimdb", "/env/aclImdb")),
+        ("auto", None, None, ("tfds", None)),
+        ("auto", None, "", ("tfds", None)),
+        ("aclimdb", None, "/env/aclImdb", ("aclimdb", "/env/aclImdb")),
+        ("tfds", None, "/env/aclImdb", ("tfds", None)),
+        ("tfds", "/tfds/dir", None, ("tfds", "/tfds/dir")),
+        ("keras", "/k/imdb.npz", "/env/aclImdb", ("keras", "/k/imdb.npz")),
+    ],
+)
+def test_resolve_source(monkeypatch, source, path, env, expected):
+    if env is None:
+        monkeypatch.delenv(ENV_PATH, raising=False)
+    else:
+        monkeypatch.setenv(ENV_PATH, env)
+    assert resolve_source(DataConfig(source=source, path=path)) == expected
+
+
+def test_load_reviews_reads_the_env_path_when_source_is_auto(aclimdb, monkeypatch):
+    base = aclimdb({"train": 4, "test": 3})
+    monkeypatch.setenv(ENV_PATH, str(as_source(base, "tar")))
+    reviews = load_reviews(DataConfig(), "test")
+    assert collections.Counter(pairs(reviews)) == on_disk(base, "test")
+
+
+def test_aclimdb_source_without_any_path_is_refused(monkeypatch):
+    monkeypatch.delenv(ENV_PATH, raising=False)
+    with pytest.raises(DataError, match="data.source aclimdb needs data.path"):
+        load_reviews(DataConfig(source="aclimdb"), "train")
+
+
+def test_decode_keras_maps_ids_back_to_words():
+    word_index = {"superb": 1, "film": 2, "dreadful": 3}
+    # With index_from=3 a word of rank r has id r + 3; 0, 1 and 2 are padding, start and out-of-vocabulary.
+    sequences = [[1, 4, 5, 2, 6], [0, 0, 1, 6, 999, 4], [], [1, 2, 3]]
+    assert decode_keras(sequences, word_index) == ["superb film dreadful", "dreadful superb", "", ""]
+
+
+def test_decode_keras_honours_index_from():
+    assert decode_keras([[1, 2, 3, 4]], {"film": 1, "plot": 2}, index_from=2) == ["film plot"]

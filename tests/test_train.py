@@ -1,0 +1,146 @@
+"""The training run end to end on generated data: output contract, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from conftest import tiny_overrides, write_aclimdb
+
+from imdb_dist import rundir
+from imdb_dist.callbacks import FiniteLoss, read_metrics
+from imdb_dist.config import dump_yaml, load_config
+from imdb_dist.errors import ConfigError, DataError, InputError, RunError
+from imdb_dist.train import run
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_aclimdb(tmp_path / "data", {"train": 100})
+
+
+def config(data: Path, out: Path, *extra: str):
+    return load_config(None, [*tiny_overrides(data, out), *extra])
+
+
+def test_run_writes_the_output_contract(trained_run: Path) -> None:
+    saved = load_config(trained_run / rundir.CONFIG)
+    assert saved.run.output_dir == str(trained_run)
+    records = read_metrics(trained_run / rundir.METRICS)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "examples_per_s", "wall_s"} <= record.keys()
+        assert record["examples_per_s"] > 0
+    assert records[1]["wall_s"] > records[0]["wall_s"]
+    assert list((trained_run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
+    assert (trained_run / rundir.CHECKPOINTS / "chief" / "checkpoint").is_file()
+    assert (trained_run / rundir.MODEL / "1" / "saved_model.pb").is_file()
+    assert (trained_run / rundir.CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    vocab = rundir.read_vocab(trained_run)
+    assert vocab and "superb" in vocab and "" not in vocab
+    report = json.loads((trained_run / rundir.REPORT).read_text())
+    assert {"accuracy", "auc", "loss", "n", "confusion"} <= report["validation"].keys()
+    assert report["validation"]["n"] == 40  # 20% of 200 generated reviews
+    assert report["epochs"] == 2 and report["replicas"] == 1
+
+
+def test_run_learns_the_generated_sentiment(trained_run: Path) -> None:
+    report = json.loads((trained_run / rundir.REPORT).read_text())
+    assert report["validation"]["accuracy"] >= 0.8
+
+
+def test_more_epochs_resume_from_the_checkpoint(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    run(config(data, out, "train.epochs=1"))
+    first = read_metrics(out / rundir.METRICS)
+    caplog.set_level(logging.INFO)
+    run(config(data, out, "train.epochs=2"))
+    epochs_logged = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert epochs_logged == ["epoch 2"], "the resumed run must not train epoch 1 again"
+    records = read_metrics(out / rundir.METRICS)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0] == first[0]
+    assert load_config(out / rundir.CONFIG).train.epochs == 2
+
+
+def test_interrupted_run_finishes_without_retraining(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "run"
+    run(config(data, out))
+    # As if the process died after the last checkpoint, before the export.
+    (out / rundir.REPORT).unlink()
+    caplog.set_level(logging.INFO)
+    run(config(data, out))
+    assert not [r for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert (out / rundir.REPORT).is_file()
+    assert [r["epoch"] for r in read_metrics(out / rundir.METRICS)] == [1, 2]
+
+
+def test_a_complete_run_is_not_repeated(trained_run: Path) -> None:
+    before = (trained_run / rundir.REPORT).stat().st_mtime_ns
+    run(load_config(trained_run / rundir.CONFIG))
+    assert (trained_run / rundir.REPORT).stat().st_mtime_ns == before
+
+
+def test_a_different_config_is_refused_in_the_same_dir(trained_run: Path) -> None:
+    saved = (trained_run / rundir.CONFIG).read_text()
+    with pytest.raises(InputError, match=r"data\.max_len: 32 -> 48"):
+        run(load_config(trained_run / rundir.CONFIG, ["data.max_len=48"]))
+    assert (trained_run / rundir.CONFIG).read_text() == saved
+
+
+def test_a_foreign_non_empty_dir_is_refused(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an imdb-dist run"):
+        run(config(data, out))
+
+
+def test_bad_data_leaves_no_run_dir(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        run(config(tmp_path / "missing", out))
+    assert not out.exists()
+
+
+def test_fewer_reviews_than_one_batch_is_refused(tmp_path: Path) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 4})
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        run(config(data, out))
+    assert not out.exists()
+
+
+def test_batch_not_divisible_by_replicas_is_refused(data: Path, tmp_path: Path) -> None:
+    cfg = config(data, tmp_path / "run", "train.batch_size=15", "distribution.strategy=mirrored",
+                 "distribution.devices=[/cpu:0, /cpu:1]")
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*15.*2 replicas"):
+        run(cfg)
+
+
+def test_mirrored_run_on_two_logical_cpus(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(data, out, "train.epochs=1", "distribution.strategy=mirrored", "distribution.devices=[/cpu:0, /cpu:1]"))
+    report = json.loads((out / rundir.REPORT).read_text())
+    assert report["replicas"] == 2 and report["strategy"] == "MirroredStrategy"
+    assert math.isfinite(report["validation"]["loss"])
+
+
+def test_resolved_config_is_saved_as_run(trained_run: Path) -> None:
+    saved = load_config(trained_run / rundir.CONFIG)
+    assert dump_yaml(saved) == (trained_run / rundir.CONFIG).read_text()
+    assert saved.data.max_len == 32 and saved.train.batch_size == 16
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step() -> None:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy")
+    x = np.ones((8, 2), np.float32)
+    y = np.array([0, 1, 0, 1, np.nan, 1, 0, 1], np.float32)  # the 3rd batch of 2 carries a NaN
+    with pytest.raises(RunError, match="loss became nan at epoch 1 step 3"):
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[FiniteLoss()])
