@@ -36,9 +36,18 @@ def cluster_spec() -> dict | None:
         raise ConfigError("TF_CONFIG", f"is not valid JSON: {exc.msg} at column {exc.colno}") from None
     task = spec.get("task") if isinstance(spec, dict) else None
     cluster = spec.get("cluster") if isinstance(spec, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(task, dict) or "type" not in task or "index" not in task:
-        raise ConfigError("TF_CONFIG", 'must be {"cluster": {...}, "task": {"type": ..., "index": ...}}')
-    if task["type"] not in cluster or not 0 <= int(task["index"]) < len(cluster[task["type"]]):
+    well_formed = (
+        isinstance(cluster, dict)
+        and all(isinstance(v, list) for v in cluster.values())
+        and isinstance(task, dict)
+        and isinstance(task.get("type"), str)
+        and type(task.get("index")) is int  # not bool, not float
+    )
+    if not well_formed:
+        raise ConfigError(
+            "TF_CONFIG", 'must be {"cluster": {"<type>": ["host:port", ...]}, "task": {"type": "<type>", "index": <int>}}'
+        )
+    if not 0 <= task["index"] < len(cluster.get(task["type"], [])):
         raise ConfigError("TF_CONFIG", f"task {task} is not in the cluster {sorted(cluster)}")
     return spec
 

@@ -21,6 +21,20 @@ import tensorflow as tf
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
+
+
+@pytest.fixture(autouse=True)
+def _distinct_collective_keys() -> None:
+    """Give each test's MirroredStrategy its own collective key range.
+
+    Every MirroredStrategy in a process numbers its collective ops from the
+    same base, so a second strategy's all-reduce can meet the first one's
+    stale instance with another shape. TensorFlow's own tests move this
+    base per test ("Only set this in tests").
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 10_000
+
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("IMDB_REAL_DATA", REPO.parent / "shared" / "data" / "imdb" / "aclImdb_train.tar.gz"))
 

@@ -283,11 +283,6 @@ def test_malformed_tf_config_is_a_config_error_naming_it(monkeypatch, raw):
         make_strategy(DistributionConfig(strategy="default"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="distribute.py:41 calls int(task['index']) and len(cluster[type]) unguarded: a TF_CONFIG whose "
-    "index is not an integer, or whose cluster entry is not a list, raises ValueError/TypeError instead of ConfigError",
-)
 @pytest.mark.parametrize(
     "raw",
     [

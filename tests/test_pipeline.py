@@ -298,8 +298,9 @@ def test_make_dataset_bucket_width_at_least_max_len_pads_to_max_len(vectorizer):
     assert {x.shape[1] for x, _ in ds.as_numpy_iterator()} == {16}
 
 
-def test_make_dataset_with_bucketing_yields_every_example_once_front_padded(vectorizer):
-    max_len, width, min_len = 64, 12, 8
+@pytest.mark.parametrize(("width", "min_len"), [(12, 8), (8, 20)], ids=["min-len-below-width", "min-len-above-width"])
+def test_make_dataset_with_bucketing_yields_every_example_once_front_padded(vectorizer, width, min_len):
+    max_len = 64
     texts = _texts(70, seed=3, min_words=0, max_words=90) + ["", "superb"]
     labels = list(range(len(texts)))
     ds = make_dataset(
@@ -361,14 +362,8 @@ def test_make_dataset_without_seed_keeps_input_order(vectorizer):
 def test_make_dataset_shards_are_disjoint_and_cover_everything(vectorizer, bucket_width):
     texts = _texts(31, seed=10, min_words=0, max_words=40)
     labels = list(range(31))
-    shards = [
-        _rows(
-            make_dataset(
-                texts, labels, vectorizer, max_len=32, batch_size=4, bucket_width=bucket_width, shard=(2, i), shuffle_seed=1
-            )
-        )
-        for i in range(2)
-    ]
+    kwargs = dict(max_len=32, batch_size=4, bucket_width=bucket_width, shuffle_seed=1)
+    shards = [_rows(make_dataset(texts, labels, vectorizer, shard=(2, i), **kwargs)) for i in range(2)]
     ids = [collections.Counter(y for _, y, _ in rows) for rows in shards]
     assert all(max(c.values()) == 1 for c in ids)  # no example twice within a shard
     assert not set(ids[0]) & set(ids[1])

@@ -19,7 +19,7 @@ import tf_keras as keras
 
 # Characters that are neither letters, digits nor whitespace (Unicode-aware,
 # so non-English reviews keep their words). Apostrophes are dropped, not
-# split on, so "don't" stays one token.
+# split on, so "don't" (or "don’t") stays one token.
 _PUNCTUATION = r"[^\pL\pN\s]+"
 _LINE_BREAK = r"<br\s*/?>"
 # Texts per vectorizer call: batching the string ops is several times faster
@@ -31,7 +31,7 @@ def standardize(texts: tf.Tensor) -> tf.Tensor:
     """Lowercase, replace ``<br />`` markup and punctuation with spaces."""
     texts = tf.strings.lower(texts, encoding="utf-8")
     texts = tf.strings.regex_replace(texts, _LINE_BREAK, " ")
-    texts = tf.strings.regex_replace(texts, "'", "")
+    texts = tf.strings.regex_replace(texts, "['’]", "")
     return tf.strings.regex_replace(texts, _PUNCTUATION, " ")
 
 
