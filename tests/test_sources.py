@@ -304,3 +304,16 @@ def test_decode_keras_maps_ids_back_to_words():
 
 def test_decode_keras_honours_index_from():
     assert decode_keras([[1, 2, 3, 4]], {"film": 1, "plot": 2}, index_from=2) == ["film plot"]
+
+
+def test_tfds_source_gives_texts_labels_and_the_seeded_split():
+    """The tfds path, fed by tfds's own offline test data (the real download needs internet)."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+        cfg = DataConfig(source="tfds", validation_fraction=0.25)
+        train, validation, test = (load_reviews(cfg, split) for split in ("train", "validation", "test"))
+    assert (len(train), len(validation), len(test)) == (15, 5, 20)
+    assert all(isinstance(t, str) for t in train.texts + validation.texts)
+    assert set(np.unique(np.concatenate([train.labels, test.labels]))) <= {0, 1}
+    assert train.labels.dtype == np.int32
