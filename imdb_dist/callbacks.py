@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,40 @@ class FiniteLoss(keras.callbacks.Callback):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
             raise RunError(f"training loss became {loss} at epoch {self._epoch + 1} step {batch + 1}")
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """tf_keras BackupAndRestore that checkpoints every epoch *and* every N steps.
+
+    The stock callback with an integer ``save_freq`` saves only every N
+    batches, so the end of an epoch may go unsaved; this one always saves at
+    epoch end too. ``after_save(logs)`` runs on every worker right after each
+    save (the Ray launcher hands the checkpoint to Ray Train there), so it is
+    called equally often everywhere.
+    """
+
+    def __init__(
+        self,
+        backup_dir: str,
+        every_steps: int = 0,
+        after_save: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(backup_dir, save_freq=every_steps or "epoch", delete_checkpoint=False)
+        self.after_save = after_save
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        count = getattr(self, "_batches_count", 0)
+        super().on_train_batch_end(batch, logs)
+        # The parent resets its counter to 0 exactly when it has just saved.
+        if self.save_freq != "epoch" and count + 1 >= self.save_freq and self.after_save:
+            self.after_save({"epoch": self._current_epoch + 1, "step": batch + 1, **(logs or {})})
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.save_freq != "epoch":
+            # The saved batch is the epoch's last, so a restore starts the next epoch.
+            self._batches_count = 0
+            self._backup(epoch=epoch)
+        else:
+            super().on_epoch_end(epoch, logs)
+        if self.after_save:
+            self.after_save({"epoch": epoch + 1, **(logs or {})})

@@ -1,4 +1,4 @@
-"""The ``imdb-dist`` command: train, evaluate, predict.
+"""The ``imdb-dist`` command: train, launch, evaluate, predict.
 
 Exit status: 0 success; 2 bad input (one ``error: ...`` line on stderr);
 1 a run that failed for a known reason (one line) or an internal error
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import NoReturn
 
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError, RunError
+from imdb_dist.logs import setup_logging
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train in this process (CPU, one GPU, or all local GPUs)")
     _add_config_args(train)
     train.set_defaults(handler=_train)
+
+    launch = commands.add_parser("launch", help="train on a Ray cluster (RAY_ADDRESS, else a local one) with Ray Train")
+    _add_config_args(launch)
+    launch.set_defaults(handler=_launch)
 
     evaluate = commands.add_parser("evaluate", help="score a labeled split with an exported model; prints JSON")
     evaluate.add_argument("--model", required=True, type=Path, help="RUN_DIR/model or RUN_DIR/model/<version>")
@@ -68,6 +71,14 @@ def _train(args: argparse.Namespace) -> int:
     from imdb_dist.train import run
 
     run(cfg)
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from imdb_dist.launch import launch
+
+    launch(cfg)
     return 0
 
 
@@ -123,23 +134,10 @@ def _predict_inputs(args: argparse.Namespace) -> list[tuple[dict[str, int], str]
     return keyed
 
 
-def _setup_logging() -> None:
-    # TensorFlow's C++ start-up chatter (CPU features, CUDA probing) is noise in job logs.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # SavedModel export narrates every asset and renamed input at INFO.
-    for chatty in ("absl", "tensorflow"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``imdb-dist`` console script."""
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         return args.handler(args)
     except InputError as exc:

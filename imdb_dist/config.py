@@ -130,6 +130,42 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RayConfig:
+    """How ``imdb-dist launch`` / ``job/train.py`` run the job on a Ray cluster.
+
+    Ray Train starts ``num_workers`` processes, each with
+    ``resources_per_worker``, and wires them into a MultiWorkerMirroredStrategy.
+    The run directory is ``storage_path/name``: a resubmitted job with the same
+    two resumes from the last checkpoint there.
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    # e.g. {CPU: 8, GPU: 8} for one worker per 8-GPU node.
+    resources_per_worker: dict[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 1.0})
+    # Must be shared by all nodes (NFS, a PVC) in a multi-node cluster.
+    storage_path: str = "runs/ray"
+    name: str = "imdb-dist"
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+    # TFRecord shards the training split is written into, for FILE sharding;
+    # must be at least num_workers (else each worker reads all and keeps 1/N).
+    num_shards: int = 16
+
+    def __post_init__(self) -> None:
+        _check_range("ray.num_workers", self.num_workers, 1, 100_000)
+        _check_range("ray.max_failures", self.max_failures, -1, 100_000)
+        _check_range("ray.checkpoints_to_keep", self.checkpoints_to_keep, 1, 100_000)
+        _check_range("ray.num_shards", self.num_shards, 1, 100_000)
+        for resource, amount in self.resources_per_worker.items():
+            _check_range(f"ray.resources_per_worker.{resource}", amount, 0.0, 1_000_000.0)
+        if self.use_gpu and not self.resources_per_worker.get("GPU"):
+            raise ConfigError("ray.resources_per_worker", "use_gpu needs a GPU count, e.g. {CPU: 8, GPU: 8}")
+        if not self.name.strip() or "/" in self.name:
+            raise ConfigError("ray.name", f"{self.name!r} must be a non-empty name without '/'")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole job."""
 
@@ -138,6 +174,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         # The first conv + pool must see at least one window of real length.
@@ -166,6 +203,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raw = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
+    return _build(Config, raw, prefix="")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a config from :func:`to_dict` output (e.g. after crossing a process boundary)."""
     return _build(Config, raw, prefix="")
 
 
@@ -241,6 +283,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(key, inner, value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(key, args[0], k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
@@ -267,7 +313,7 @@ def to_dict(config: Config) -> dict[str, Any]:
     """The config as plain YAML-ready data (tuples become lists)."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}

@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist import __version__, rundir
-from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
+from imdb_dist.callbacks import Backup, EpochMetrics, FiniteLoss, read_metrics
 from imdb_dist.config import Config, to_dict
-from imdb_dist.data import pipeline
+from imdb_dist.data import pipeline, shards
 from imdb_dist.data.sources import Reviews, load_reviews
 from imdb_dist.distribute import is_chief, make_strategy, precision_policy, resolve_precision, worker_index
 from imdb_dist.errors import ConfigError, DataError
@@ -51,12 +52,74 @@ class Worker:
         return self.strategy.num_replicas_in_sync
 
 
-def run(cfg: Config) -> Path:
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """Where this worker's examples come from: reviews in memory, or prepared shards."""
+
+    n_train: int
+    n_val: int
+    # (num_workers, worker index) -> that worker's (text, label) examples.
+    train_examples: Callable[[int, int], tf.data.Dataset]
+    val_examples: Callable[[], tf.data.Dataset]
+    val_reviews: Callable[[], Reviews]
+    train_texts: Callable[[], tf.data.Dataset]
+
+
+def in_memory_data(cfg: Config) -> TrainingData:
+    """Read the configured source now (raising DataError on bad data)."""
+    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+
+    def train_examples(num_workers: int, index: int) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices((train.texts, train.labels)).shard(num_workers, index)
+
+    return TrainingData(
+        n_train=len(train),
+        n_val=len(val),
+        train_examples=train_examples,
+        val_examples=lambda: tf.data.Dataset.from_tensor_slices((val.texts, val.labels)),
+        val_reviews=lambda: val,
+        train_texts=lambda: tf.data.Dataset.from_tensor_slices(train.texts),
+    )
+
+
+def prepared_data(directory: Path) -> TrainingData:
+    """Examples from the TFRecord shards ``imdb_dist.launch`` prepared in ``directory``."""
+    manifest = shards.read_manifest(directory)
+    if manifest is None:
+        raise DataError(f"{directory} holds no prepared data")
+    train_files, val_files = shards.split_files(directory, "train"), shards.split_files(directory, "validation")
+    return TrainingData(
+        n_train=manifest["splits"]["train"]["examples"],
+        n_val=manifest["splits"]["validation"]["examples"],
+        train_examples=lambda num_workers, index: shards.examples(train_files, num_workers, index),
+        val_examples=lambda: shards.examples(val_files),
+        val_reviews=lambda: shards.load_split(directory, "validation"),
+        train_texts=lambda: shards.examples(train_files).map(lambda text, _: text),
+    )
+
+
+def run(
+    cfg: Config,
+    *,
+    prepared: Path | None = None,
+    backup_dir: Path | None = None,
+    after_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Path:
     """Train, export and evaluate as ``cfg`` says; return the run directory.
+
+    Args:
+        cfg: the job.
+        prepared: read examples from these prepared shards instead of the
+            configured source (multi-worker runs; see ``imdb_dist.launch``).
+        backup_dir: where checkpoints live (default ``run_dir/checkpoints``).
+        after_checkpoint: called with the latest metrics on every worker right
+            after each checkpoint is written.
+        extra_callbacks: more Keras callbacks for ``fit`` (run before checkpointing).
 
     Raises:
         InputError: bad config, data or output directory (nothing is written).
-        RunError: the loss diverged (the last epoch checkpoint is kept).
+        RunError: the loss diverged (the last good checkpoint is kept).
     """
     started = time.perf_counter()
     worker = _start_worker(cfg)
@@ -64,14 +127,21 @@ def run(cfg: Config) -> Path:
     if _already_complete(cfg, run_dir, worker):
         return run_dir
     # Read the data before creating anything, so bad data leaves no run dir.
-    train_set, val_set = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
-    _check_sizes(cfg, train_set, val_set)
+    data = prepared_data(prepared) if prepared is not None else in_memory_data(cfg)
+    _check_sizes(cfg, data)
     if worker.chief:
         rundir.write_config(run_dir, cfg)
-    vectorizer = _vectorizer(cfg, run_dir, train_set, worker)
-    model = _fit(cfg, worker, run_dir, vectorizer, train_set, val_set)
+    vectorizer = _vectorizer(cfg, run_dir, data, worker)
+    # Last of the callbacks, so an epoch's checkpoint is written only after its
+    # metrics line: a crash in between re-runs that epoch, and EpochMetrics drops
+    # the stale line. Under MultiWorkerMirroredStrategy, non-chief workers write
+    # their copy to temporary dirs that are removed after each save.
+    checkpoints = Backup(
+        str(backup_dir or run_dir / rundir.CHECKPOINTS), cfg.run.checkpoint_steps, after_save=after_checkpoint
+    )
+    model = _fit(cfg, worker, run_dir, vectorizer, data, [*extra_callbacks, checkpoints])
     if worker.chief:
-        _finish(cfg, worker, run_dir, vectorizer, model, val_set, time.perf_counter() - started)
+        _finish(cfg, worker, run_dir, vectorizer, model, data.val_reviews(), time.perf_counter() - started)
     return run_dir
 
 
@@ -111,21 +181,23 @@ def _already_complete(cfg: Config, run_dir: Path, worker: Worker) -> bool:
     if previous == cfg and (run_dir / rundir.REPORT).exists():
         log.info("%s already holds a complete run of this config; nothing to do", run_dir)
         return True
-    log.info("resuming the run in %s from its last checkpoint", run_dir)
+    done = read_metrics(run_dir / rundir.METRICS)
+    if done:
+        log.info("resuming the run in %s after epoch %d, from its last checkpoint", run_dir, done[-1]["epoch"])
     return False
 
 
-def _check_sizes(cfg: Config, train_set: Reviews, val_set: Reviews) -> None:
-    if len(train_set) < cfg.train.batch_size:
+def _check_sizes(cfg: Config, data: TrainingData) -> None:
+    if data.n_train < cfg.train.batch_size:
         raise DataError(
-            f"{len(train_set)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
+            f"{data.n_train} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
         )
-    if len(val_set) == 0:
-        raise ConfigError("data.validation_fraction", f"leaves no validation reviews out of {len(train_set)}")
-    log.info("data: %d training and %d validation reviews", len(train_set), len(val_set))
+    if data.n_val == 0:
+        raise ConfigError("data.validation_fraction", f"leaves no validation reviews out of {data.n_train}")
+    log.info("data: %d training and %d validation reviews", data.n_train, data.n_val)
 
 
-def _vectorizer(cfg: Config, run_dir: Path, train_set: Reviews, worker: Worker) -> keras.layers.TextVectorization:
+def _vectorizer(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) -> keras.layers.TextVectorization:
     """Reuse the run's saved vocabulary when resuming, else adapt on the training split.
 
     ``adapt`` is deterministic (tokens sorted by count, then by value), so every
@@ -135,42 +207,41 @@ def _vectorizer(cfg: Config, run_dir: Path, train_set: Reviews, worker: Worker) 
     if saved is not None:
         return pipeline.make_vectorizer(cfg.data.vocab_size, saved)
     vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    pipeline.adapt_vectorizer(vectorizer, train_set.texts)
+    vectorizer.adapt(data.train_texts().batch(1024))
     if worker.chief:
         rundir.write_vocab(run_dir, pipeline.vocabulary(vectorizer))
     return vectorizer
 
 
 def _datasets(
-    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, train_set: Reviews, val_set: Reviews
+    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, data: TrainingData
 ) -> tuple[Any, tf.data.Dataset]:
-    common = {
+    options = {
         "max_len": cfg.data.max_len,
         "min_len": min_length(cfg.model),
         "bucket_width": cfg.data.bucket_width if cfg.data.bucketing else None,
     }
 
     def train_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        # One input pipeline per worker, each on its own shard of the reviews.
-        return pipeline.make_dataset(
-            train_set.texts,
-            train_set.labels,
+        # One input pipeline per worker, each on its own shard of the reviews,
+        # batched per replica.
+        return pipeline.batch_examples(
+            data.train_examples(context.num_input_pipelines, context.input_pipeline_id),
             vectorizer,
             batch_size=context.get_per_replica_batch_size(cfg.train.batch_size),
             shuffle_seed=cfg.data.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            shard=(context.num_input_pipelines, context.input_pipeline_id),
             repeat=True,
-            **common,
+            **options,
         )
 
     train = worker.strategy.distribute_datasets_from_function(train_fn)
     # Validation stays a plain dataset of global batches: Keras splits each
     # batch across replicas and workers, and runs it to the end every epoch.
-    val = pipeline.make_dataset(val_set.texts, val_set.labels, vectorizer, batch_size=cfg.train.batch_size, **common)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return train, val.with_options(options)
+    val = pipeline.batch_examples(data.val_examples(), vectorizer, batch_size=cfg.train.batch_size, **options)
+    shard_by_data = tf.data.Options()
+    shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return train, val.with_options(shard_by_data)
 
 
 def _fit(
@@ -178,15 +249,16 @@ def _fit(
     worker: Worker,
     run_dir: Path,
     vectorizer: keras.layers.TextVectorization,
-    train_set: Reviews,
-    val_set: Reviews,
+    data: TrainingData,
+    last_callbacks: list[keras.callbacks.Callback],
 ) -> keras.Model:
-    train_ds, val_ds = _datasets(cfg, worker, vectorizer, train_set, val_set)
-    steps = math.ceil(len(train_set) / cfg.train.batch_size)
+    train_ds, val_ds = _datasets(cfg, worker, vectorizer, data)
+    # Every worker runs the same number of steps, whatever the size of its shard.
+    steps = math.ceil(data.n_train / cfg.train.batch_size)
     with worker.strategy.scope(), precision_policy(worker.precision):
         model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
         compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution)
-    callbacks = _callbacks(cfg, worker, run_dir, examples_per_epoch=steps * cfg.train.batch_size)
+    callbacks = _callbacks(cfg, worker, run_dir, steps * cfg.train.batch_size) + last_callbacks
     model.fit(
         train_ds,
         validation_data=val_ds,
@@ -213,16 +285,6 @@ def _callbacks(cfg: Config, worker: Worker, run_dir: Path, examples_per_epoch: i
         callbacks.append(
             keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD), write_graph=False, profile_batch=0)
         )
-    # Last, so an epoch's checkpoint is written only after its metrics line:
-    # a crash in between re-runs that epoch and EpochMetrics drops the stale line.
-    # Under MultiWorkerMirroredStrategy, non-chief workers write to temp dirs.
-    callbacks.append(
-        keras.callbacks.BackupAndRestore(
-            str(run_dir / rundir.CHECKPOINTS),
-            save_freq=cfg.run.checkpoint_steps or "epoch",
-            delete_checkpoint=False,
-        )
-    )
     return callbacks
 
 
@@ -255,6 +317,7 @@ def _finish(
         "validation": validation,
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
+        "optimizer_steps": int(model.optimizer.iterations.numpy()),
         "examples_per_s_median": statistics.median(r["examples_per_s"] for r in records) if records else None,
         "wall_s": wall_s,
         "strategy": type(worker.strategy).__name__,

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
+
+# Ray resolves 127.0.0.1 to the host's address on Linux unless its single-machine
+# mode is on; keep every test cluster (and the TF_CONFIG it writes) on loopback.
+# Read when ray is first imported, so set before anything imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import tensorflow as tf  # noqa: E402
 
 # Split the host CPU into two logical devices before any op runs, so tests can
 # build a MirroredStrategy with two replicas on a machine with no GPU.

@@ -2,8 +2,12 @@
 
 One chain, read top to bottom in :func:`make_dataset`::
 
-    texts ─► shard ─► batch ─► vectorize (parallel) ─► unbatch ─► cache
-          ─► shuffle ─► bucket-or-pad batch ─► pre-pad ─► prefetch
+    (text, label) ─► batch ─► vectorize (parallel) ─► unbatch ─► cache
+                  ─► shuffle ─► repeat ─► bucket-or-pad batch ─► pre-pad ─► prefetch
+
+Examples come from memory (:func:`make_dataset`) or from prepared TFRecord
+shards (:mod:`imdb_dist.data.shards`); either way a worker's share is picked
+before any tokenization work.
 
 Sequences are *pre*-padded and *pre*-truncated (the last ``max_len`` tokens
 are kept, zeros go in front) so the LSTM's final state is read right after
@@ -13,6 +17,7 @@ the last real token instead of after a run of padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
@@ -104,32 +109,45 @@ def make_dataset(
     labels: Sequence[int],
     vectorizer: keras.layers.TextVectorization,
     *,
+    shard: tuple[int, int] | None = None,
+    **options: Any,
+) -> tf.data.Dataset:
+    """Batches from in-memory reviews; ``shard=(num_shards, index)`` keeps one part, before any work.
+
+    ``options`` are those of :func:`batch_examples`.
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((list(texts), list(labels)))
+    if shard is not None:
+        dataset = dataset.shard(*shard)
+    return batch_examples(dataset, vectorizer, **options)
+
+
+def batch_examples(
+    examples: tf.data.Dataset,
+    vectorizer: keras.layers.TextVectorization,
+    *,
     max_len: int,
     batch_size: int,
     min_len: int = 1,
     bucket_width: int | None = None,
     shuffle_seed: int | None = None,
     shuffle_buffer: int = 25000,
-    shard: tuple[int, int] | None = None,
     repeat: bool = False,
 ) -> tf.data.Dataset:
     """Batches of ``(token_ids [batch, length], label [batch])`` ready for ``fit``.
 
     Args:
+        examples: ``(text, label)`` pairs.
         max_len: truncation length; without bucketing every batch is this wide.
-        batch_size: examples per batch (the global batch, or a worker's share).
+        batch_size: examples per batch (the global batch, or a replica's share).
         min_len: the narrowest batch allowed (the model's conv + pool window).
         bucket_width: group reviews by length in buckets this wide (None: no bucketing).
         shuffle_seed: shuffle with this seed each epoch (None: keep order, for evaluation).
-        shard: ``(num_shards, index)`` to keep only this worker's part, before any work.
         repeat: cycle forever (training with ``steps_per_epoch``); buckets then
             fill across epoch boundaries, so every batch is a full one.
     """
-    dataset = tf.data.Dataset.from_tensor_slices((list(texts), list(labels)))
-    if shard is not None:
-        dataset = dataset.shard(*shard)
     dataset = (
-        dataset.batch(_ENCODE_BATCH)
+        examples.batch(_ENCODE_BATCH)
         .map(lambda t, y: (encode(vectorizer, t, max_len), y), num_parallel_calls=tf.data.AUTOTUNE)
         .unbatch()
         # An unbatched ragged row is a plain vector; map() hands it over as a
