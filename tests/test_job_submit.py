@@ -1,0 +1,95 @@
+"""The README's `ray job submit` flow, end to end, against a `ray start --head` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_aclimdb
+
+from imdb_dist import rundir
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "data.max_len=32", "data.vocab_size=64", "data.bucket_width=8", "model.embedding_dim=8",
+    "model.conv_filters=8", "model.kernel_size=3", "model.pool_size=2", "model.lstm_units=8",
+    "train.batch_size=16", "train.learning_rate=0.01",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def head() -> Iterator[tuple[str, dict[str, str]]]:
+    """A `ray start --head --block` cluster in its own process group; stopped by that group only."""
+    ray = shutil.which("ray")
+    assert ray, "the ray CLI is not installed (ray[default])"
+    dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live here
+    # Token authentication is on for clusters from `ray start`: the client must say so.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert proc.poll() is None, "ray start exited"
+            assert time.monotonic() < deadline, "the Ray dashboard did not come up"
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(1)
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains_and_exports(head, tmp_path: Path) -> None:
+    address, env = head
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    storage = tmp_path / "storage"
+    sets = [f"data.path={data}", f"ray.storage_path={storage}", *TINY]
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env", "job/runtime_env.yaml", "--",
+         "python", "job/train.py", "--config", "job/configs/ray-local.yaml",
+         *[arg for item in sets for arg in ("--set", item)]],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    run_dir = storage / "ray-local"
+    report = json.loads((run_dir / rundir.REPORT).read_text())
+    assert report["workers"] == 2 and report["replicas"] == 2
+    assert (run_dir / rundir.MODEL / "1" / "saved_model.pb").is_file()
