@@ -135,8 +135,9 @@ def _connect() -> None:
     if address:
         ray.init(address=address)
     else:
-        # A throw-away single-node cluster that listens on loopback only.
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        # A new throw-away single-node cluster on loopback ("local": never join
+        # whatever cluster /tmp/ray says was started last).
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 
 
 def _fit(cfg: Config, run_dir: Path, worker_callbacks: list[keras.callbacks.Callback]) -> None:

@@ -183,3 +183,13 @@ def test_the_console_script_exits_2_with_one_line_and_no_traceback(tmp_path: Pat
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "pwned" not in proc.stdout
+
+
+def test_the_ray_job_entrypoint_runs_launch() -> None:
+    from conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "job/train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: imdb-dist launch" in proc.stdout and "--config" in proc.stdout

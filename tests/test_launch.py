@@ -65,7 +65,7 @@ class FailOnce(keras.callbacks.Callback):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -162,3 +162,13 @@ def test_every_worker_adapting_alone_gets_the_same_vocabulary(tmp_path: Path) ->
     ]
     assert json.loads(vocabularies[0]) == json.loads(vocabularies[1])
     assert len(json.loads(vocabularies[0])) == 38
+
+
+def test_bad_data_is_refused_before_any_worker_starts_and_writes_nothing(tmp_path: Path) -> None:
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "missing", tmp_path / "unused"),
+                             f"ray.storage_path={tmp_path / 'storage'}", "ray.name=job"])
+    from imdb_dist.errors import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        launch(cfg)
+    assert not (tmp_path / "storage").exists()
