@@ -94,7 +94,7 @@ def _check_replicas(cfg: Config) -> None:
 
 
 def prepare(cfg: Config, run_dir: Path) -> Path:
-    """Write config, vocabulary and TFRecord shards once; a resumed run reuses them.
+    """Open the run dir (config), and write vocabulary and TFRecord shards once; a resumed run reuses them.
 
     Raises:
         DataError: the source is missing or malformed (nothing is written then).
@@ -104,11 +104,12 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
     target = run_dir / PREPARED
     if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
         log.info("reusing the prepared data in %s", target)
+        rundir.begin(run_dir, cfg)
         return target
     train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
     if len(train) < cfg.train.batch_size:
         raise InputError(f"{len(train)} training reviews are fewer than one global batch ({cfg.train.batch_size})")
-    rundir.write_config(run_dir, cfg)
+    rundir.begin(run_dir, cfg)
     # Adapted once, here, so every replica shares the same token ids.
     vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
     pipeline.adapt_vectorizer(vectorizer, train.texts)

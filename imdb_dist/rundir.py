@@ -101,7 +101,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
-def write_config(run_dir: Path, config: Config) -> None:
+def begin(run_dir: Path, config: Config) -> None:
+    """(Re)open ``run_dir`` to train ``config``: drop a stale report, then save the config.
+
+    A run that trains again (more epochs) is no longer complete until it
+    writes a new report; the report goes first so a crash never leaves a new
+    config beside an old report.
+    """
+    (run_dir / REPORT).unlink(missing_ok=True)
     atomic_write(run_dir / CONFIG, dump_yaml(config))
 
 

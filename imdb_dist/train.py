@@ -111,7 +111,8 @@ def run(
     Args:
         cfg: the job.
         prepared: read examples from these prepared shards instead of the
-            configured source (multi-worker runs; see ``imdb_dist.launch``).
+            configured source (multi-worker runs; see ``imdb_dist.launch``,
+            which then owns the run directory's resume checks and config).
         backup_dir: where checkpoints live (default ``run_dir/checkpoints``).
         after_checkpoint: called with the latest metrics on every worker right
             after each checkpoint is written.
@@ -124,13 +125,19 @@ def run(
     started = time.perf_counter()
     worker = _start_worker(cfg)
     run_dir = Path(cfg.run.output_dir)
-    if _already_complete(cfg, run_dir, worker):
-        return run_dir
-    # Read the data before creating anything, so bad data leaves no run dir.
-    data = prepared_data(prepared) if prepared is not None else in_memory_data(cfg)
-    _check_sizes(cfg, data)
-    if worker.chief:
-        rundir.write_config(run_dir, cfg)
+    if prepared is not None:
+        # The launcher has checked and opened the run dir before starting the
+        # workers: deciding again here would race with the other workers.
+        data = prepared_data(prepared)
+        _check_sizes(cfg, data)
+    else:
+        if _already_complete(cfg, run_dir, worker):
+            return run_dir
+        # Read and check the data before creating anything: bad data leaves no run dir.
+        data = in_memory_data(cfg)
+        _check_sizes(cfg, data)
+        if worker.chief:
+            rundir.begin(run_dir, cfg)
     vectorizer = _vectorizer(cfg, run_dir, data, worker)
     # Last of the callbacks, so an epoch's checkpoint is written only after its
     # metrics line: a crash in between re-runs that epoch, and EpochMetrics drops

@@ -129,6 +129,17 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
 
 
+def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: Path) -> None:
+    log = tmp_path / "events.txt"
+    launch(ray_config(tmp_path, "train.epochs=1"), worker_callbacks=[RecordEpochs(str(log))])
+    # The same name and storage_path, more epochs: a new Ray Train run picks up the checkpoint.
+    run_dir = launch(ray_config(tmp_path, "train.epochs=2"), worker_callbacks=[RecordEpochs(str(log))])
+    begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 0 and event == "begin"]
+    assert begun == [1, 2]
+    report = json.loads((run_dir / rundir.REPORT).read_text())
+    assert report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+
+
 def test_without_retries_a_failed_worker_fails_the_run(cluster, tmp_path: Path) -> None:
     fault = FailOnce(str(tmp_path / "failed-once"), rank=1, epoch=2, step=5)
     cfg = ray_config(tmp_path, "train.epochs=3", "ray.max_failures=0")

@@ -144,3 +144,13 @@ def test_non_finite_loss_stops_naming_epoch_and_step() -> None:
     y = np.array([0, 1, 0, 1, np.nan, 1, 0, 1], np.float32)  # the 3rd batch of 2 carries a NaN
     with pytest.raises(RunError, match="loss became nan at epoch 1 step 3"):
         model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[FiniteLoss()])
+
+
+def test_reopening_a_run_drops_its_stale_report_before_saving_the_config(trained_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    (run_dir / rundir.REPORT).write_text((trained_run / rundir.REPORT).read_text())
+    cfg = load_config(trained_run / rundir.CONFIG, ["train.epochs=3"])
+    rundir.begin(run_dir, cfg)
+    assert not (run_dir / rundir.REPORT).exists(), "a run training more epochs must not look complete"
+    assert load_config(run_dir / rundir.CONFIG) == cfg
