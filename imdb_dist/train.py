@@ -246,6 +246,12 @@ def _datasets(
     # Validation stays a plain dataset of global batches: Keras splits each
     # batch across replicas and workers, and runs it to the end every epoch.
     val = pipeline.batch_examples(data.val_examples(), vectorizer, batch_size=cfg.train.batch_size, **options)
+    if cfg.train.steps_per_execution > 1:
+        # Keras must know how many validation batches there are to group them
+        # into executions; bucketing hides that, so count them (this pass also
+        # fills the validation cache).
+        batches = int(val.reduce(0, lambda count, _: count + 1))
+        val = val.apply(tf.data.experimental.assert_cardinality(batches))
     shard_by_data = tf.data.Options()
     shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return train, val.with_options(shard_by_data)

@@ -154,3 +154,10 @@ def test_reopening_a_run_drops_its_stale_report_before_saving_the_config(trained
     rundir.begin(run_dir, cfg)
     assert not (run_dir / rundir.REPORT).exists(), "a run training more epochs must not look complete"
     assert load_config(run_dir / rundir.CONFIG) == cfg
+
+
+def test_several_steps_per_execution_train_and_validate(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(config(data, out, "train.epochs=1", "train.steps_per_execution=4"))
+    (record,) = read_metrics(out / rundir.METRICS)
+    assert math.isfinite(record["val_loss"]) and record["examples_per_s"] > 0
