@@ -1,0 +1,72 @@
+"""Input pipeline alone vs the training step: can tf.data keep the trainer fed?
+
+Reports examples/s of imdb-dist's training dataset iterated on its own
+(first pass: tokenization and cache fill; later passes: from the cache, the
+steady state ``fit`` sees) against the examples/s of training on it, and the
+ratio of the two.
+
+    python -m bench.pipeline --data ../shared/data/imdb/aclImdb_train.tar.gz --config job/configs/fast.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+from bench.throughput import imdb_dist_runner
+from bench.timing import emit, median
+from imdb_dist.config import load_config
+from imdb_dist.data import pipeline
+from imdb_dist.data.sources import load_reviews
+from imdb_dist.model import min_length
+
+
+def pipeline_rates(cfg, train, passes: int) -> list[float]:
+    """Examples/s of each full pass over the (repeating) training dataset, nothing else running."""
+    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
+    pipeline.adapt_vectorizer(vectorizer, train.texts)
+    dataset = pipeline.make_dataset(
+        train.texts, train.labels, vectorizer,
+        max_len=cfg.data.max_len, min_len=min_length(cfg.model), batch_size=cfg.train.batch_size,
+        bucket_width=cfg.data.bucket_width if cfg.data.bucketing else None,
+        shuffle_seed=cfg.data.seed, repeat=True,
+    )
+    steps = math.ceil(len(train) / cfg.train.batch_size)
+    iterator = iter(dataset)
+    rates = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(iterator)
+        rates.append(steps * cfg.train.batch_size / (time.perf_counter() - start))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config", default="job/configs/fast.yaml")
+    parser.add_argument("--passes", type=int, default=4, help="pipeline passes (the first fills the cache)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    rates = pipeline_rates(cfg, train, args.passes)
+    epoch, _ = imdb_dist_runner(cfg, train, val)
+    epoch()  # warm-up
+    training = len(train) / epoch()
+    steady = median(rates[1:]) if len(rates) > 1 else rates[0]
+    emit({
+        "benchmark": "pipeline",
+        "config": args.config,
+        "pipeline_examples_per_s_first_pass": rates[0],
+        "pipeline_examples_per_s_cached": steady,
+        "training_examples_per_s": training,
+        "ratio_cached": steady / training,
+        "ratio_first_pass": rates[0] / training,
+    })
+
+
+if __name__ == "__main__":
+    main()

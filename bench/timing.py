@@ -1,0 +1,45 @@
+"""Timing shared by the benchmarks: training-phase seconds per epoch, medians, JSON output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import tf_keras as keras
+
+
+class TrainTimer(keras.callbacks.Callback):
+    """Per epoch: seconds of the training phase (up to validation), wall time so far, val accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_s: list[float] = []
+        self.val_accuracy: list[float] = []
+        self.wall_s: list[float] = []  # since the start of training, at each epoch's end
+        self._start = self._stop = self._begin = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._begin = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start, self._stop = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._stop = self._stop or time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.train_s.append((self._stop or time.perf_counter()) - self._start)
+        self.wall_s.append(time.perf_counter() - self._begin)
+        if logs and "val_accuracy" in logs:
+            self.val_accuracy.append(float(logs["val_accuracy"]))
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit(summary: dict[str, Any]) -> None:
+    """Print the benchmark's JSON summary (the one line scripts and docs consume)."""
+    print(json.dumps(summary, indent=2, sort_keys=True))

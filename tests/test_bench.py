@@ -1,0 +1,75 @@
+"""Smoke tests of the benchmarks on tiny generated data: they run and print their JSON summary.
+
+No timing is asserted here; the measured numbers live in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_aclimdb
+
+TINY = [
+    "data.max_len=32", "data.vocab_size=64", "data.bucket_width=8", "model.embedding_dim=8",
+    "model.conv_filters=8", "model.kernel_size=3", "model.pool_size=2", "model.lstm_units=8",
+    "train.batch_size=16", "train.epochs=1",
+]
+
+
+def bench(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_aclimdb(tmp_path_factory.mktemp("bench") / "data", {"train": 60})
+
+
+def sets() -> list[str]:
+    return [arg for item in TINY for arg in ("--set", item)]
+
+
+def test_throughput_reports_medians_and_their_ratio(data: Path) -> None:
+    out = bench("bench.throughput", "--data", str(data), "--max-len", "32", "--rounds", "1", *sets())
+    medians = out["median_examples_per_s"]
+    assert set(medians) == {"seed", "imdb_dist"} and all(v > 0 for v in medians.values())
+    assert out["ratio"] == pytest.approx(medians["imdb_dist"] / medians["seed"])
+    assert all(0.0 <= v <= 1.0 for v in out["val_accuracy_after"].values())
+
+
+def test_pipeline_reports_its_rate_against_training(data: Path) -> None:
+    out = bench("bench.pipeline", "--data", str(data), "--passes", "2", *sets())
+    assert out["pipeline_examples_per_s_cached"] > 0 and out["training_examples_per_s"] > 0
+    assert out["ratio_cached"] == pytest.approx(out["pipeline_examples_per_s_cached"] / out["training_examples_per_s"])
+
+
+def test_accuracy_reports_curves_and_draws_the_plot(data: Path, tmp_path: Path) -> None:
+    plot = tmp_path / "curve.png"
+    out = bench("bench.accuracy", "--data", str(data), "--preset", "job/configs/fast.yaml", "--seed-max-len", "32",
+                "--seed-epochs", "1", "--threshold", "0.5", "--plot", str(plot), *sets())
+    results = out["results"]
+    assert set(results) == {"imdb-dist fast", "seed-style max_len 32"}
+    for result in results.values():
+        assert result["curve"] and all(0.0 <= acc <= 1.0 for _, acc in result["curve"])
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seed_baseline_runs_on_its_own(data: Path) -> None:
+    out = bench("bench.seed", "--data", str(data), "--max-len", "32", "--epochs", "1")
+    assert len(out["val_accuracy"]) == 1 and out["examples_per_s"][0] > 0
+
+
+def test_gpu_benchmark_says_not_measured_without_a_gpu_and_runs_its_code_on_cpu() -> None:
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is present: run python -m bench.gpu for real")
+    assert bench("bench.gpu")["status"].startswith("not measured")
+    out = bench("bench.gpu", "--allow-cpu", "--steps", "2", "--batch", "8")
+    assert out["examples_per_s"]["float32"] > 0 and out["examples_per_s"]["mixed_float16"] > 0
