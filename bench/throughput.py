@@ -56,7 +56,9 @@ def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> tuple[EpochRu
         model.fit(iterator, steps_per_epoch=steps, epochs=1, callbacks=[timer], verbose=0)
         return timer.train_s[0] * len(train) / (steps * cfg.train.batch_size)
 
-    return epoch, lambda: float(model.evaluate(val_ds, verbose=0)[1])
+    # Counted, since with steps_per_execution > 1 Keras must be told (bucketing hides it).
+    val_batches = int(val_ds.reduce(0, lambda count, _: count + 1))
+    return epoch, lambda: float(model.evaluate(val_ds, steps=val_batches, verbose=0)[1])
 
 
 def seed_runner(train: Reviews, val: Reviews, max_len: int) -> tuple[EpochRunner, Callable[[], float]]:

@@ -111,24 +111,30 @@ def real_data() -> Path:
     return REAL_DATA
 
 
+# A model and data shape that train in seconds (generated reviews are ~30 words).
+TINY = [
+    "data.max_len=32",
+    "data.vocab_size=64",
+    "data.bucket_width=8",
+    "model.embedding_dim=8",
+    "model.conv_filters=8",
+    "model.kernel_size=3",
+    "model.pool_size=2",
+    "model.lstm_units=8",
+    "train.batch_size=16",
+    "train.learning_rate=0.01",
+]
+
+
 def tiny_overrides(data: Path, out: Path) -> list[str]:
     """``--set`` overrides for a seconds-long run of a tiny model on generated data."""
     return [
         "data.source=aclimdb",
         f"data.path={data}",
-        "data.max_len=32",
-        "data.vocab_size=64",
-        "data.bucket_width=8",
         "data.validation_fraction=0.2",
-        "model.embedding_dim=8",
-        "model.conv_filters=8",
-        "model.kernel_size=3",
-        "model.pool_size=2",
-        "model.lstm_units=8",
         "train.epochs=2",
-        "train.batch_size=16",
-        "train.learning_rate=0.01",
         f"run.output_dir={out}",
+        *TINY,
     ]
 
 

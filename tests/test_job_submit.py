@@ -14,18 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_aclimdb
+from conftest import REPO, TINY, write_aclimdb
 
 from imdb_dist import rundir
 
 pytestmark = pytest.mark.ray
-
-TINY = [
-    "data.max_len=32", "data.vocab_size=64", "data.bucket_width=8", "model.embedding_dim=8",
-    "model.conv_filters=8", "model.kernel_size=3", "model.pool_size=2", "model.lstm_units=8",
-    "train.batch_size=16", "train.learning_rate=0.01",
-]
-
 
 def free_port() -> int:
     with socket.socket() as sock:
