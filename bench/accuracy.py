@@ -79,13 +79,14 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="imdb-dist-bench-") as tmp:
         for preset in args.preset:
-            results[f"imdb-dist {Path(preset).stem}"] = run_preset(preset, args.data, Path(tmp) / Path(preset).stem, args.overrides)
+            name = Path(preset).stem
+            results[f"imdb-dist {name}"] = run_preset(preset, args.data, Path(tmp) / name, args.overrides)
     data = DataConfig(source="aclimdb", path=args.data)
     train, val = load_reviews(data, "train"), load_reviews(data, "validation")
     for max_len in args.seed_max_len or [100]:
         outcome = seed.train_seed(train, val, max_len=max_len, epochs=args.seed_epochs)
         results[f"seed-style max_len {max_len}"] = {
-            "curve": list(zip(outcome["epoch_wall_s"], outcome["val_accuracy"])),
+            "curve": list(zip(outcome["epoch_wall_s"], outcome["val_accuracy"], strict=True)),
             "examples_per_s_median": sorted(outcome["examples_per_s"])[len(outcome["examples_per_s"]) // 2],
             "train_wall_s": outcome["epoch_wall_s"][-1],
         }

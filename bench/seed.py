@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     cfg = DataConfig(source="aclimdb", path=args.data)
-    result = train_seed(load_reviews(cfg, "train"), load_reviews(cfg, "validation"), max_len=args.max_len, epochs=args.epochs)
+    train, val = load_reviews(cfg, "train"), load_reviews(cfg, "validation")
+    result = train_seed(train, val, max_len=args.max_len, epochs=args.epochs)
     emit({"benchmark": "seed", "max_len": args.max_len, **result})
 
 

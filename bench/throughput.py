@@ -77,7 +77,7 @@ def seed_runner(train: Reviews, val: Reviews, max_len: int) -> tuple[EpochRunner
 def measure(train: Reviews, val: Reviews, cfg: Config, rounds: int) -> dict:
     contenders = {"seed": seed_runner(train, val, cfg.data.max_len), "imdb_dist": imdb_dist_runner(cfg, train, val)}
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for name, (epoch, _) in contenders.items():
+    for epoch, _ in contenders.values():
         epoch()  # warm-up: tracing and caches, not timed
     for _ in range(rounds):
         for name, (epoch, _) in contenders.items():

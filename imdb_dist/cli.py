@@ -108,7 +108,7 @@ def _predict(args: argparse.Namespace) -> int:
     keyed = _predict_inputs(args)
     model = load_model(args.model)
     scores = score_texts(model, [text for _, text in keyed])
-    for (key, _), score in zip(keyed, scores):
+    for (key, _), score in zip(keyed, scores, strict=True):
         print(json.dumps({**key, "score": round(float(score), 6), "label": label_of(float(score))}))
     return 0
 

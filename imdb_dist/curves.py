@@ -15,7 +15,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for key, style in ((metric, "o-"), (f"val_{metric}", "s--")):
             values = [r.get(key) for r in records]
             if any(v is not None for v in values):

@@ -45,7 +45,8 @@ def cluster_spec() -> dict | None:
     )
     if not well_formed:
         raise ConfigError(
-            "TF_CONFIG", 'must be {"cluster": {"<type>": ["host:port", ...]}, "task": {"type": "<type>", "index": <int>}}'
+            "TF_CONFIG",
+            'must be {"cluster": {"<type>": ["host:port", ...]}, "task": {"type": "<type>", "index": <int>}}',
         )
     if not 0 <= task["index"] < len(cluster.get(task["type"], [])):
         raise ConfigError("TF_CONFIG", f"task {task} is not in the cluster {sorted(cluster)}")

@@ -90,7 +90,9 @@ def _check_replicas(cfg: Config) -> None:
             f"({cfg.ray.num_workers} workers x {max(per_worker, 1)} devices)",
         )
     if cfg.distribution.strategy not in ("auto", "multi_worker"):
-        raise ConfigError("distribution.strategy", "Ray workers run multi_worker (or auto), not " + cfg.distribution.strategy)
+        raise ConfigError(
+            "distribution.strategy", f"Ray workers run multi_worker (or auto), not {cfg.distribution.strategy}"
+        )
 
 
 def prepare(cfg: Config, run_dir: Path) -> Path:

@@ -25,14 +25,20 @@ import tf_keras as keras
 from imdb_dist import __version__, rundir
 from imdb_dist.callbacks import Backup, EpochMetrics, FiniteLoss, read_metrics
 from imdb_dist.config import Config, to_dict
+from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
 from imdb_dist.data.sources import Reviews, load_reviews
-from imdb_dist.distribute import is_chief, make_strategy, precision_policy, resolve_precision, worker_index
+from imdb_dist.distribute import (
+    is_chief,
+    make_strategy,
+    precision_policy,
+    resolve_precision,
+    worker_index,
+)
 from imdb_dist.errors import ConfigError, DataError
 from imdb_dist.evaluate import metrics, score_texts
 from imdb_dist.export import export_model, load_model
 from imdb_dist.model import build_model, compile_model, min_length
-from imdb_dist.curves import plot_curves
 
 log = logging.getLogger(__name__)
 
