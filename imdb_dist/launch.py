@@ -67,12 +67,9 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run_dir)))
     _check_replicas(cfg)
     rundir.check_writable(run_dir)
-    previous = rundir.prior_config(run_dir)
-    if previous is not None:
-        rundir.check_resumable(previous, cfg, run_dir)
-        if previous == cfg and (run_dir / rundir.REPORT).exists():
-            log.info("%s already holds a complete run of this config; nothing to do", run_dir)
-            return run_dir
+    if rundir.already_complete(run_dir, cfg):
+        log.info("%s already holds a complete run of this config; nothing to do", run_dir)
+        return run_dir
     prepare(cfg, run_dir)
     _connect()
     _fit(cfg, run_dir, list(worker_callbacks))

@@ -71,6 +71,19 @@ def check_resumable(previous: Config, current: Config, run_dir: Path) -> None:
         )
 
 
+def already_complete(run_dir: Path, current: Config) -> bool:
+    """True if ``run_dir`` holds a finished run of exactly ``current``.
+
+    Raises:
+        InputError: the directory is not a run, or holds a run of another config.
+    """
+    previous = prior_config(run_dir)
+    if previous is None:
+        return False
+    check_resumable(previous, current, run_dir)
+    return previous == current and (run_dir / REPORT).exists()
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():

@@ -137,7 +137,7 @@ def run(
         data = prepared_data(prepared)
         _check_sizes(cfg, data)
     else:
-        if _already_complete(cfg, run_dir, worker):
+        if _already_complete(cfg, run_dir):
             return run_dir
         # Read and check the data before creating anything: bad data leaves no run dir.
         data = in_memory_data(cfg)
@@ -185,13 +185,9 @@ def _start_worker(cfg: Config) -> Worker:
     return Worker(strategy, chief, num_workers, index, precision)
 
 
-def _already_complete(cfg: Config, run_dir: Path, worker: Worker) -> bool:
+def _already_complete(cfg: Config, run_dir: Path) -> bool:
     """Check a previous run in ``run_dir``; True if it already finished this exact job."""
-    previous = rundir.prior_config(run_dir)
-    if previous is None:
-        return False
-    rundir.check_resumable(previous, cfg, run_dir)
-    if previous == cfg and (run_dir / rundir.REPORT).exists():
+    if rundir.already_complete(run_dir, cfg):
         log.info("%s already holds a complete run of this config; nothing to do", run_dir)
         return True
     done = read_metrics(run_dir / rundir.METRICS)
