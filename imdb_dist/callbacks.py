@@ -67,10 +67,23 @@ class EpochMetrics(keras.callbacks.Callback):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The epoch records of ``metrics.jsonl`` (empty if it does not exist)."""
+    """The epoch records of ``metrics.jsonl`` (empty if it does not exist).
+
+    Lines are appended, so a process killed mid-write can leave a torn last
+    line: it is dropped (that epoch has no checkpoint yet and will re-run).
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+            log.warning("%s: dropping a torn last line (an interrupted write)", path)
+    return records
 
 
 def drop_epochs_from(path: Path, epoch: int) -> list[dict[str, Any]]:

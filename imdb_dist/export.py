@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +77,12 @@ class ServedModel:
     """A loaded export: ``score(texts)`` returns probabilities as a float32 ``[n, 1]`` tensor."""
 
     path: Path
-    score: Callable[[tf.Tensor], tf.Tensor]
     metadata: dict[str, Any]
+    # The loaded SavedModel owns the variables its signature reads: keep it alive.
+    loaded: Any = dataclasses.field(repr=False)
+
+    def score(self, texts: tf.Tensor) -> tf.Tensor:
+        return self.loaded.signatures[SIGNATURE](text=texts)["score"]
 
 
 def find_export(path: Path) -> Path:
@@ -110,15 +113,11 @@ def load_model(path: str | os.PathLike) -> ServedModel:
         loaded = tf.saved_model.load(str(export))
     except Exception as exc:  # corrupt protobufs and missing variables raise many types.
         raise InputError(f"{export} is not a loadable SavedModel: {str(exc).splitlines()[0]}") from None
-    signature = loaded.signatures.get(SIGNATURE)
     meta_path = export / METADATA
-    if signature is None or not meta_path.is_file():
+    if SIGNATURE not in loaded.signatures or not meta_path.is_file():
         raise InputError(f"{export} is a SavedModel but not an imdb-dist export (no {SIGNATURE} or {METADATA})")
-    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-
-    def score(texts: tf.Tensor) -> tf.Tensor:
-        return signature(text=texts)["score"]
-
-    # Keep the loaded object alive as long as the signature that closes over it.
-    score.loaded = loaded  # type: ignore[attr-defined]
-    return ServedModel(export, score, metadata)
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{meta_path} is unreadable: {exc}") from None
+    return ServedModel(export, metadata, loaded)

@@ -34,7 +34,7 @@ from imdb_dist import rundir
 from imdb_dist.config import Config, config_from_dict, to_dict
 from imdb_dist.data import shards
 from imdb_dist.data.sources import load_reviews
-from imdb_dist.errors import ConfigError, InputError, RunError
+from imdb_dist.errors import ConfigError, DataError, RunError
 from imdb_dist.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
         return target
     train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
     if len(train) < cfg.train.batch_size:
-        raise InputError(f"{len(train)} training reviews are fewer than one global batch ({cfg.train.batch_size})")
+        raise DataError(
+            f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
+        )
     rundir.begin(run_dir, cfg)
     # Adapted once, here, so every replica shares the same token ids.
     vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)

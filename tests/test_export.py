@@ -92,6 +92,14 @@ def test_a_foreign_saved_model_is_refused(tmp_path: Path) -> None:
         load_model(tmp_path / "other")
 
 
+def test_an_export_with_corrupt_metadata_is_refused(parts, tmp_path: Path) -> None:
+    vectorizer, model = parts
+    export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})
+    (export / METADATA).write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        load_model(export)
+
+
 def test_export_metadata_lives_beside_the_saved_model(parts, tmp_path: Path) -> None:
     vectorizer, model = parts
     export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={"max_len": 16})

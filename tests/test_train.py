@@ -161,3 +161,12 @@ def test_several_steps_per_execution_train_and_validate(data: Path, tmp_path: Pa
     run(config(data, out, "train.epochs=1", "train.steps_per_execution=4"))
     (record,) = read_metrics(out / rundir.METRICS)
     assert math.isfinite(record["val_loss"]) and record["examples_per_s"] > 0
+
+
+def test_a_torn_last_metrics_line_is_dropped_but_earlier_damage_is_not_hidden(tmp_path: Path) -> None:
+    path = tmp_path / rundir.METRICS
+    path.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')
+    assert read_metrics(path) == [{"epoch": 1, "loss": 0.5}]
+    path.write_text('{"epoch": 1, "lo\n{"epoch": 2, "loss": 0.4}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(path)
