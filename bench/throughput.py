@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 from collections.abc import Callable
 
@@ -110,7 +111,7 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "n_train": len(train),
-        "machine": {"cpus": len(tf.config.list_physical_devices("CPU")), "processor": platform.processor(),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                     "tensorflow": tf.__version__, "numpy": np.__version__},
         **result,
     })

@@ -1,6 +1,6 @@
 """The network, and nothing else: no strategies, no files, no precision policy.
 
-Embedding → Dropout → Conv1D(relu) → MaxPooling1D → LSTM → Dense(1, sigmoid).
+Embedding → Dropout (imdb_dist.dropout.FastDropout) → Conv1D(relu) → MaxPooling1D → LSTM → Dense(1, sigmoid).
 The caller builds it inside a strategy scope and a dtype policy; the output
 layer is pinned to float32 so the sigmoid and the loss stay stable under
 mixed precision.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import tf_keras as keras
 
 from imdb_dist.config import ModelConfig
+from imdb_dist.dropout import FastDropout
 
 # The arguments tf_keras checks before it dispatches the LSTM to the fused
 # cuDNN kernel on a GPU; any other value silently falls back to a loop of
@@ -38,7 +39,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
     """
     tokens = keras.Input(shape=(None,), dtype="int64", name="tokens")
     x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(tokens)
-    x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    x = FastDropout(cfg.dropout, name="dropout")(x)
     x = keras.layers.Conv1D(cfg.conv_filters, cfg.kernel_size, activation="relu", name="conv")(x)
     x = keras.layers.MaxPooling1D(cfg.pool_size, name="pool")(x)
     x = keras.layers.LSTM(cfg.lstm_units, name="lstm", **CUDNN_LSTM_ARGS)(x)

@@ -24,6 +24,7 @@ from imdb_dist.distribute import (
     resolve_precision,
     worker_index,
 )
+from imdb_dist.dropout import FastDropout
 from imdb_dist.errors import ConfigError
 from imdb_dist.model import CUDNN_LSTM_ARGS, build_model, compile_model, min_length
 
@@ -81,14 +82,15 @@ def test_model_layers_in_order():
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     expected = [
         keras.layers.Embedding,
-        keras.layers.Dropout,
+        FastDropout,  # keras.layers.Dropout's subclass with a cheaper mask
         keras.layers.Conv1D,
         keras.layers.MaxPooling1D,
         keras.layers.LSTM,
         keras.layers.Dense,
     ]
     assert [type(layer) for layer in layers] == expected
-    embedding, _, conv, pool, lstm, dense = layers
+    embedding, drop, conv, pool, lstm, dense = layers
+    assert drop.rate == CFG.dropout
     assert embedding.input_dim == VOCAB and embedding.output_dim == CFG.embedding_dim
     assert conv.filters == CFG.conv_filters and conv.kernel_size == (CFG.kernel_size,)
     assert pool.pool_size == (CFG.pool_size,)
