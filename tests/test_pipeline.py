@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from imdb_dist.data.pipeline import (
     adapt_vectorizer,
-    bucket_boundaries,
+    batch_width,
     encode,
     encode_padded,
     make_dataset,
@@ -248,30 +248,24 @@ def test_saved_vocabulary_rebuilds_an_identical_vectorizer(vectorizer):
     )
 
 
-# --------------------------------------------------------------------------- bucket_boundaries
+# --------------------------------------------------------------------------- batch_width
 
 
-def test_bucket_boundaries_default_sizes():
-    boundaries = bucket_boundaries(400, 50, 8)
-    assert boundaries == [51, 101, 151, 201, 251, 301, 351, 401]
-    assert [b - 1 for b in boundaries] == list(range(50, 401, 50))  # padded lengths
+@pytest.mark.parametrize(
+    ("longest", "expected"),
+    [(0, 8), (1, 50), (50, 50), (51, 100), (399, 400), (400, 400)],
+)
+def test_batch_width_rounds_the_longest_row_up_to_the_bucket_width(longest, expected):
+    assert int(batch_width(longest, 50, 8, 400)) == expected
 
 
-def test_bucket_boundaries_min_len_larger_than_width():
-    padded = [b - 1 for b in bucket_boundaries(400, 50, 60)]
-    assert padded[0] == 60 and padded[-1] == 400
-    assert min(padded) >= 60
-    assert padded == sorted(set(padded))
+def test_batch_width_is_never_below_the_model_window():
+    assert int(batch_width(3, 50, 60, 400)) == 60  # min_len above the width
+    assert int(batch_width(55, 50, 60, 400)) == 100
 
 
-def test_bucket_boundaries_max_len_not_a_multiple_of_width():
-    padded = [b - 1 for b in bucket_boundaries(120, 50, 8)]
-    assert padded == [50, 100, 120]
-
-
-@pytest.mark.parametrize("width", [100, 150])
-def test_bucket_boundaries_width_at_least_max_len_is_one_bucket(width):
-    assert bucket_boundaries(100, width, 8) == [101]
+def test_batch_width_max_len_not_a_multiple_of_width():
+    assert [int(batch_width(n, 50, 8, 120)) for n in (40, 90, 101, 120)] == [50, 100, 120, 120]
 
 
 # --------------------------------------------------------------------------- make_dataset
@@ -306,22 +300,36 @@ def test_make_dataset_with_bucketing_yields_every_example_once_front_padded(vect
     ds = make_dataset(
         texts, labels, vectorizer, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width, shuffle_seed=5
     )
-    bucket_lengths = {b - 1 for b in bucket_boundaries(max_len, width, min_len)}
-    widths = []
+    widths, spans = [], []
     for x, y in ds.as_numpy_iterator():
         assert x.shape[0] == y.shape[0] <= 6
-        widths.append(x.shape[1])
+        lengths = [int(np.count_nonzero(row)) for row in x]
         for row in x:
             _assert_front_padded(row)
-            # Each row sits in the narrowest bucket that holds it.
-            length = int(np.count_nonzero(row))
-            assert x.shape[1] == min(n for n in bucket_lengths if n >= length)
-    assert set(widths) <= bucket_lengths
+        # Each batch is as wide as its longest row needs, rounded up to the width.
+        assert x.shape[1] == int(batch_width(max(lengths), width, min_len, max_len))
+        widths.append(x.shape[1])
+        spans.append((min(lengths), max(lengths)))
     assert all(min_len <= w <= max_len for w in widths)
-    assert len(set(widths)) > 2  # the data really spans several buckets
+    assert all(w % width == 0 or w in (min_len, max_len) for w in widths)
+    assert len(set(widths)) > 2  # the data really spans several widths
+    # One pool holds all 72 reviews: sorted by length and cut, so batches'
+    # length ranges do not overlap (they are shuffled afterwards).
+    spans.sort()
+    assert all(low_max <= high_min for (_, low_max), (high_min, _) in zip(spans, spans[1:]))
     got = collections.Counter((ids, y) for ids, y, _ in _rows(ds))
     expected = collections.Counter(zip(_direct(vectorizer, texts, max_len), labels))
     assert got == expected
+
+
+def test_make_dataset_bucketing_shuffles_the_sorted_batches(vectorizer):
+    texts = _texts(120, seed=13, min_words=0, max_words=60)
+    ds = make_dataset(texts, list(range(120)), vectorizer, max_len=64, batch_size=4, bucket_width=8, shuffle_seed=2)
+    longest = [int(np.count_nonzero(x, axis=1).max()) for x, _ in ds.as_numpy_iterator()]
+    assert longest != sorted(longest)  # not served in length order
+    unshuffled = make_dataset(texts, list(range(120)), vectorizer, max_len=64, batch_size=4, bucket_width=8)
+    longest = [int(np.count_nonzero(x, axis=1).max()) for x, _ in unshuffled.as_numpy_iterator()]
+    assert longest == sorted(longest)  # evaluation: one sorted pool, in order
 
 
 def test_make_dataset_bucketing_keeps_short_reviews_narrow(vectorizer):
@@ -376,18 +384,32 @@ def test_make_dataset_shards_are_disjoint_and_cover_everything(vectorizer, bucke
             assert tokens == direct[y]
 
 
-@pytest.mark.parametrize("bucket_width", [None, 8])
-def test_make_dataset_repeat_keeps_yielding_beyond_one_pass(vectorizer, bucket_width):
+def test_make_dataset_repeat_unbucketed_fills_batches_across_passes(vectorizer):
     n = 10
     texts = _texts(n, seed=12, min_words=1, max_words=30)
-    kwargs = dict(max_len=32, batch_size=4, bucket_width=bucket_width, shuffle_seed=3)
+    kwargs = dict(max_len=32, batch_size=4, shuffle_seed=3)
     once = make_dataset(texts, list(range(n)), vectorizer, **kwargs)
     assert sum(x.shape[0] for x, _ in once.as_numpy_iterator()) == n  # finite without repeat
     forever = make_dataset(texts, list(range(n)), vectorizer, repeat=True, **kwargs)
     seen = collections.Counter()
     for x, y in forever.take(4 * n).as_numpy_iterator():  # far more batches than one pass has
-        assert x.shape[0] == 4  # buckets fill across epochs: only full batches
+        assert x.shape[0] == 4  # only full batches
         seen.update(int(v) for v in y)
     assert sum(seen.values()) == 16 * n
     assert set(seen) == set(range(n))
     assert min(seen.values()) >= 10  # each example came back many times
+
+
+def test_make_dataset_repeat_bucketed_yields_whole_passes(vectorizer):
+    n, batch = 10, 4
+    texts = _texts(n, seed=12, min_words=1, max_words=30)
+    kwargs = dict(max_len=32, batch_size=batch, bucket_width=8, shuffle_seed=3)
+    forever = make_dataset(texts, list(range(n)), vectorizer, repeat=True, **kwargs)
+    per_pass = -(-n // batch)  # the steps_per_epoch training uses
+    batches = list(forever.take(6 * per_pass).as_numpy_iterator())
+    orders = []
+    for start in range(0, len(batches), per_pass):
+        labels = [int(v) for _, y in batches[start : start + per_pass] for v in y]
+        assert sorted(labels) == list(range(n))  # each pass: every example exactly once
+        orders.append(labels)
+    assert len({tuple(order) for order in orders}) > 1  # reshuffled from pass to pass

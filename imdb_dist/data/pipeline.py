@@ -3,7 +3,8 @@
 One chain, read top to bottom in :func:`make_dataset`::
 
     (text, label) ─► batch ─► vectorize (parallel) ─► unbatch ─► cache
-                  ─► shuffle ─► repeat ─► bucket-or-pad batch ─► pre-pad ─► prefetch
+                  ─► shuffle ─► length-sorted batches, pre-padded ─► repeat ─► prefetch
+                          (or) ─► repeat ─► max_len batches, pre-padded ─► prefetch
 
 Examples come from memory (:func:`make_dataset`) or from prepared TFRecord
 shards (:mod:`imdb_dist.data.shards`); either way a worker's share is picked
@@ -30,6 +31,10 @@ _LINE_BREAK = r"<br\s*/?>"
 # Texts per vectorizer call: batching the string ops is several times faster
 # than calling the layer once per review.
 _ENCODE_BATCH = 256
+# Tokens sorted together when bucketing (pool of max_len-wide rows): 16,384
+# reviews at 400 tokens, 52 MB of int64 ids; bounded in tokens so a large
+# max_len does not grow the pool's memory.
+_POOL_TOKENS = 16384 * 400
 
 
 def standardize(texts: tf.Tensor) -> tf.Tensor:
@@ -92,16 +97,51 @@ def encode_padded(vectorizer: keras.layers.TextVectorization, texts: tf.Tensor, 
     return pre_pad(ragged.to_tensor(default_value=0, shape=[None, max_len]))
 
 
-def bucket_boundaries(max_len: int, width: int, min_len: int) -> list[int]:
-    """Upper bounds (exclusive) of length buckets of ``width`` tokens, ending past ``max_len``.
+def batch_width(longest: tf.Tensor, width: int, min_len: int, max_len: int) -> tf.Tensor:
+    """How wide a bucketed batch is padded: its longest row rounded up to a multiple of ``width``.
 
-    ``bucket_by_sequence_length`` pads bucket *i* to ``boundaries[i] - 1``, so
-    the shortest padded length is ``max(width, min_len)`` and the longest is
-    ``max_len``.
+    Never narrower than ``min_len`` (the model's conv + pool window) nor
+    wider than ``max_len``; rounding keeps the number of distinct batch shapes
+    small (each new shape costs the CPU kernels a setup).
     """
-    first = max(width, min_len)
-    lengths = list(range(first, max_len, width)) + [max_len]
-    return [n + 1 for n in sorted(set(lengths))]
+    longest = tf.cast(longest, tf.int32)
+    rounded = (longest + width - 1) // width * width
+    return tf.minimum(tf.maximum(rounded, min_len), max_len)
+
+
+def _lengths(post_padded: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(post_padded != 0, tf.int32), axis=1)
+
+
+def _length_sorted_batches(
+    dataset: tf.data.Dataset, *, batch_size: int, max_len: int, min_len: int, width: int, seed: int | None
+) -> tf.data.Dataset:
+    """Length bucketing by sorting: batches of similar-length reviews, each padded only as wide as it needs.
+
+    A pool of consecutive (already shuffled) examples is padded into one
+    matrix, sorted by length and cut into batches; the batches are then
+    shuffled (when ``seed`` is given) so training does not see them in
+    length order. Every step here is a whole-pool tensor op: tf.data's
+    ``bucket_by_sequence_length`` does per-example window bookkeeping and
+    was the pipeline's bottleneck (3.5x slower, docs/BENCHMARKS.md).
+    """
+    pool = max(1, _POOL_TOKENS // (max_len * batch_size)) * batch_size
+
+    def cut(tokens: tf.Tensor, labels: tf.Tensor) -> tf.data.Dataset:
+        order = tf.argsort(_lengths(tokens), stable=True)
+        return tf.data.Dataset.from_tensor_slices((tf.gather(tokens, order), tf.gather(labels, order))).batch(
+            batch_size
+        )
+
+    def trim(tokens: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        # Post-padded and sorted, so the first `wide` columns hold every token.
+        wide = batch_width(tf.reduce_max(_lengths(tokens)), width, min_len, max_len)
+        return pre_pad(tokens[:, :wide]), labels
+
+    batches = dataset.padded_batch(pool, padded_shapes=([max_len], [])).flat_map(cut)
+    if seed is not None:
+        batches = batches.shuffle(pool // batch_size, seed=seed, reshuffle_each_iteration=True)
+    return batches.map(trim, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_dataset(
@@ -141,10 +181,12 @@ def batch_examples(
         max_len: truncation length; without bucketing every batch is this wide.
         batch_size: examples per batch (the global batch, or a replica's share).
         min_len: the narrowest batch allowed (the model's conv + pool window).
-        bucket_width: group reviews by length in buckets this wide (None: no bucketing).
+        bucket_width: batch reviews of similar length, each batch padded to a
+            multiple of this many tokens (None: no bucketing, every batch ``max_len`` wide).
         shuffle_seed: shuffle with this seed each epoch (None: keep order, for evaluation).
-        repeat: cycle forever (training with ``steps_per_epoch``); buckets then
-            fill across epoch boundaries, so every batch is a full one.
+        repeat: cycle forever (training with ``steps_per_epoch``). Bucketed, the
+            stream is whole passes (each ``ceil(n / batch_size)`` batches, the
+            last one short); unbucketed, batches fill across passes.
     """
     dataset = (
         examples.batch(_ENCODE_BATCH)
@@ -157,16 +199,18 @@ def batch_examples(
     )
     if shuffle_seed is not None:
         dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
     if bucket_width is not None and bucket_width < max_len:
-        boundaries = bucket_boundaries(max_len, bucket_width, min_len)
-        dataset = dataset.bucket_by_sequence_length(
-            lambda tokens, _: tf.shape(tokens)[0],
-            bucket_boundaries=boundaries,
-            bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
-            pad_to_bucket_boundary=True,
+        # Sorted per pass (repeat comes after), so a pass's batches hold each
+        # example exactly once; its last batch may be short.
+        dataset = _length_sorted_batches(
+            dataset, batch_size=batch_size, max_len=max_len, min_len=min_len, width=bucket_width, seed=shuffle_seed
         )
+        if repeat:
+            dataset = dataset.repeat()
     else:
-        dataset = dataset.padded_batch(batch_size, padded_shapes=([max_len], []))
-    return dataset.map(lambda x, y: (pre_pad(x), y), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        if repeat:
+            dataset = dataset.repeat()
+        dataset = dataset.padded_batch(batch_size, padded_shapes=([max_len], [])).map(
+            lambda x, y: (pre_pad(x), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)
