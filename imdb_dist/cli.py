@@ -2,12 +2,14 @@
 
 Exit status: 0 success; 2 bad input (one ``error: ...`` line on stderr);
 1 a run that failed for a known reason (one line) or an internal error
-(with its traceback).
+(with its traceback); 128 + N stopped by signal N (143 SIGTERM, 130 Ctrl-C),
+after saving a checkpoint when it came during training.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -16,9 +18,12 @@ from typing import NoReturn
 
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError, RunError
+from imdb_dist.interrupt import Interrupted
 from imdb_dist.logs import setup_logging
 
 EXIT_BAD_INPUT = 2
+# Write failures that are the storage's state, not a bug: one line, exit 1.
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,9 +73,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from imdb_dist.interrupt import stop_on_signals
     from imdb_dist.train import run
 
-    run(cfg)
+    with stop_on_signals() as stop:
+        run(cfg, stop=stop)
     return 0
 
 
@@ -143,8 +150,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Interrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in _STORAGE_FULL:
+            raise
+        # Checkpoints and exports say so themselves; this catches the small
+        # files (metrics, config, vocabulary). The last checkpoint is intact.
+        print(f"error: cannot write {exc.filename or 'the run directory'}: {exc.strerror}", file=sys.stderr)
         return 1
 
 

@@ -111,14 +111,28 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def resolve_precision(name: str) -> str:
-    """``auto`` → ``mixed_float16`` on a GPU, ``float32`` elsewhere.
+    """``auto`` → ``mixed_float16`` on a GPU, ``float32`` elsewhere; explicit names as given.
 
     On CPUs float16 math is emulated and slow, and bfloat16 is only a win
     where it is measured to be (docs/BENCHMARKS.md), so it is opt-in.
+
+    Raises:
+        ConfigError: ``mixed_float16`` asked for where no GPU is visible. It is
+            refused rather than silently replaced: a job that asks for it was
+            meant for GPUs, and one that landed on CPUs (a missing
+            ``ray.use_gpu``, no GPU runtime in the container) would otherwise
+            train many times slower, unnoticed. ``auto`` is the portable choice.
     """
-    if name != "auto":
-        return name
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if name == "auto":
+        return "mixed_float16" if has_gpu else "float32"
+    if name == "mixed_float16" and not has_gpu:
+        raise ConfigError(
+            "train.mixed_precision",
+            "mixed_float16 needs a GPU and this machine has none visible to TensorFlow; "
+            "use auto (mixed_float16 on GPUs, float32 elsewhere), float32 or mixed_bfloat16",
+        )
+    return name
 
 
 @contextlib.contextmanager

@@ -1,10 +1,22 @@
-"""Exception types that decide how the CLI exits.
+"""Exception types that decide how the CLI exits, and the one-line reason of a failed write.
 
 ``InputError`` (and subclasses) is the user's to fix: the CLI prints one
 ``error: ...`` line and exits 2.  ``RunError`` is a run that failed for a
 known reason (a diverged loss): one line, exit 1.  Anything else is a bug
 and exits 1 with its traceback.
 """
+
+
+import re
+
+# TensorFlow prefixes op errors with the graph function's name and suffixes the op.
+_TF_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]$")
+
+
+def write_failure(exc: BaseException) -> str:
+    """The first line of why a write failed, from an ``OSError`` or a TensorFlow ``OpError``."""
+    reason = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc)
+    return _TF_NOISE.sub("", reason.splitlines()[0].strip()) if reason else type(exc).__name__
 
 
 class InputError(Exception):

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist.data.pipeline import encode_padded
-from imdb_dist.errors import InputError
+from imdb_dist.errors import InputError, RunError, write_failure
 
 SIGNATURE = "serving_default"
 METADATA = Path("assets.extra") / "imdb_dist.json"
@@ -40,6 +40,18 @@ class _Serving(tf.Module):
         return {"score": self.model(tokens, training=False)}
 
 
+def _remove_leftovers(model_root: Path) -> None:
+    """Hidden staging/retired directories of an export that was killed (SIGKILL, power loss).
+
+    Only the run's chief exports into a run directory, one run at a time, so
+    any such directory is dead.
+    """
+    for leftover in model_root.glob(".*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in model_root.glob(".*.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def export_model(
     model_root: Path,
     vectorizer: keras.layers.TextVectorization,
@@ -55,12 +67,19 @@ def export_model(
     """
     module = _Serving(vectorizer, model, max_len)
     model_root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(model_root)
     target = model_root / str(version)
     staging = model_root / f".{version}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
-    (staging / METADATA).parent.mkdir(parents=True, exist_ok=True)
-    (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        tf.saved_model.save(module, str(staging), signatures={SIGNATURE: module.serve})
+        (staging / METADATA).parent.mkdir(parents=True, exist_ok=True)
+        (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except (OSError, tf.errors.OpError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunError(f"cannot write the model export in {model_root}: {write_failure(exc)}") from None
+    except BaseException:  # a signal, an internal error: leave no staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if target.exists():
         # A directory cannot be replaced in one rename: move the old one aside first.
         retired = model_root / f".{version}.old-{os.getpid()}"

@@ -77,7 +77,7 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
 
 
 def _check_replicas(cfg: Config) -> None:
-    """Fail in the driver, not in N workers, when the global batch cannot be split."""
+    """Fail in the driver, not in N workers, when the batch cannot be split or the devices cannot serve the job."""
     per_worker = int(cfg.ray.resources_per_worker.get("GPU", 0)) if cfg.ray.use_gpu else 1
     replicas = cfg.ray.num_workers * max(per_worker, 1)
     if cfg.train.batch_size % replicas:
@@ -85,6 +85,10 @@ def _check_replicas(cfg: Config) -> None:
             "train.batch_size",
             f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas "
             f"({cfg.ray.num_workers} workers x {max(per_worker, 1)} devices)",
+        )
+    if cfg.train.mixed_precision == "mixed_float16" and not cfg.ray.use_gpu:
+        raise ConfigError(
+            "train.mixed_precision", "mixed_float16 needs GPU workers (ray.use_gpu: true); use auto or float32"
         )
     if cfg.distribution.strategy not in ("auto", "multi_worker"):
         raise ConfigError(

@@ -38,6 +38,7 @@ from imdb_dist.distribute import (
 from imdb_dist.errors import ConfigError, DataError
 from imdb_dist.evaluate import metrics, score_texts
 from imdb_dist.export import export_model, load_model
+from imdb_dist.interrupt import StopRequest
 from imdb_dist.model import build_model, compile_model, min_length
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def run(
     backup_dir: Path | None = None,
     after_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+    stop: StopRequest | None = None,
 ) -> Path:
     """Train, export and evaluate as ``cfg`` says; return the run directory.
 
@@ -123,10 +125,14 @@ def run(
         after_checkpoint: called with the latest metrics on every worker right
             after each checkpoint is written.
         extra_callbacks: more Keras callbacks for ``fit`` (run before checkpointing).
+        stop: a signal-driven stop request (``imdb_dist.interrupt``): when it
+            is set during training, checkpoint after the current step and raise
+            ``Interrupted``.
 
     Raises:
         InputError: bad config, data or output directory (nothing is written).
-        RunError: the loss diverged (the last good checkpoint is kept).
+        RunError: the loss diverged or a checkpoint could not be written (the
+            last good checkpoint is kept); ``Interrupted`` after a stop request.
     """
     started = time.perf_counter()
     worker = _start_worker(cfg)
@@ -150,7 +156,10 @@ def run(
     # the stale line. Under MultiWorkerMirroredStrategy, non-chief workers write
     # their copy to temporary dirs that are removed after each save.
     checkpoints = Backup(
-        str(backup_dir or run_dir / rundir.CHECKPOINTS), cfg.run.checkpoint_steps, after_save=after_checkpoint
+        str(backup_dir or run_dir / rundir.CHECKPOINTS),
+        cfg.run.checkpoint_steps,
+        after_save=after_checkpoint,
+        stop=stop,
     )
     model = _fit(cfg, worker, run_dir, vectorizer, data, [*extra_callbacks, checkpoints])
     if worker.chief:

@@ -74,9 +74,10 @@ def _non_utf8(tmp: Path) -> Path:
         (lambda t: ["--set", f"data.path={_corrupt_tarball(t)}"], ["corrupt or truncated", "bad.tar.gz"]),
         (lambda t: ["--set", f"data.path={_empty_class(t)}"], ["train/neg holds no reviews"]),
         (lambda t: ["--set", f"data.path={_non_utf8(t)}"], ["not valid UTF-8", "3_9.txt"]),
+        (lambda t: ["--set", "train.mixed_precision=mixed_float16"], ["train.mixed_precision", "needs a GPU"]),
     ],
     ids=["bad-yaml", "unknown-key", "wrong-type", "impossible-value", "override-syntax", "missing-data",
-         "corrupt-tarball", "empty-class-dir", "non-utf8-review"],
+         "corrupt-tarball", "empty-class-dir", "non-utf8-review", "mixed-float16-without-gpu"],
 )
 def test_train_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys, case, needles) -> None:
     out = tmp_path / "run"
@@ -142,6 +143,32 @@ def test_predict_bad_input_exits_2(trained_run: Path, tmp_path: Path, capsys, co
         args = [*args, str(tmp_path / "in.txt")]
     assert main(["predict", "--model", str(trained_run / rundir.MODEL), *args]) == 2
     assert_one_line_error(capsys, needle)
+
+
+def test_predict_takes_a_1_mb_review_whitespace_and_any_unicode(trained_run: Path, tmp_path: Path, capsys) -> None:
+    reviews = tmp_path / "in.txt"
+    huge = " ".join([GOOD] * 6000)
+    assert len(huge.encode()) > 1_000_000
+    reviews.write_text(huge + "\n", encoding="utf-8")
+    model = str(trained_run / rundir.MODEL)
+    assert main(["predict", "--model", model, "--file", str(reviews)]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["line"] == 1 and row["label"] == "positive"
+    texts = ["   \t ", "Un film émouvant, très réussi 🎬🍿👍", "素晴らしい映画でした", "ممتاز"]
+    assert main(["predict", "--model", model, *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert all(0.0 <= r["score"] <= 1.0 and r["label"] in ("positive", "negative") for r in rows)
+
+
+def test_train_with_a_10_mb_review_among_the_data_succeeds(tmp_path: Path, capsys) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 50})
+    huge = " ".join([GOOD] * 60_000)
+    assert len(huge.encode()) > 10_000_000
+    (data / "train" / "pos" / "999_10.txt").write_text(huge, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", *sets(tiny_overrides(data, out)), "--set", "train.epochs=1"]) == 0
+    assert (out / rundir.REPORT).is_file()
 
 
 def test_evaluate_on_a_source_with_only_a_test_split(trained_run: Path, tmp_path: Path, capsys) -> None:

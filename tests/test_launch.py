@@ -154,6 +154,27 @@ def test_a_batch_that_does_not_split_across_workers_is_refused_before_starting(t
     assert not (tmp_path / "storage").exists()
 
 
+def test_mixed_float16_without_gpu_workers_is_refused_before_starting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision.*ray\.use_gpu"):
+        launch(ray_config(tmp_path, "train.mixed_precision=mixed_float16"))
+    assert not (tmp_path / "storage").exists()
+
+
+def test_a_cluster_the_launcher_starts_listens_on_loopback_only() -> None:
+    script = (
+        "import json, ray; from imdb_dist.launch import _connect; _connect();"
+        "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,"
+        " 'nodes': [n['NodeManagerAddress'] for n in ray.nodes()]})); ray.shutdown()"
+    )
+    # Without the test session's loopback setting: the launcher must apply it itself.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    where = json.loads(result.stdout.strip().splitlines()[-1])
+    assert where["gcs"].startswith("127.0.0.1:")
+    assert where["nodes"] == ["127.0.0.1"]
+
+
 def test_every_worker_adapting_alone_gets_the_same_vocabulary(tmp_path: Path) -> None:
     """Without a shared vocab file, workers adapt independently: that must be deterministic."""
     data = write_aclimdb(tmp_path / "data", {"train": 30})

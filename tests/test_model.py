@@ -189,9 +189,16 @@ def test_resolve_precision_auto_is_float32_without_a_gpu():
     assert resolve_precision("auto") == "float32"
 
 
-@pytest.mark.parametrize("name", ["float32", "mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", ["float32", "mixed_bfloat16"])
 def test_resolve_precision_passes_explicit_names_through(name):
     assert resolve_precision(name) == name
+
+
+def test_resolve_precision_refuses_mixed_float16_without_a_gpu():
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("a GPU is present: mixed_float16 is allowed there")
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: mixed_float16 needs a GPU"):
+        resolve_precision("mixed_float16")
 
 
 # --------------------------------------------------------------------------- strategies

@@ -248,6 +248,16 @@ def test_saved_vocabulary_rebuilds_an_identical_vectorizer(vectorizer):
     )
 
 
+def test_a_10_mb_review_is_cut_to_its_last_max_len_tokens(vectorizer):
+    known = sorted(set(vectorizer.get_vocabulary()[2:]))[:3]
+    ending = " ".join(known)
+    huge = " ".join(["unseenword"] * 1_500_000) + " " + ending
+    assert len(huge.encode()) > 10_000_000
+    ids = encode_padded(vectorizer, tf.constant([huge]), 5).numpy()[0]
+    expected = [vectorizer.get_vocabulary().index(word) for word in known]
+    assert ids.tolist() == [1, 1, *expected]  # two unknown words, then the last three
+
+
 # --------------------------------------------------------------------------- batch_width
 
 

@@ -123,6 +123,17 @@ def test_empty_review_file_is_skipped(aclimdb, form, content):
 
 
 @pytest.mark.parametrize("form", ["dir", "tar"])
+def test_a_10_mb_review_is_read_whole(aclimdb, form):
+    base = aclimdb({"train": 6})
+    huge = " ".join(f"word{i % 5000}" for i in range(1_200_000)) + " the very end"
+    assert len(huge.encode()) > 10_000_000
+    first_review(base, "train", "pos").write_text(huge, encoding="utf-8")
+    reviews = read_aclimdb(as_source(base, form), "train")
+    assert len(reviews) == 12
+    assert huge in list(reviews.texts)
+
+
+@pytest.mark.parametrize("form", ["dir", "tar"])
 def test_stray_files_are_ignored(aclimdb, form):
     base = aclimdb({"train": 6})
     # Binary or non-review content: reading any of them as a review would fail or add a review.
