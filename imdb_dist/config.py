@@ -22,6 +22,7 @@ from imdb_dist.errors import ConfigError
 Source = Literal["auto", "aclimdb", "tfds", "keras"]
 Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
 Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
+Schedule = Literal["constant", "cosine"]
 
 
 def _check_range(
@@ -91,6 +92,9 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 64
     learning_rate: float = 0.001
+    # cosine: decay from learning_rate to 0 over train.epochs (as configured
+    # when the run starts or resumes).
+    lr_schedule: Schedule = "constant"
     mixed_precision: Precision = "auto"
     # 0 disables early stopping; otherwise patience in epochs on val_loss,
     # restoring the best epoch's weights at the end.

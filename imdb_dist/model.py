@@ -52,14 +52,21 @@ def min_length(cfg: ModelConfig) -> int:
     return cfg.kernel_size + cfg.pool_size - 1
 
 
-def compile_model(model: keras.Model, learning_rate: float, steps_per_execution: int = 1) -> None:
+def compile_model(
+    model: keras.Model, learning_rate: float, steps_per_execution: int = 1, decay_steps: int = 0
+) -> None:
     """Adam + binary cross-entropy, tracking accuracy.
+
+    ``decay_steps > 0`` decays the learning rate to 0 along a cosine over
+    that many optimizer steps. The schedule reads the optimizer's step
+    counter, which checkpoints carry, so a resumed run continues on it.
 
     Under a ``mixed_float16`` policy tf_keras wraps Adam in a
     LossScaleOptimizer here, so float16 gradients do not underflow.
     """
+    rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,

@@ -281,7 +281,8 @@ def _fit(
     steps = math.ceil(data.n_train / cfg.train.batch_size)
     with worker.strategy.scope(), precision_policy(worker.precision):
         model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
-        compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution)
+        decay_steps = steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0
+        compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution, decay_steps)
     callbacks = _callbacks(cfg, worker, run_dir, steps * cfg.train.batch_size) + last_callbacks
     model.fit(
         train_ds,

@@ -68,3 +68,10 @@ def test_gpu_benchmark_says_not_measured_without_a_gpu_and_runs_its_code_on_cpu(
     assert bench("bench.gpu")["status"].startswith("not measured")
     out = bench("bench.gpu", "--allow-cpu", "--steps", "2", "--batch", "8")
     assert out["examples_per_s"]["float32"] > 0 and out["examples_per_s"]["mixed_float16"] > 0
+
+
+def test_step_reports_each_variants_cost_and_the_fast_dropout_speedup() -> None:
+    out = bench("bench.step", "--batch", "8", "--length", "16", "--steps", "2", "--rounds", "1", "--precision", "float32")
+    assert set(out["ms_per_step"]) == {"seed", "no_dropout", "no_lstm", "fast_dropout"}
+    assert all(v > 0 for v in out["ms_per_step"].values())
+    assert out["fast_dropout_speedup"] == pytest.approx(out["ms_per_step"]["seed"] / out["ms_per_step"]["fast_dropout"])

@@ -158,6 +158,22 @@ def test_mixed_bfloat16_computes_in_bfloat16_without_loss_scaling():
     assert all(np.isfinite(losses)), losses
 
 
+def test_cosine_decay_lowers_the_learning_rate_along_the_optimizer_steps():
+    model = build_model(CFG, VOCAB)
+    compile_model(model, 0.01, decay_steps=4)
+    x, y = _batch(8)
+    rates = []
+    for _ in range(2):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        rates.append(float(model.optimizer.learning_rate))  # the rate of the last step taken
+    # Steps 1 and 3 of 4 (0-based) on 0.01 * (1 + cos(pi * step / 4)) / 2.
+    assert rates == pytest.approx([0.01 * (1 + np.cos(np.pi * s / 4)) / 2 for s in (1, 3)], rel=1e-4)
+    constant = build_model(CFG, VOCAB)
+    compile_model(constant, 0.01)
+    constant.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert float(constant.optimizer.learning_rate) == pytest.approx(0.01)
+
+
 def test_float32_policy_has_no_loss_scaling():
     model = build_model(CFG, VOCAB)
     compile_model(model, 1e-3)

@@ -170,3 +170,21 @@ def test_a_torn_last_metrics_line_is_dropped_but_earlier_damage_is_not_hidden(tm
     path.write_text('{"epoch": 1, "lo\n{"epoch": 2, "loss": 0.4}\n')
     with pytest.raises(json.JSONDecodeError):
         read_metrics(path)
+
+
+class _LastLearningRate(keras.callbacks.Callback):
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.rate = float(self.model.optimizer.learning_rate)
+        self.steps = int(self.model.optimizer.iterations)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_cosine_decays_to_zero_over_the_run(data: Path, tmp_path: Path, schedule: str) -> None:
+    last = _LastLearningRate()
+    run(config(data, tmp_path / "run", f"train.lr_schedule={schedule}"), extra_callbacks=[last])
+    if schedule == "constant":
+        assert last.rate == pytest.approx(0.01)
+    else:
+        # The last step of the run sits at the end of the cosine: (1 + cos(pi (N-1) / N)) / 2 of the peak.
+        expected = 0.01 * (1 + math.cos(math.pi * (last.steps - 1) / last.steps)) / 2
+        assert last.rate == pytest.approx(expected, rel=1e-3) and last.rate < 0.001
