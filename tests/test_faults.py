@@ -211,6 +211,7 @@ import resource, signal, sys
 sys.path.insert(0, {str(REPO / "tests")!r})
 from pathlib import Path
 from test_faults import _toy_export_parts
+from imdb_dist.errors import RunError
 from imdb_dist.export import export_model
 vectorizer, model = _toy_export_parts(embedding_rows=20_000)  # 320 KB of variables
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
