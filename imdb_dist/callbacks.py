@@ -156,7 +156,6 @@ class Backup(keras.callbacks.BackupAndRestore):
         super().__init__(backup_dir, save_freq=every_steps or _NEVER, delete_checkpoint=False)
         self.after_save = after_save
         self.stop = stop
-        self._step = 0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         super().on_train_begin(logs)
@@ -199,6 +198,14 @@ class Backup(keras.callbacks.BackupAndRestore):
         self._backup(epoch=epoch)
         if self.after_save:
             self.after_save({"epoch": epoch + 1, **(logs or {})})
+        if self.stop is not None and self.stop.requested and epoch + 1 < self.params.get("epochs", 0):
+            # It came during validation: this epoch's checkpoint is the one to resume from.
+            self.stop.deferring = False
+            raise Interrupted(
+                self.stop.signum,
+                f"stopped by {self.stop.signal_name} at the end of epoch {epoch + 1}; checkpoint saved in "
+                f"{self.backup_dir}: run the same command again to resume",
+            )
 
     def _backup(self, epoch: int, batch: int = 0) -> None:
         try:

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError, RunError
-from imdb_dist.interrupt import Interrupted
+from imdb_dist.interrupt import Interrupted, stop_on_signals
 from imdb_dist.logs import setup_logging
 
 EXIT_BAD_INPUT = 2
@@ -73,7 +73,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from imdb_dist.interrupt import stop_on_signals
     from imdb_dist.train import run
 
     with stop_on_signals() as stop:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -48,6 +49,21 @@ class SignalAt(keras.callbacks.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
+class SignalInValidation(keras.callbacks.Callback):
+    """Sends this process ``signum`` while one epoch's validation runs."""
+
+    def __init__(self, signum: int, epoch: int) -> None:
+        super().__init__()
+        self.signum, self.epoch, self._epoch = signum, epoch, 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch + 1
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        if self._epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+
 def _cfg(tmp_path: Path, *extra: str):
     data = tmp_path / "data"
     if not data.exists():
@@ -79,6 +95,22 @@ def test_a_signal_mid_epoch_checkpoints_that_step_and_the_rerun_resumes_from_it(
     # the optimizer's step counter matches an uninterrupted run's.
     assert report["optimizer_steps"] == 3 * STEPS
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("epoch", "message"),
+    [(1, "at the end of epoch 1; checkpoint saved"), (3, "after the last epoch; checkpoint saved")],
+    ids=["mid-run", "last-epoch"],
+)
+def test_a_signal_during_validation_stops_at_that_epochs_checkpoint(tmp_path: Path, epoch: int, message: str):
+    cfg = _cfg(tmp_path)
+    with stop_on_signals() as stop, pytest.raises(Interrupted, match=message):
+        run(cfg, stop=stop, extra_callbacks=[SignalInValidation(signal.SIGTERM, epoch)])
+    run_dir = Path(cfg.run.output_dir)
+    _assert_incomplete(run_dir)  # not even after the last epoch: the export waits for the rerun
+    assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == list(range(1, epoch + 1))
+    report = json.loads((run(cfg) / rundir.REPORT).read_text())
+    assert report["optimizer_steps"] == 3 * STEPS
 
 
 def test_a_second_signal_stops_at_once(tmp_path: Path):
@@ -139,7 +171,9 @@ def test_sigterm_to_the_command_exits_143_with_one_line_and_the_same_command_res
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stopped by SIGTERM at epoch ") and "run the same command again" in last
+    # "at epoch E step S", or "at the end of epoch E" when it landed between steps.
+    assert re.match(r"error: stopped by SIGTERM at (epoch \d+ step \d+|the end of epoch \d+); checkpoint saved", last)
+    assert "run the same command again to resume" in last
     assert "Traceback" not in err
     _assert_incomplete(tmp_path / "run")
     done = len(read_metrics(metrics))
