@@ -36,7 +36,10 @@ class Interrupted(RunError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.signum = signum
-        self.exit_code = 128 + signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 @dataclasses.dataclass

@@ -214,6 +214,17 @@ def test_a_disk_that_fills_up_stops_the_run_with_one_line_and_keeps_the_last_che
     assert report["optimizer_steps"] == 2 * STEPS  # resumed after epoch 1, from the intact checkpoint
 
 
+def test_a_full_disk_for_the_small_run_files_is_one_line_and_leaves_no_temporary(tmp_path: Path):
+    # 512 bytes: too small for config.yaml, the first file a run writes.
+    proc = _imdb_dist(*_sets(tmp_path), limit_file_size=512)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"error: cannot write {tmp_path / 'run' / rundir.CONFIG}: File too large"
+    assert "Traceback" not in err
+    assert list((tmp_path / "run").iterdir()) == []  # no half-written config, no temporary file
+
+
 def _toy_export_parts(embedding_rows: int = 10):
     from imdb_dist.data.pipeline import make_vectorizer
 
