@@ -58,14 +58,12 @@ class DataConfig:
     # Group reviews of similar length so short ones are not padded to max_len.
     bucketing: bool = True
     bucket_width: int = 50
-    shuffle_buffer: int = 25000
 
     def __post_init__(self) -> None:
         _check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
         _check_range("data.vocab_size", self.vocab_size, 3, 1_000_000)
         _check_range("data.max_len", self.max_len, 8, 10_000)
         _check_range("data.bucket_width", self.bucket_width, 8, 10_000)
-        _check_range("data.shuffle_buffer", self.shuffle_buffer, 1, 10_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +98,11 @@ class TrainConfig:
     # restoring the best epoch's weights at the end.
     early_stopping_patience: int = 0
     steps_per_execution: int = 1
+    # Weight initialisation and the dropout masks (keyed on seed, step, replica).
     seed: int = 1337
+    # TensorFlow's op determinism: two runs of one config on one machine give
+    # identical weights (costs speed; see docs/BENCHMARKS.md).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1, 100_000)

@@ -16,6 +16,8 @@ used and it is within 2**-17 of ``rate``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tensorflow as tf
 import tf_keras as keras
 
@@ -50,6 +52,13 @@ def dropout(inputs: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
 class FastDropout(keras.layers.Dropout):
     """``keras.layers.Dropout`` (same arguments, config and seeding) with the cheaper mask above.
 
+    Masks are keyed on the training step when :meth:`key_on` has given the
+    layer a step counter (the trainer hands it the optimizer's): each mask
+    is then a stateless draw from ``(seed, step, replica)``, so a resumed run
+    draws exactly the masks the uninterrupted run would have, and every
+    replica draws its own. Without a counter it seeds a stateful op, as
+    Keras' layer does.
+
     ``noise_shape`` is not supported: it exists for broadcast masks, which
     are already cheap.
     """
@@ -58,6 +67,20 @@ class FastDropout(keras.layers.Dropout):
         if kwargs.get("noise_shape") is not None:
             raise ValueError("FastDropout does not support noise_shape; use keras.layers.Dropout")
         super().__init__(rate, seed=seed, **kwargs)
+        # A reader, not the variable: Keras would track a variable attribute
+        # as one of this layer's weights.
+        self._step: Callable[[], tf.Tensor] | None = None
+        self.key = 0
+
+    def key_on(self, step: tf.Variable, key: int) -> None:
+        """Draw masks from ``(key, this layer's seed, step, replica)`` from now on.
+
+        Args:
+            step: an integer counter that advances once per training step
+                (the optimizer's ``iterations``); read, never written.
+            key: the run's seed (``train.seed``).
+        """
+        self._step, self.key = (lambda: step), key
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
         if isinstance(self.rate, (int, float)) and self.rate == 0:
@@ -71,6 +94,12 @@ class FastDropout(keras.layers.Dropout):
         return tf.__internal__.smart_cond.smart_cond(training, dropped, lambda: tf.identity(inputs))
 
     def _draw_seed(self) -> tf.Tensor:
+        if self._step is not None:
+            replica = tf.distribute.get_replica_context()
+            replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+            seed = tf.constant([self.key, self.seed or 0], tf.int64)
+            seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(self._step(), tf.int64))
+            return tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int64))
         # Keras' generator hands out a fresh stateless seed in its "stateful"
         # and "stateless" modes; in the default legacy mode it does not, so one
         # is drawn from a seeded stateful op, which tf.random.set_seed (and
@@ -81,3 +110,10 @@ class FastDropout(keras.layers.Dropout):
         return tf.random.uniform(
             [2], maxval=tf.int64.max, dtype=tf.int64, seed=self._random_generator.make_legacy_seed()
         )
+
+
+def key_on_step(model: keras.Model, step: tf.Variable, key: int) -> None:
+    """Key every :class:`FastDropout` in ``model`` on ``step`` (see :meth:`FastDropout.key_on`)."""
+    for layer in model.submodules:
+        if isinstance(layer, FastDropout):
+            layer.key_on(step, key)

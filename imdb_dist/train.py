@@ -23,10 +23,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist import __version__, rundir
-from imdb_dist.callbacks import Backup, EpochMetrics, FiniteLoss, read_metrics
+from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
+from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
+from imdb_dist.dropout import key_on_step
 from imdb_dist.data.sources import Reviews, load_reviews
 from imdb_dist.distribute import (
     is_chief,
@@ -39,6 +41,7 @@ from imdb_dist.errors import ConfigError, DataError
 from imdb_dist.evaluate import metrics, score_texts
 from imdb_dist.export import export_model, load_model
 from imdb_dist.interrupt import StopRequest
+from imdb_dist.loop import Schedule, build_metrics, train_loop
 from imdb_dist.model import build_model, compile_model, min_length
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class TrainingData:
     n_val: int
     # (num_workers, worker index) -> that worker's (text, label) examples.
     train_examples: Callable[[int, int], tf.data.Dataset]
+    # num_workers -> how many training examples each worker gets.
+    worker_sizes: Callable[[int], list[int]]
     val_examples: Callable[[], tf.data.Dataset]
     val_reviews: Callable[[], Reviews]
     train_texts: Callable[[], tf.data.Dataset]
@@ -83,6 +88,7 @@ def in_memory_data(cfg: Config) -> TrainingData:
         n_train=len(train),
         n_val=len(val),
         train_examples=train_examples,
+        worker_sizes=lambda num_workers: shards.strided_sizes(len(train), num_workers),
         val_examples=lambda: tf.data.Dataset.from_tensor_slices((val.texts, val.labels)),
         val_reviews=lambda: val,
         train_texts=lambda: tf.data.Dataset.from_tensor_slices(train.texts),
@@ -95,10 +101,12 @@ def prepared_data(directory: Path) -> TrainingData:
     if manifest is None:
         raise DataError(f"{directory} holds no prepared data")
     train_files, val_files = shards.split_files(directory, "train"), shards.split_files(directory, "validation")
+    n_train = manifest["splits"]["train"]["examples"]
     return TrainingData(
-        n_train=manifest["splits"]["train"]["examples"],
+        n_train=n_train,
         n_val=manifest["splits"]["validation"]["examples"],
         train_examples=lambda num_workers, index: shards.examples(train_files, num_workers, index),
+        worker_sizes=lambda num_workers: shards.worker_sizes(n_train, len(train_files), num_workers),
         val_examples=lambda: shards.examples(val_files),
         val_reviews=lambda: shards.load_split(directory, "validation"),
         train_texts=lambda: shards.examples(train_files).map(lambda text, _: text),
@@ -124,7 +132,7 @@ def run(
         backup_dir: where checkpoints live (default ``run_dir/checkpoints``).
         after_checkpoint: called with the latest metrics on every worker right
             after each checkpoint is written.
-        extra_callbacks: more Keras callbacks for ``fit`` (run before checkpointing).
+        extra_callbacks: more Keras callbacks for the training loop (run before checkpointing).
         stop: a signal-driven stop request (``imdb_dist.interrupt``): when it
             is set during training, checkpoint after the current step and raise
             ``Interrupted``.
@@ -151,17 +159,17 @@ def run(
         if worker.chief:
             rundir.begin(run_dir, cfg)
     vectorizer = _vectorizer(cfg, run_dir, data, worker)
-    # Last of the callbacks, so an epoch's checkpoint is written only after its
-    # metrics line: a crash in between re-runs that epoch, and EpochMetrics drops
-    # the stale line. Under MultiWorkerMirroredStrategy, non-chief workers write
-    # their copy to temporary dirs that are removed after each save.
-    checkpoints = Backup(
-        str(backup_dir or run_dir / rundir.CHECKPOINTS),
-        cfg.run.checkpoint_steps,
+    model = _train(
+        cfg,
+        worker,
+        run_dir,
+        vectorizer,
+        data,
+        checkpoints=backup_dir or run_dir / rundir.CHECKPOINTS,
+        callbacks=list(extra_callbacks),
         after_save=after_checkpoint,
         stop=stop,
     )
-    model = _fit(cfg, worker, run_dir, vectorizer, data, [*extra_callbacks, checkpoints])
     if worker.chief:
         _finish(cfg, worker, run_dir, vectorizer, model, data.val_reviews(), time.perf_counter() - started)
     return run_dir
@@ -191,6 +199,9 @@ def _start_worker(cfg: Config) -> Worker:
         cfg.train.batch_size,
     )
     keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        # Ops without a deterministic kernel raise instead of varying run to run.
+        tf.config.experimental.enable_op_determinism()
     return Worker(strategy, chief, num_workers, index, precision)
 
 
@@ -231,68 +242,110 @@ def _vectorizer(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) 
     return vectorizer
 
 
-def _datasets(
-    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, data: TrainingData
-) -> tuple[Any, tf.data.Dataset]:
-    options = {
-        "max_len": cfg.data.max_len,
-        "min_len": min_length(cfg.model),
-        "bucket_width": cfg.data.bucket_width if cfg.data.bucketing else None,
-    }
-
-    def train_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        # One input pipeline per worker, each on its own shard of the reviews,
-        # batched per replica.
-        return pipeline.batch_examples(
-            data.train_examples(context.num_input_pipelines, context.input_pipeline_id),
-            vectorizer,
-            batch_size=context.get_per_replica_batch_size(cfg.train.batch_size),
-            shuffle_seed=cfg.data.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            repeat=True,
-            **options,
-        )
-
-    train = worker.strategy.distribute_datasets_from_function(train_fn)
-    # Validation stays a plain dataset of global batches: Keras splits each
-    # batch across replicas and workers, and runs it to the end every epoch.
-    val = pipeline.batch_examples(data.val_examples(), vectorizer, batch_size=cfg.train.batch_size, **options)
-    if cfg.train.steps_per_execution > 1:
-        # Keras must know how many validation batches there are to group them
-        # into executions; bucketing hides that, so count them (this pass also
-        # fills the validation cache).
-        batches = int(val.reduce(0, lambda count, _: count + 1))
-        val = val.apply(tf.data.experimental.assert_cardinality(batches))
-    shard_by_data = tf.data.Options()
-    shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return train, val.with_options(shard_by_data)
-
-
-def _fit(
+def _train(
     cfg: Config,
     worker: Worker,
     run_dir: Path,
     vectorizer: keras.layers.TextVectorization,
     data: TrainingData,
-    last_callbacks: list[keras.callbacks.Callback],
+    *,
+    checkpoints: Path,
+    callbacks: list[keras.callbacks.Callback],
+    after_save: Callable[[dict[str, Any]], None] | None,
+    stop: StopRequest | None,
 ) -> keras.Model:
-    train_ds, val_ds = _datasets(cfg, worker, vectorizer, data)
-    # Every worker runs the same number of steps, whatever the size of its shard.
-    steps = math.ceil(data.n_train / cfg.train.batch_size)
+    """Build the model under the strategy, restore the last checkpoint if any, and train to the end."""
+    steps = steps_per_epoch(cfg, data, worker)
     with worker.strategy.scope(), precision_policy(worker.precision):
         model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
         decay_steps = steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0
-        compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution, decay_steps)
-    callbacks = _callbacks(cfg, worker, run_dir, steps * cfg.train.batch_size) + last_callbacks
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
+        compile_model(model, cfg.train.learning_rate, decay_steps=decay_steps)
+    build_metrics(model, tf.zeros([1, 1], tf.int32))
+    # Masks keyed on (train.seed, optimizer step, replica): restored with the step counter.
+    key_on_step(model, model.optimizer.iterations, cfg.train.seed)
+    state = ResumeState(model, early_stopping=bool(cfg.train.early_stopping_patience))
+    checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
+    if checkpointer.restore():
+        epoch, step = state.position()
+        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, model.optimizer.iterations.numpy())
+    schedule = Schedule(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps,
-        callbacks=callbacks,
-        verbose=1 if worker.chief and sys.stdout.isatty() else 0,
+        steps_per_execution=cfg.train.steps_per_execution,
+        checkpoint_steps=cfg.run.checkpoint_steps,
+        patience=cfg.train.early_stopping_patience,
+    )
+    callback_list = keras.callbacks.CallbackList(
+        [*_callbacks(cfg, worker, run_dir, steps * cfg.train.batch_size), *callbacks],
+        add_progbar=worker.chief and sys.stdout.isatty(),
+        model=model,
+        verbose=1,
+        epochs=cfg.train.epochs,
+        steps=steps,
+    )
+    train_loop(
+        model,
+        schedule=schedule,
+        epoch_data=_epoch_data(cfg, worker, vectorizer, data, steps),
+        validation=_validation(cfg, vectorizer, data),
+        state=state,
+        checkpointer=checkpointer,
+        callbacks=callback_list,
+        after_save=after_save,
+        stop=stop,
     )
     return model
+
+
+def steps_per_epoch(cfg: Config, data: TrainingData, worker: Worker) -> int:
+    """Steps in one pass over the largest worker's shard; every worker runs this many."""
+    per_worker = cfg.train.batch_size // worker.num_workers
+    return max(math.ceil(size / per_worker) for size in data.worker_sizes(worker.num_workers))
+
+
+def _epoch_data(
+    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, data: TrainingData, steps: int
+) -> Callable[[int, int], Any]:
+    """``(epoch, first_step)`` → this worker's batches of that epoch from that step on, distributed.
+
+    The worker's examples are tokenized once, here; each epoch is then a
+    plan over them (:func:`imdb_dist.data.pipeline.epoch_plan`).
+    """
+    encoded = pipeline.encode_examples(
+        data.train_examples(worker.num_workers, worker.index), vectorizer, cfg.data.max_len
+    )
+    per_worker = cfg.train.batch_size // worker.num_workers
+    local_replicas = worker.replicas // worker.num_workers
+    bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
+    pool = pipeline.pool_size(per_worker, cfg.data.max_len) if bucketed else None
+
+    def epoch_data(epoch: int, first_step: int) -> Any:
+        plan = pipeline.epoch_plan(
+            encoded.lengths, batch_size=per_worker, seed=cfg.data.seed, epoch=epoch, worker=worker.index, pool=pool
+        )
+        batches = pipeline.split_for_replicas(plan, local_replicas, steps)[first_step * local_replicas :]
+        return worker.strategy.distribute_datasets_from_function(
+            lambda _: pipeline.plan_dataset(
+                encoded,
+                batches,
+                max_len=cfg.data.max_len,
+                min_len=min_length(cfg.model),
+                bucket_width=cfg.data.bucket_width if bucketed else None,
+            )
+        )
+
+    return epoch_data
+
+
+def _validation(cfg: Config, vectorizer: keras.layers.TextVectorization, data: TrainingData) -> tf.data.Dataset:
+    # Global batches of reviews padded to max_len, as the export serves them;
+    # Keras splits each batch across replicas and workers.
+    val = pipeline.batch_examples(
+        data.val_examples(), vectorizer, max_len=cfg.data.max_len, batch_size=cfg.train.batch_size
+    )
+    shard_by_data = tf.data.Options()
+    shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return val.with_options(shard_by_data)
 
 
 def _callbacks(cfg: Config, worker: Worker, run_dir: Path, examples_per_epoch: int) -> list[keras.callbacks.Callback]:
@@ -300,12 +353,6 @@ def _callbacks(cfg: Config, worker: Worker, run_dir: Path, examples_per_epoch: i
         FiniteLoss(),
         EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, examples_per_epoch),
     ]
-    if cfg.train.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=cfg.train.early_stopping_patience, restore_best_weights=True
-            )
-        )
     if worker.chief:
         callbacks.append(
             keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD), write_graph=False, profile_batch=0)

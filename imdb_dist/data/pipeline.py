@@ -1,14 +1,22 @@
-"""The tf.data input pipeline: tokenize, pre-pad, cache, shuffle, bucket, prefetch.
+"""The tf.data input pipeline: tokenize, plan each epoch, pre-pad, prefetch.
 
-One chain, read top to bottom in :func:`make_dataset`::
+Training (:func:`encode_examples`, :func:`epoch_plan`, :func:`plan_dataset`)::
 
-    (text, label) ─► batch ─► vectorize (parallel) ─► unbatch ─► cache
-                  ─► shuffle ─► length-sorted batches, pre-padded ─► repeat ─► prefetch
-                          (or) ─► repeat ─► max_len batches, pre-padded ─► prefetch
+    (text, label) ─► batch ─► vectorize (parallel) ─► one ragged id matrix (once)
+    epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches
+            ─► gather rows, pre-pad to the batch's width ─► prefetch
 
-Examples come from memory (:func:`make_dataset`) or from prepared TFRecord
-shards (:mod:`imdb_dist.data.shards`); either way a worker's share is picked
-before any tokenization work.
+An epoch's batches are a pure function of ``(seed, epoch, worker)`` and the
+worker's examples, never of an iterator's history: a run resumed at
+``(epoch, step)`` builds the same plan and starts at batch ``step``, so it
+trains on exactly the batches the uninterrupted run would have.
+
+Evaluation (:func:`batch_examples`): in order, every review padded to
+``max_len``, the input the exported model serves.
+
+Examples come from memory or from prepared TFRecord shards
+(:mod:`imdb_dist.data.shards`); either way a worker's share is picked before
+any tokenization work.
 
 Sequences are *pre*-padded and *pre*-truncated (the last ``max_len`` tokens
 are kept, zeros go in front) so the LSTM's final state is read right after
@@ -17,9 +25,10 @@ the last real token instead of after a run of padding.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -109,108 +118,135 @@ def batch_width(longest: tf.Tensor, width: int, min_len: int, max_len: int) -> t
     return tf.minimum(tf.maximum(rounded, min_len), max_len)
 
 
-def _lengths(post_padded: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_sum(tf.cast(post_padded != 0, tf.int32), axis=1)
-
-
-def _length_sorted_batches(
-    dataset: tf.data.Dataset, *, batch_size: int, max_len: int, min_len: int, width: int, seed: int | None
-) -> tf.data.Dataset:
-    """Length bucketing by sorting: batches of similar-length reviews, each padded only as wide as it needs.
-
-    A pool of consecutive (already shuffled) examples is padded into one
-    matrix, sorted by length and cut into batches; the batches are then
-    shuffled (when ``seed`` is given) so training does not see them in
-    length order. Every step here is a whole-pool tensor op: tf.data's
-    ``bucket_by_sequence_length`` does per-example window bookkeeping and
-    was the pipeline's bottleneck (3.5x slower, docs/BENCHMARKS.md).
-    """
-    pool = max(1, _POOL_TOKENS // (max_len * batch_size)) * batch_size
-
-    def cut(tokens: tf.Tensor, labels: tf.Tensor) -> tf.data.Dataset:
-        order = tf.argsort(_lengths(tokens), stable=True)
-        return tf.data.Dataset.from_tensor_slices((tf.gather(tokens, order), tf.gather(labels, order))).batch(
-            batch_size
-        )
-
-    def trim(tokens: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        # Post-padded and sorted, so the first `wide` columns hold every token.
-        wide = batch_width(tf.reduce_max(_lengths(tokens)), width, min_len, max_len)
-        return pre_pad(tokens[:, :wide]), labels
-
-    batches = dataset.padded_batch(pool, padded_shapes=([max_len], [])).flat_map(cut)
-    if seed is not None:
-        batches = batches.shuffle(pool // batch_size, seed=seed, reshuffle_each_iteration=True)
-    return batches.map(trim, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def make_dataset(
-    texts: Sequence[str],
-    labels: Sequence[int],
-    vectorizer: keras.layers.TextVectorization,
-    *,
-    shard: tuple[int, int] | None = None,
-    **options: Any,
-) -> tf.data.Dataset:
-    """Batches from in-memory reviews; ``shard=(num_shards, index)`` keeps one part, before any work.
-
-    ``options`` are those of :func:`batch_examples`.
-    """
-    dataset = tf.data.Dataset.from_tensor_slices((list(texts), list(labels)))
-    if shard is not None:
-        dataset = dataset.shard(*shard)
-    return batch_examples(dataset, vectorizer, **options)
 
 
 def batch_examples(
-    examples: tf.data.Dataset,
-    vectorizer: keras.layers.TextVectorization,
+    examples: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, *, max_len: int, batch_size: int
+) -> tf.data.Dataset:
+    """Evaluation batches ``(token_ids [batch, max_len], label [batch])``, in input order, cached.
+
+    Every review is pre-padded to ``max_len``, exactly as the export pads it
+    (:func:`encode_padded`), so validation scores what users will serve.
+    """
+    return (
+        examples.batch(batch_size)
+        .map(lambda t, y: (encode_padded(vectorizer, t, max_len), y), num_parallel_calls=tf.data.AUTOTUNE)
+        .cache()
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One worker's training examples, tokenized once: row ``i`` is example ``i``."""
+
+    tokens: tf.RaggedTensor  # int64 [n, None], each row its last <= max_len ids
+    labels: tf.Tensor  # int32 [n]
+    lengths: np.ndarray  # [n] tokens per row
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def encode_examples(
+    examples: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, max_len: int
+) -> Encoded:
+    """Tokenize every ``(text, label)`` example (in parallel batches) into one ragged id matrix."""
+    batches = examples.batch(_ENCODE_BATCH).map(
+        lambda t, y: (encode(vectorizer, t, max_len), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    tokens, labels = [], []
+    for ids, y in batches:
+        tokens.append(ids)
+        labels.append(y)
+    if not tokens:
+        return Encoded(tf.ragged.constant([], dtype=tf.int64, ragged_rank=1), tf.zeros([0], tf.int32), np.zeros(0))
+    ragged = tf.concat(tokens, axis=0)
+    return Encoded(ragged, tf.concat(labels, axis=0), ragged.row_lengths().numpy())
+
+
+def pool_size(batch_size: int, max_len: int) -> int:
+    """Examples sorted together when bucketing: whole batches, about 16k reviews' worth at 400 tokens."""
+    return max(1, _POOL_TOKENS // (max_len * batch_size)) * batch_size
+
+
+def epoch_plan(
+    lengths: np.ndarray,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    worker: int = 0,
+    pool: int | None = None,
+) -> list[np.ndarray]:
+    """The batches of one epoch, as arrays of example indices: every example exactly once.
+
+    A pure function of its arguments. The examples are permuted with a
+    generator seeded by ``(seed, epoch, worker)``; with ``pool`` (length
+    bucketing), each run of ``pool`` permuted examples is sorted by length
+    (stable), cut into batches, and those batches permuted, so a batch holds
+    reviews of similar length without the epoch being served in length
+    order. The last batch may be short.
+    """
+    rng = np.random.default_rng([seed, epoch, worker])
+    order = rng.permutation(len(lengths))
+    if pool is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        batches.extend(cut[j] for j in rng.permutation(len(cut)))
+    return batches
+
+
+def split_for_replicas(batches: Sequence[np.ndarray], replicas: int, steps: int) -> list[np.ndarray]:
+    """Each worker batch as ``replicas`` consecutive per-replica batches, padded to ``steps`` steps.
+
+    A worker batch of ``replicas * b`` rows becomes ``replicas`` batches of
+    ``b`` (a short one gives some replicas fewer rows, or none). Steps past
+    this worker's last batch are empty batches, so every worker runs the
+    same number of steps when shards differ by a few examples: an empty
+    batch adds nothing to the loss, the gradient or the metrics.
+    """
+    if len(batches) > steps:
+        raise ValueError(f"{len(batches)} batches do not fit in {steps} steps")
+    empty = np.zeros(0, dtype=np.int64)
+    out: list[np.ndarray] = []
+    for batch in [*batches, *[empty] * (steps - len(batches))]:
+        share = -(-len(batch) // replicas) if len(batch) else 0
+        out.extend(batch[r * share : (r + 1) * share] for r in range(replicas))
+    return out
+
+
+def plan_dataset(
+    encoded: Encoded,
+    batches: Sequence[np.ndarray],
     *,
     max_len: int,
-    batch_size: int,
     min_len: int = 1,
     bucket_width: int | None = None,
-    shuffle_seed: int | None = None,
-    shuffle_buffer: int = 25000,
-    repeat: bool = False,
 ) -> tf.data.Dataset:
-    """Batches of ``(token_ids [batch, length], label [batch])`` ready for ``fit``.
+    """The planned batches ``(token_ids [batch, width], label [batch])``, pre-padded, in plan order.
 
-    Args:
-        examples: ``(text, label)`` pairs.
-        max_len: truncation length; without bucketing every batch is this wide.
-        batch_size: examples per batch (the global batch, or a replica's share).
-        min_len: the narrowest batch allowed (the model's conv + pool window).
-        bucket_width: batch reviews of similar length, each batch padded to a
-            multiple of this many tokens (None: no bucketing, every batch ``max_len`` wide).
-        shuffle_seed: shuffle with this seed each epoch (None: keep order, for evaluation).
-        repeat: cycle forever (training with ``steps_per_epoch``). Bucketed, the
-            stream is whole passes (each ``ceil(n / batch_size)`` batches, the
-            last one short); unbucketed, batches fill across passes.
+    With ``bucket_width`` each batch is as wide as its longest review rounded
+    up to a multiple of it (:func:`batch_width`); without, ``max_len`` wide.
     """
-    dataset = (
-        examples.batch(_ENCODE_BATCH)
-        .map(lambda t, y: (encode(vectorizer, t, max_len), y), num_parallel_calls=tf.data.AUTOTUNE)
-        .unbatch()
-        # An unbatched ragged row is a plain vector; map() hands it over as a
-        # Tensor, which padded_batch and bucketing require.
-        .map(lambda tokens, y: (tf.identity(tokens), y))
-        .cache()
-    )
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    if bucket_width is not None and bucket_width < max_len:
-        # Sorted per pass (repeat comes after), so a pass's batches hold each
-        # example exactly once; its last batch may be short.
-        dataset = _length_sorted_batches(
-            dataset, batch_size=batch_size, max_len=max_len, min_len=min_len, width=bucket_width, seed=shuffle_seed
-        )
-        if repeat:
-            dataset = dataset.repeat()
-    else:
-        if repeat:
-            dataset = dataset.repeat()
-        dataset = dataset.padded_batch(batch_size, padded_shapes=([max_len], [])).map(
-            lambda x, y: (pre_pad(x), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    sizes = np.array([len(b) for b in batches], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
+    flat = tf.constant(np.concatenate([*batches, np.zeros(0, np.int64)]).astype(np.int64))
+
+    def gather(start: tf.Tensor, size: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        index = flat[start : start + size]
+        rows = tf.gather(encoded.tokens, index)
+        dense = rows.to_tensor(default_value=0)
+        if bucket_width is None:
+            width = tf.constant(max_len, tf.int32)
+        else:
+            width = batch_width(tf.shape(dense)[1], bucket_width, min_len, max_len)
+        dense = tf.pad(dense, [[0, 0], [0, width - tf.shape(dense)[1]]])
+        return pre_pad(dense), tf.gather(encoded.labels, index)
+
+    dataset = tf.data.Dataset.from_tensor_slices((starts, sizes))
+    return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -3,8 +3,9 @@
 The launcher reads the source once, carves the validation split, and writes
 each split as ``num_shards`` TFRecord files of ``(text, label)`` examples.
 Each worker then opens only its own files (FILE sharding), the scalable
-route; with fewer files than workers it falls back to reading every file
-and keeping one in N examples (DATA sharding), with a warning.
+route, when the files divide evenly among the workers; otherwise every
+worker reads every file and keeps one in N examples (DATA sharding), with
+a warning.
 """
 
 from __future__ import annotations
@@ -83,23 +84,40 @@ def split_files(directory: Path, split: str) -> list[str]:
 def examples(files: Sequence[str], num_workers: int = 1, index: int = 0) -> tf.data.Dataset:
     """``(text, label)`` examples of this worker's part of ``files``.
 
-    FILE sharding when there is at least one file per worker (each worker
-    reads only its files); DATA sharding otherwise (every worker reads all
-    files and keeps every ``num_workers``-th example), with a warning.
+    FILE sharding when the files divide evenly among the workers (each
+    worker reads only its own files); otherwise DATA sharding (every worker
+    reads all files and keeps every ``num_workers``-th example), with a
+    warning. Either way the workers' shares differ by a few examples at
+    most (:func:`worker_sizes`), so every worker's pass over its share takes
+    the same number of steps, give or take one.
     """
     files = list(files)
-    if num_workers > 1 and len(files) >= num_workers:
+    if num_workers > 1 and len(files) % num_workers == 0:
         dataset = tf.data.TFRecordDataset(files[index::num_workers])
     else:
         dataset = tf.data.TFRecordDataset(files)
         if num_workers > 1:
             log.warning(
-                "%d shard file(s) for %d workers: falling back to DATA sharding (each worker reads all data)",
+                "%d shard files do not divide among %d workers: DATA sharding (each worker reads every file); "
+                "a ray.num_shards that is a multiple of ray.num_workers lets each worker read only its own",
                 len(files),
                 num_workers,
             )
             dataset = dataset.shard(num_workers, index)
     return dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def strided_sizes(n: int, parts: int) -> list[int]:
+    """Sizes of ``range(n)[i::parts]`` for each ``i``: how round-robin splits ``n`` items."""
+    return [len(range(i, n, parts)) for i in range(parts)]
+
+
+def worker_sizes(n: int, num_files: int, num_workers: int) -> list[int]:
+    """Examples each worker gets from :func:`examples` over ``num_files`` round-robin-written shards of ``n``."""
+    if num_workers > 1 and num_files % num_workers == 0:
+        per_file = strided_sizes(n, num_files)
+        return [sum(per_file[w::num_workers]) for w in range(num_workers)]
+    return strided_sizes(n, num_workers)
 
 
 def _parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -1,0 +1,185 @@
+"""The training loop: epochs of planned batches, validation, checkpoints, early stopping, stop requests.
+
+``keras.Model.fit`` keeps the resume position in its callbacks' private
+state and builds its iterator once over a repeated stream, so a resumed run
+cannot start at an exact (epoch, step). This loop owns that state
+(:class:`imdb_dist.checkpoint.ResumeState`): each epoch's batches come from
+``epoch_data(epoch, first_step)``, a function of the epoch, and the loop
+decides when to checkpoint — every ``checkpoint_steps`` optimizer steps, at
+every epoch end, and when a stop is requested — whatever
+``steps_per_execution`` is. It reuses the model's own ``train_step``,
+``evaluate`` and Keras callbacks (TensorBoard, the progress bar, ours).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from imdb_dist.checkpoint import Checkpointer, ResumeState
+from imdb_dist.interrupt import Interrupted, StopRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long the run is and how often it saves itself."""
+
+    epochs: int
+    steps_per_epoch: int
+    steps_per_execution: int = 1
+    # 0: checkpoint at epoch ends only; N: also after every N-th optimizer step.
+    checkpoint_steps: int = 0
+    # 0: no early stopping; N: stop after N epochs without a lower val_loss.
+    patience: int = 0
+
+
+def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
+    """Create the compiled loss and metric trackers now, so a checkpoint can restore them before step 1."""
+    with model.distribute_strategy.scope():
+        predictions = tf.zeros_like(targets, dtype=tf.float32)
+        model.compiled_loss.build(predictions)
+        model.compiled_metrics.build(predictions, targets)
+
+
+def make_train_function(model: keras.Model) -> Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]:
+    """A compiled function running ``steps`` of ``model.train_step`` on a distributed iterator.
+
+    Returns the metrics after the last step. They are already synchronised
+    across replicas (Keras all-reduces metric results in ``train_step``), so
+    the first replica's values are the run's.
+    """
+    strategy = model.distribute_strategy
+
+    def one_step(iterator: Any) -> dict[str, tf.Tensor]:
+        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
+
+    @tf.function(reduce_retracing=True)
+    def train(iterator: Any, steps: tf.Tensor) -> dict[str, tf.Tensor]:
+        logs = one_step(iterator)
+        for _ in tf.range(steps - 1):
+            logs = one_step(iterator)
+        return logs
+
+    return train
+
+
+def train_loop(
+    model: keras.Model,
+    *,
+    schedule: Schedule,
+    epoch_data: Callable[[int, int], Any],
+    validation: tf.data.Dataset,
+    state: ResumeState,
+    checkpointer: Checkpointer,
+    callbacks: keras.callbacks.CallbackList,
+    after_save: Callable[[dict[str, Any]], None] | None = None,
+    stop: StopRequest | None = None,
+) -> None:
+    """Train from ``state``'s position to the end of ``schedule`` (or an early stop).
+
+    Args:
+        epoch_data: ``(epoch, first_step)`` → a distributed dataset of that
+            epoch's batches from ``first_step`` on (0-based).
+        validation: scored with ``model.evaluate`` after every epoch.
+        after_save: called on every worker after each checkpoint, with the
+            latest metrics (the Ray launcher reports the checkpoint there).
+        stop: a signal-driven stop request: honoured after the current
+            execution (a checkpoint, then :class:`Interrupted`).
+
+    Raises:
+        Interrupted: a stop was requested (a checkpoint was saved first).
+        RunError: a checkpoint could not be written, or a callback stopped the run.
+    """
+    stop = stop or StopRequest()
+    train = make_train_function(model)
+    callbacks.on_train_begin()
+    stop.deferring = True
+    try:
+        while not bool(state.stopped.numpy()) and state.position()[0] < schedule.epochs:
+            epoch = state.position()[0]
+            train_logs = _train_epoch(model, train, schedule, epoch_data, state, checkpointer, callbacks, after_save, stop)
+            val_logs = model.evaluate(validation, callbacks=callbacks, verbose=0, return_dict=True)
+            logs = {**train_logs, **{f"val_{name}": float(value) for name, value in val_logs.items()}}
+            if schedule.patience:
+                state.record_validation(model, epoch, logs["val_loss"], schedule.patience)
+            state.epoch.assign(epoch + 1)
+            state.step.assign(0)
+            # The metrics line first, then the checkpoint: a crash in between
+            # re-runs the epoch, and its stale line is dropped then.
+            callbacks.on_epoch_end(epoch, logs)
+            _save(checkpointer, f"end of epoch {epoch + 1}", {"epoch": epoch + 1, **logs}, after_save)
+            if stop.requested:
+                last = epoch + 1 >= schedule.epochs or bool(state.stopped.numpy())
+                where = "after the last epoch" if last else f"at the end of epoch {epoch + 1}"
+                todo = "export" if last else "resume"
+                raise Interrupted(
+                    stop.signum or 0,
+                    f"stopped by {stop.signal_name} {where}; checkpoint saved in {checkpointer.directory}: "
+                    f"run the same command again to {todo}",
+                )
+        callbacks.on_train_end()
+    finally:
+        stop.deferring = False
+    if schedule.patience:
+        state.restore_best(model)
+
+
+def _train_epoch(
+    model: keras.Model,
+    train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]],
+    schedule: Schedule,
+    epoch_data: Callable[[int, int], Any],
+    state: ResumeState,
+    checkpointer: Checkpointer,
+    callbacks: keras.callbacks.CallbackList,
+    after_save: Callable[[dict[str, Any]], None] | None,
+    stop: StopRequest,
+) -> dict[str, float]:
+    """The training steps of ``state``'s epoch, from its saved step on; returns the epoch's training metrics."""
+    epoch, step = state.position()
+    if step == 0:
+        model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
+    callbacks.on_epoch_begin(epoch)
+    iterator = iter(epoch_data(epoch, step))
+    iterations = model.optimizer.iterations
+    while step < schedule.steps_per_epoch:
+        count = min(schedule.steps_per_execution, schedule.steps_per_epoch - step)
+        if schedule.checkpoint_steps:
+            # Land exactly on every checkpoint_steps-th optimizer step.
+            count = min(count, schedule.checkpoint_steps - int(iterations.numpy()) % schedule.checkpoint_steps)
+        callbacks.on_train_batch_begin(step)
+        logs = {name: float(value) for name, value in train(iterator, tf.constant(count, tf.int64)).items()}
+        step += count
+        state.step.assign(step)
+        callbacks.on_train_batch_end(step - 1, logs)
+        periodic = schedule.checkpoint_steps and int(iterations.numpy()) % schedule.checkpoint_steps == 0
+        if stop.requested or (periodic and step < schedule.steps_per_epoch):
+            where = f"epoch {epoch + 1} step {step}"
+            _save(checkpointer, where, {"epoch": epoch + 1, "step": step, **logs}, after_save)
+            if stop.requested:
+                raise Interrupted(
+                    stop.signum or 0,
+                    f"stopped by {stop.signal_name} at {where}; checkpoint saved in {checkpointer.directory}: "
+                    "run the same command again to resume",
+                )
+    # From the metrics themselves: also right when a resume starts at the epoch's last step.
+    return {metric.name: float(metric.result()) for metric in model.metrics}
+
+
+def _save(
+    checkpointer: Checkpointer,
+    what: str,
+    logs: dict[str, Any],
+    after_save: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    checkpointer.save(what)
+    if after_save is not None:
+        after_save(logs)
