@@ -35,31 +35,35 @@ def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> tuple[EpochRu
     """One training epoch at a time of imdb-dist's own pipeline and model, as ``run`` builds them."""
     vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
     pipeline.adapt_vectorizer(vectorizer, train.texts)
-    options = {
-        "max_len": cfg.data.max_len,
-        "min_len": min_length(cfg.model),
-        "bucket_width": cfg.data.bucket_width if cfg.data.bucketing else None,
-        "batch_size": cfg.train.batch_size,
-    }
-    train_ds = pipeline.make_dataset(
-        train.texts, train.labels, vectorizer, shuffle_seed=cfg.data.seed, repeat=True, **options
+    bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
+    options = {"min_len": min_length(cfg.model), "bucket_width": cfg.data.bucket_width if bucketed else None}
+    # The training path of imdb_dist.train: tokenized once, one planned epoch at a time.
+    encoded = pipeline.encode_examples(
+        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), vectorizer, cfg.data.max_len
     )
-    val_ds = pipeline.make_dataset(val.texts, val.labels, vectorizer, **options)
+    pool = pipeline.pool_size(cfg.train.batch_size, cfg.data.max_len) if options["bucket_width"] else None
+    val_ds = pipeline.batch_examples(
+        tf.data.Dataset.from_tensor_slices((val.texts, val.labels)), vectorizer,
+        max_len=cfg.data.max_len, batch_size=cfg.train.batch_size,
+    )
     keras.utils.set_random_seed(cfg.train.seed)
     with precision_policy(resolve_precision(cfg.train.mixed_precision)):
         model = build_model(cfg.model, vectorizer.vocabulary_size())
-        compile_model(model, cfg.train.learning_rate, cfg.train.steps_per_execution)
-    steps = math.ceil(len(train) / cfg.train.batch_size)
-    iterator = iter(train_ds)  # one stream across epochs, as fit() with repeat() sees it
+        compile_model(model, cfg.train.learning_rate)
+    epochs = iter(range(1_000_000))
 
     def epoch() -> float:
+        plan = pipeline.epoch_plan(
+            encoded.lengths, batch_size=cfg.train.batch_size, seed=cfg.data.seed, epoch=next(epochs), pool=pool
+        )
+        batches = pipeline.plan_dataset(
+            encoded, plan, max_len=cfg.data.max_len, min_len=options["min_len"], bucket_width=options["bucket_width"]
+        )
         timer = TrainTimer()
-        model.fit(iterator, steps_per_epoch=steps, epochs=1, callbacks=[timer], verbose=0)
-        return timer.train_s[0] * len(train) / (steps * cfg.train.batch_size)
+        model.fit(batches, epochs=1, callbacks=[timer], verbose=0)
+        return timer.train_s[0]
 
-    # Counted, since with steps_per_execution > 1 Keras must be told (bucketing hides it).
-    val_batches = int(val_ds.reduce(0, lambda count, _: count + 1))
-    return epoch, lambda: float(model.evaluate(val_ds, steps=val_batches, verbose=0)[1])
+    return epoch, lambda: float(model.evaluate(val_ds, verbose=0)[1])
 
 
 def seed_runner(train: Reviews, val: Reviews, max_len: int) -> tuple[EpochRunner, Callable[[], float]]:

@@ -8,13 +8,14 @@ builds a MultiWorkerMirroredStrategy; rank 0 is the chief and the only
 worker that writes to the run directory.
 
 Fault tolerance: each checkpoint (every epoch, and every
-``run.checkpoint_steps`` steps) is handed to Ray Train as a
+``run.checkpoint_steps`` optimizer steps) is handed to Ray Train as a
 ``ray.train.Checkpoint``. When a worker dies, Ray restarts the worker group
-(up to ``ray.max_failures`` times) and every worker restores model,
-optimizer and epoch/step counters from ``ray.train.get_checkpoint()``: at
-most one checkpoint interval of work is lost, and no step is counted twice.
-A resubmitted job with the same ``name`` and ``storage_path`` resumes the
-same way.
+(up to ``ray.max_failures`` times) and every worker restores the whole
+resume state (:mod:`imdb_dist.checkpoint`) from ``ray.train.get_checkpoint()``
+and continues at the saved (epoch, step) with the same data order and
+dropout masks: the run ends with the model an uninterrupted run would have
+produced, at the cost of the steps since that checkpoint. A resubmitted job
+with the same ``name`` and ``storage_path`` resumes the same way.
 """
 
 from __future__ import annotations
@@ -197,8 +198,8 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     setup_logging()
     cfg = config_from_dict(payload["config"])
     chief = ray.train.get_context().get_world_rank() == 0
-    # Per-worker local copy of the checkpoint: tf_keras BackupAndRestore reads
-    # and writes it; Ray Train moves it to and from storage_path.
+    # Per-worker local copy of the checkpoint: the training loop reads and
+    # writes it; Ray Train moves it to and from storage_path.
     local = Path(tempfile.mkdtemp(prefix="imdb-dist-ckpt-"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

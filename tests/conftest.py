@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,17 @@ def _distinct_collective_keys() -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def installed_script(name: str) -> str:
+    """A console script of this Python's environment (``imdb-dist``, ``ray``), found next to
+    ``sys.executable`` first: the venv need not be activated, nor on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    assert found, f"the {name} console script is not installed (pip install -e .)"
+    return found
 REAL_DATA = Path(os.environ.get("IMDB_REAL_DATA", REPO.parent / "shared" / "data" / "imdb" / "aclImdb_train.tar.gz"))
 
 POSITIVE = ["superb", "delightful", "masterful", "gripping", "charming", "brilliant", "moving", "joyous"]

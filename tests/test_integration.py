@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, installed_script
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -17,9 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def imdb_dist(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("imdb-dist")
-    assert exe, "the imdb-dist console script is not installed (pip install -e .)"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+    return subprocess.run([installed_script("imdb-dist"), *args], capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 def test_smoke_preset_on_real_data(real_data: Path, tmp_path: Path) -> None:

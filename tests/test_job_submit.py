@@ -8,13 +8,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, write_aclimdb
+from conftest import REPO, TINY, installed_script, write_aclimdb
 
 from imdb_dist import rundir
 
@@ -37,8 +38,7 @@ def group_alive(pgid: int) -> bool:
 @pytest.fixture
 def head() -> Iterator[tuple[str, dict[str, str]]]:
     """A `ray start --head --block` cluster in its own process group; stopped by that group only."""
-    ray = shutil.which("ray")
-    assert ray, "the ray CLI is not installed (ray[default])"
+    ray = installed_script("ray")
     dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live here
     # Token authentication is on for clusters from `ray start`: the client must say so.
@@ -74,9 +74,9 @@ def test_ray_job_submit_trains_and_exports(head, tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     sets = [f"data.path={data}", f"ray.storage_path={storage}", *TINY]
     proc = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+        [installed_script("ray"), "job", "submit", "--address", address, "--working-dir", ".",
          "--runtime-env", "job/runtime_env.yaml", "--",
-         "python", "job/train.py", "--config", "job/configs/ray-local.yaml",
+         sys.executable, "job/train.py", "--config", "job/configs/ray-local.yaml",
          *[arg for item in sets for arg in ("--set", item)]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )

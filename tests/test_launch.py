@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+import tensorflow as tf
 import tf_keras as keras
 from conftest import tiny_overrides, write_aclimdb
 
@@ -61,6 +64,29 @@ class FailOnce(keras.callbacks.Callback):
         if here and ray.train.get_context().get_world_rank() == self.rank and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise RuntimeError(f"injected fault on rank {self.rank} at epoch {self.epoch} step {self.step}")
+
+
+class KillOnce(keras.callbacks.Callback):
+    """Rank ``rank`` SIGKILLs itself after ``epoch``/``step`` the first time it gets there."""
+
+    def __init__(self, marker: str, rank: int, epoch: int, step: int) -> None:
+        super().__init__()
+        self.marker, self.rank, self.epoch, self.step = marker, rank, epoch, step
+        self._current = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._current = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        here = (self._current, batch + 1) == (self.epoch, self.step)
+        if here and ray.train.get_context().get_world_rank() == self.rank and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exported_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(run_dir / rundir.MODEL / "1" / "variables" / "variables"))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith("model/")}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +153,26 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     # The optimizer's step counter equals an uninterrupted run's: nothing lost, nothing twice.
     assert report["optimizer_steps"] == 3 * STEPS_PER_EPOCH
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
+
+
+def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(cluster, tmp_path: Path) -> None:
+    settings = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1")
+    reference = launch(ray_config(tmp_path / "uninterrupted", *settings))
+    log = tmp_path / "events.txt"
+    # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
+    kill = KillOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5)
+    run_dir = launch(ray_config(tmp_path / "killed", *settings), worker_callbacks=[kill, RecordEpochs(str(log))])
+    assert (tmp_path / "killed-once").exists(), "the worker was never killed"
+    begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
+    assert begun == [1, 2, 2], begun  # the restarted group resumed inside epoch 2
+    got, want = exported_weights(run_dir), exported_weights(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+    reports = [json.loads((d / rundir.REPORT).read_text()) for d in (run_dir, reference)]
+    assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+    losses = [[r["loss"] for r in read_metrics(d / rundir.METRICS)] for d in (run_dir, reference)]
+    assert losses[0] == losses[1]
 
 
 def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: Path) -> None:

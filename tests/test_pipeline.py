@@ -1,4 +1,4 @@
-"""The tf.data pipeline: standardization, vectorizing, pre-padding, bucketing, shuffling, sharding.
+"""The tf.data pipeline: standardization, vectorizing, pre-padding, epoch plans, bucketing.
 
 Every transform is checked eagerly and, where it runs inside the input
 pipeline, again inside ``tf.data.Dataset.map`` (traced, shapes unknown), and
@@ -19,12 +19,17 @@ import tensorflow as tf
 
 from imdb_dist.data.pipeline import (
     adapt_vectorizer,
+    batch_examples,
     batch_width,
     encode,
+    encode_examples,
     encode_padded,
-    make_dataset,
+    epoch_plan,
     make_vectorizer,
+    plan_dataset,
+    pool_size,
     pre_pad,
+    split_for_replicas,
     standardize,
     vocabulary,
 )
@@ -278,39 +283,48 @@ def test_batch_width_max_len_not_a_multiple_of_width():
     assert [int(batch_width(n, 50, 8, 120)) for n in (40, 90, 101, 120)] == [50, 100, 120, 120]
 
 
-# --------------------------------------------------------------------------- make_dataset
+# --------------------------------------------------------------------------- training epochs
 
 
-def test_make_dataset_without_bucketing_yields_max_len_wide_pre_padded_batches(vectorizer):
-    max_len = 24
+def _training(vectorizer, texts, *, max_len=64, batch_size=6, min_len=1, bucket_width=None, seed=5, epoch=0):
+    """One planned epoch over ``texts`` (labels are the indices), as a dataset."""
+    encoded = encode_examples(
+        tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), vectorizer, max_len
+    )
+    pool = pool_size(batch_size, max_len) if bucket_width is not None else None
+    plan = epoch_plan(encoded.lengths, batch_size=batch_size, seed=seed, epoch=epoch, pool=pool)
+    return plan_dataset(encoded, plan, max_len=max_len, min_len=min_len, bucket_width=bucket_width)
+
+
+def test_encode_examples_keeps_every_example_in_order_with_its_direct_ids(vectorizer):
+    texts = _texts(300, seed=2, min_words=0, max_words=40) + [""]
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), vectorizer, 24)
+    assert len(encoded) == len(texts)
+    assert [tuple(row) for row in encoded.tokens.to_list()] == _direct(vectorizer, texts, 24)
+    assert encoded.labels.numpy().tolist() == list(range(len(texts)))
+    assert encoded.lengths.tolist() == [len(ids) for ids in _direct(vectorizer, texts, 24)]
+
+
+def test_an_unbucketed_epoch_is_max_len_wide_pre_padded_and_holds_every_example_once(vectorizer):
     texts = _texts(23, seed=2, min_words=1, max_words=40) + [""]
-    labels = list(range(len(texts)))
-    ds = make_dataset(texts, labels, vectorizer, max_len=max_len, batch_size=5)
-    widths = [x.shape for x, _ in ds.as_numpy_iterator()]
-    assert all(w[1] == max_len for w in widths)
-    assert [w[0] for w in widths] == [5, 5, 5, 5, 4]
+    ds = _training(vectorizer, texts, max_len=24, batch_size=5)
+    shapes = [x.shape for x, _ in ds.as_numpy_iterator()]
+    assert all(shape[1] == 24 for shape in shapes)
+    assert sorted(shape[0] for shape in shapes) == [4, 5, 5, 5, 5]
     rows = _rows(ds)
     for _, _, row in rows:
         _assert_front_padded(row)
-    # Every example exactly once, in order when not shuffled, with the ids of a direct encoding.
-    assert [(ids, y) for ids, y, _ in rows] == list(zip(_direct(vectorizer, texts, max_len), labels))
-
-
-def test_make_dataset_bucket_width_at_least_max_len_pads_to_max_len(vectorizer):
-    texts = _texts(10, seed=8, min_words=1, max_words=10)
-    ds = make_dataset(texts, list(range(10)), vectorizer, max_len=16, batch_size=4, bucket_width=16)
-    assert {x.shape[1] for x, _ in ds.as_numpy_iterator()} == {16}
+    direct = _direct(vectorizer, texts, 24)
+    assert sorted(y for _, y, _ in rows) == list(range(len(texts)))
+    assert all(ids == direct[y] for ids, y, _ in rows)
 
 
 @pytest.mark.parametrize(("width", "min_len"), [(12, 8), (8, 20)], ids=["min-len-below-width", "min-len-above-width"])
-def test_make_dataset_with_bucketing_yields_every_example_once_front_padded(vectorizer, width, min_len):
+def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(vectorizer, width, min_len):
     max_len = 64
     texts = _texts(70, seed=3, min_words=0, max_words=90) + ["", "superb"]
-    labels = list(range(len(texts)))
-    ds = make_dataset(
-        texts, labels, vectorizer, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width, shuffle_seed=5
-    )
-    widths, spans = [], []
+    ds = _training(vectorizer, texts, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width)
+    widths, spans, longest = [], [], []
     for x, y in ds.as_numpy_iterator():
         assert x.shape[0] == y.shape[0] <= 6
         lengths = [int(np.count_nonzero(row)) for row in x]
@@ -320,106 +334,75 @@ def test_make_dataset_with_bucketing_yields_every_example_once_front_padded(vect
         assert x.shape[1] == int(batch_width(max(lengths), width, min_len, max_len))
         widths.append(x.shape[1])
         spans.append((min(lengths), max(lengths)))
-    assert all(min_len <= w <= max_len for w in widths)
-    assert all(w % width == 0 or w in (min_len, max_len) for w in widths)
+        longest.append(max(lengths))
     assert len(set(widths)) > 2  # the data really spans several widths
+    assert longest != sorted(longest)  # batches are not served in length order
     # One pool holds all 72 reviews: sorted by length and cut, so batches'
-    # length ranges do not overlap (they are shuffled afterwards).
+    # length ranges do not overlap (they are permuted afterwards).
     spans.sort()
     assert all(low_max <= high_min for (_, low_max), (high_min, _) in zip(spans, spans[1:]))
     got = collections.Counter((ids, y) for ids, y, _ in _rows(ds))
-    expected = collections.Counter(zip(_direct(vectorizer, texts, max_len), labels))
-    assert got == expected
+    assert got == collections.Counter(zip(_direct(vectorizer, texts, max_len), range(len(texts))))
 
 
-def test_make_dataset_bucketing_shuffles_the_sorted_batches(vectorizer):
-    texts = _texts(120, seed=13, min_words=0, max_words=60)
-    ds = make_dataset(texts, list(range(120)), vectorizer, max_len=64, batch_size=4, bucket_width=8, shuffle_seed=2)
-    longest = [int(np.count_nonzero(x, axis=1).max()) for x, _ in ds.as_numpy_iterator()]
-    assert longest != sorted(longest)  # not served in length order
-    unshuffled = make_dataset(texts, list(range(120)), vectorizer, max_len=64, batch_size=4, bucket_width=8)
-    longest = [int(np.count_nonzero(x, axis=1).max()) for x, _ in unshuffled.as_numpy_iterator()]
-    assert longest == sorted(longest)  # evaluation: one sorted pool, in order
-
-
-def test_make_dataset_bucketing_keeps_short_reviews_narrow(vectorizer):
-    max_len = 200
+def test_bucketing_keeps_short_reviews_narrow(vectorizer):
     texts = _texts(40, seed=6, min_words=2, max_words=10)
-    ds = make_dataset(texts, [i % 2 for i in range(40)], vectorizer, max_len=max_len, batch_size=8, bucket_width=16)
-    widths = {x.shape[1] for x, _ in ds.as_numpy_iterator()}
-    assert widths == {16}
-    assert max(widths) * 10 <= max_len
-    unbucketed = make_dataset(texts, [0] * 40, vectorizer, max_len=max_len, batch_size=8)
-    assert {x.shape[1] for x, _ in unbucketed.as_numpy_iterator()} == {max_len}
+    bucketed = _training(vectorizer, texts, max_len=200, batch_size=8, bucket_width=16)
+    assert {x.shape[1] for x, _ in bucketed.as_numpy_iterator()} == {16}
+    unbucketed = _training(vectorizer, texts, max_len=200, batch_size=8)
+    assert {x.shape[1] for x, _ in unbucketed.as_numpy_iterator()} == {200}
 
 
-def _order(texts, vectorizer, seed, **kwargs):
-    ds = make_dataset(texts, list(range(len(texts))), vectorizer, max_len=32, batch_size=4, shuffle_seed=seed, **kwargs)
-    return [y for _, y, _ in _rows(ds)]
+@pytest.mark.parametrize("pool", [None, 12])
+def test_the_epoch_plan_is_a_function_of_seed_epoch_and_worker(pool):
+    lengths = np.random.default_rng(0).integers(1, 100, size=50)
+
+    def plan(**kwargs):
+        args = {"batch_size": 4, "seed": 7, "epoch": 0, "worker": 0, "pool": pool, **kwargs}
+        return [batch.tolist() for batch in epoch_plan(lengths, **args)]
+
+    first = plan()
+    assert first == plan()  # the same epoch twice is identical
+    for other in (plan(epoch=1), plan(seed=8), plan(worker=1)):
+        assert other != first
+        assert sorted(i for batch in other for i in batch) == list(range(50))  # every example once
+    assert sorted(i for batch in first for i in batch) == list(range(50))
+    assert [len(batch) for batch in first].count(2) == (1 if pool is None else 5)  # short: the last (of each pool)
 
 
-@pytest.mark.parametrize("bucket_width", [None, 8])
-def test_make_dataset_shuffle_seed_fixes_the_order(vectorizer, bucket_width):
-    texts = _texts(40, seed=7, min_words=1, max_words=40)
-    first = _order(texts, vectorizer, 123, bucket_width=bucket_width)
-    again = _order(texts, vectorizer, 123, bucket_width=bucket_width)
-    other = _order(texts, vectorizer, 124, bucket_width=bucket_width)
-    assert sorted(first) == sorted(other) == list(range(40))
-    assert first == again
-    assert first != other
-    assert first != list(range(40))
+def test_a_resumed_epoch_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(vectorizer):
+    texts = _texts(60, seed=11, min_words=1, max_words=60)
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(60)))), vectorizer, 32)
+    plan = epoch_plan(encoded.lengths, batch_size=4, seed=3, epoch=2, pool=pool_size(4, 32))
+    whole = list(plan_dataset(encoded, plan, max_len=32, bucket_width=8).as_numpy_iterator())
+    # A resume builds the plan again from (seed, epoch) and starts at the saved step.
+    again = epoch_plan(encoded.lengths, batch_size=4, seed=3, epoch=2, pool=pool_size(4, 32))
+    rest = list(plan_dataset(encoded, again[6:], max_len=32, bucket_width=8).as_numpy_iterator())
+    assert len(rest) == len(whole) - 6
+    for (x, y), (x2, y2) in zip(whole[6:], rest, strict=True):
+        assert np.array_equal(x, x2) and np.array_equal(y, y2)
 
 
-def test_make_dataset_without_seed_keeps_input_order(vectorizer):
-    texts = _texts(15, seed=9, min_words=1, max_words=20)
-    ds = make_dataset(texts, list(range(15)), vectorizer, max_len=32, batch_size=4)
+def test_split_for_replicas_gives_each_replica_a_part_and_pads_to_the_steps():
+    batches = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 11)]
+    parts = split_for_replicas(batches, replicas=2, steps=4)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [], []]
+    assert [p.tolist() for p in split_for_replicas(batches, replicas=1, steps=3)] == [b.tolist() for b in batches]
+    with pytest.raises(ValueError):
+        split_for_replicas(batches, replicas=1, steps=2)
+
+
+def test_an_empty_batch_is_min_len_wide_and_trains_to_a_zero_loss(vectorizer):
+    texts = _texts(5, seed=1, min_words=3, max_words=10)
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, [0, 1, 0, 1, 0])), vectorizer, 32)
+    plan = split_for_replicas([np.arange(5)], replicas=1, steps=2)
+    (_, _), (x, y) = plan_dataset(encoded, plan, max_len=32, min_len=6, bucket_width=8).as_numpy_iterator()
+    assert x.shape == (0, 6) and y.shape == (0,)
+
+
+def test_evaluation_batches_are_in_order_and_padded_like_the_export(vectorizer):
+    texts = _texts(15, seed=9, min_words=1, max_words=60)
+    ds = batch_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(15)))), vectorizer, max_len=32, batch_size=4)
+    x = np.concatenate([batch for batch, _ in ds.as_numpy_iterator()])
     assert [y for _, y, _ in _rows(ds)] == list(range(15))
-
-
-@pytest.mark.parametrize("bucket_width", [None, 8])
-def test_make_dataset_shards_are_disjoint_and_cover_everything(vectorizer, bucket_width):
-    texts = _texts(31, seed=10, min_words=0, max_words=40)
-    labels = list(range(31))
-    kwargs = dict(max_len=32, batch_size=4, bucket_width=bucket_width, shuffle_seed=1)
-    shards = [_rows(make_dataset(texts, labels, vectorizer, shard=(2, i), **kwargs)) for i in range(2)]
-    ids = [collections.Counter(y for _, y, _ in rows) for rows in shards]
-    assert all(max(c.values()) == 1 for c in ids)  # no example twice within a shard
-    assert not set(ids[0]) & set(ids[1])
-    assert set(ids[0]) | set(ids[1]) == set(labels)
-    assert abs(len(ids[0]) - len(ids[1])) <= 1
-    # And the shards carry the right tokens for each example.
-    direct = _direct(vectorizer, texts, 32)
-    for rows in shards:
-        for tokens, y, _ in rows:
-            assert tokens == direct[y]
-
-
-def test_make_dataset_repeat_unbucketed_fills_batches_across_passes(vectorizer):
-    n = 10
-    texts = _texts(n, seed=12, min_words=1, max_words=30)
-    kwargs = dict(max_len=32, batch_size=4, shuffle_seed=3)
-    once = make_dataset(texts, list(range(n)), vectorizer, **kwargs)
-    assert sum(x.shape[0] for x, _ in once.as_numpy_iterator()) == n  # finite without repeat
-    forever = make_dataset(texts, list(range(n)), vectorizer, repeat=True, **kwargs)
-    seen = collections.Counter()
-    for x, y in forever.take(4 * n).as_numpy_iterator():  # far more batches than one pass has
-        assert x.shape[0] == 4  # only full batches
-        seen.update(int(v) for v in y)
-    assert sum(seen.values()) == 16 * n
-    assert set(seen) == set(range(n))
-    assert min(seen.values()) >= 10  # each example came back many times
-
-
-def test_make_dataset_repeat_bucketed_yields_whole_passes(vectorizer):
-    n, batch = 10, 4
-    texts = _texts(n, seed=12, min_words=1, max_words=30)
-    kwargs = dict(max_len=32, batch_size=batch, bucket_width=8, shuffle_seed=3)
-    forever = make_dataset(texts, list(range(n)), vectorizer, repeat=True, **kwargs)
-    per_pass = -(-n // batch)  # the steps_per_epoch training uses
-    batches = list(forever.take(6 * per_pass).as_numpy_iterator())
-    orders = []
-    for start in range(0, len(batches), per_pass):
-        labels = [int(v) for _, y in batches[start : start + per_pass] for v in y]
-        assert sorted(labels) == list(range(n))  # each pass: every example exactly once
-        orders.append(labels)
-    assert len({tuple(order) for order in orders}) > 1  # reshuffled from pass to pass
+    assert np.array_equal(x, encode_padded(vectorizer, tf.constant(texts), 32).numpy())

@@ -38,7 +38,7 @@ def test_run_writes_the_output_contract(trained_run: Path) -> None:
         assert record["examples_per_s"] > 0
     assert records[1]["wall_s"] > records[0]["wall_s"]
     assert list((trained_run / rundir.TENSORBOARD).rglob("events.out.tfevents.*"))
-    assert (trained_run / rundir.CHECKPOINTS / "chief" / "checkpoint").is_file()
+    assert (trained_run / rundir.CHECKPOINTS / "checkpoint").is_file()
     assert (trained_run / rundir.MODEL / "1" / "saved_model.pb").is_file()
     assert (trained_run / rundir.CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     vocab = rundir.read_vocab(trained_run)

@@ -1,0 +1,98 @@
+"""Steady-state training speed of this tree against a git revision, and the cost of ``train.deterministic``.
+
+Runs ``imdb-dist train`` as users do (a fresh process per run, real data),
+interleaving the variants round by round so machine noise hits them alike,
+and reads each run's ``metrics.jsonl``: the steady state is the median
+``examples_per_s`` of epochs 2 and later; the cold start is epoch 1 and the
+whole process's wall time. Variants:
+
+- ``baseline``: the tree at ``--baseline`` (a git revision, checked out in a
+  temporary worktree), float32, default settings;
+- ``current``: this tree, same config;
+- ``deterministic``: this tree with ``train.deterministic=true``.
+
+    python -m bench.loop --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --config job/configs/smoke.yaml --epochs 3 --rounds 3 --baseline 44d04b4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.timing import emit, median
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list[str]) -> dict[str, float]:
+    sets = [f"data.path={data}", f"train.epochs={epochs}", f"run.output_dir={out}", *extra]
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # this tree's imdb_dist, ahead of the installed one
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(tree / config),
+         *[arg for item in sets for arg in ("--set", item)]],
+        cwd=tree, env=env, check=True, capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - started
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "steady_examples_per_s": median([r["examples_per_s"] for r in records[1:]]),
+        "first_epoch_examples_per_s": records[0]["examples_per_s"],
+        "wall_s": wall,
+        "val_accuracy": records[-1]["val_accuracy"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config", default="job/configs/smoke.yaml")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", required=True, help="git revision to compare with")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    data = str(Path(args.data).resolve())
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch:
+        base = Path(scratch) / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            variants = {"baseline": (base, []), "current": (REPO, []),
+                        "deterministic": (REPO, ["train.deterministic=true"])}
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+            for round_ in range(args.rounds):
+                for name, (tree, extra) in variants.items():
+                    out = Path(scratch) / f"{name}-{round_}"
+                    results[name].append(_run(tree, args.config, data, args.epochs, out, extra))
+                    print(name, round_, results[name][-1], file=sys.stderr)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    summary = {
+        "config": args.config,
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "cpus": os.cpu_count(),
+        "median": {
+            name: {key: median([r[key] for r in runs]) for key in runs[0]} for name, runs in results.items()
+        },
+        "runs": results,
+    }
+    steady = {name: summary["median"][name]["steady_examples_per_s"] for name in results}
+    summary["current_over_baseline"] = steady["current"] / steady["baseline"]
+    summary["deterministic_over_current"] = steady["deterministic"] / steady["current"]
+    emit(summary)
+    if args.output:
+        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

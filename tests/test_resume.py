@@ -1,0 +1,209 @@
+"""Exact resume: a run stopped at any moment and rerun ends with the model of a run that never stopped.
+
+The promise (README, "Failure behaviour"): with ``train.deterministic``,
+rerunning the same command after SIGTERM, SIGKILL or a stop during
+validation gives bit-identical final weights and the same ``metrics.jsonl``
+loss columns as the uninterrupted run, whatever ``steps_per_execution`` is.
+Each run is a real ``imdb-dist train`` process (op determinism is
+process-wide, so it never runs inside the test process).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO, tiny_overrides, write_aclimdb
+
+from imdb_dist import rundir
+from imdb_dist.callbacks import read_metrics
+
+LOSS_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# 2,000 generated reviews per class, 20% held out, global batch 16: 200 steps an epoch.
+STEPS = 200
+
+
+def model_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    """The exported network's variables (the vectorizer's tables left out), by checkpoint key."""
+    reader = tf.train.load_checkpoint(str(run_dir / rundir.MODEL / "1" / "variables" / "variables"))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith("model/")}
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    """Bitwise-equal weights, equal loss columns, equal optimizer step counts."""
+    got, want = model_weights(resumed), model_weights(uninterrupted)
+    assert got.keys() == want.keys() and len(want) >= 5
+    for key in want:
+        assert np.array_equal(got[key], want[key]), f"{key} differs by {np.max(np.abs(got[key] - want[key]))}"
+    columns = [[{k: r[k] for k in LOSS_COLUMNS} for r in read_metrics(d / rundir.METRICS)] for d in (resumed, uninterrupted)]
+    assert columns[0] == columns[1]
+    reports = [json.loads((d / rundir.REPORT).read_text()) for d in (resumed, uninterrupted)]
+    assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"]
+    assert reports[0]["validation"] == reports[1]["validation"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_aclimdb(tmp_path_factory.mktemp("resume") / "data", {"train": 2000})
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    sets = [*tiny_overrides(data, out), "train.epochs=3", "train.deterministic=true", *extra]
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def _train(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imdb_dist.cli", "train", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+_uninterrupted: dict[tuple[str, ...], Path] = {}
+
+
+def uninterrupted(data: Path, root: Path, *extra: str) -> Path:
+    """The reference run for these settings (one per module and settings)."""
+    if extra not in _uninterrupted:
+        out = root / f"uninterrupted-{len(_uninterrupted)}"
+        _finish(_train(*_args(data, out, *extra)))
+        _uninterrupted[extra] = out
+    return _uninterrupted[extra]
+
+
+def _in_epoch_two(proc: subprocess.Popen, metrics: Path, delay: float) -> None:
+    """Wait until epoch 1's metrics line is written, then ``delay`` more seconds (into epoch 2)."""
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training never finished an epoch"
+        time.sleep(0.02)
+    time.sleep(delay)
+
+
+@pytest.mark.parametrize("execution", [1, 4], ids=["steps_per_execution=1", "steps_per_execution=4"])
+def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(data, tmp_path_factory, execution):
+    root = tmp_path_factory.getbasetemp()
+    extra = (f"train.steps_per_execution={execution}",)
+    reference = uninterrupted(data, root, *extra)
+    out = tmp_path_factory.mktemp("sigterm") / "run"
+    args = _args(data, out, *extra)
+    proc = _train(*args)
+    _in_epoch_two(proc, out / rundir.METRICS, delay=0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at epoch 2 step (\d+); checkpoint saved", err)
+    assert stopped, err[-2000:]
+    assert 0 < int(stopped[1]) < STEPS  # mid-epoch
+    if execution > 1:
+        assert int(stopped[1]) % execution == 0  # stops land where an execution ends
+    _finish(_train(*args))
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("execution", [1, 4], ids=["steps_per_execution=1", "steps_per_execution=4"])
+def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterrupted_model(
+    data, tmp_path_factory, execution
+):
+    root = tmp_path_factory.getbasetemp()
+    # 7 does not divide the epoch (200) nor the execution (4): checkpoints land
+    # on every 7th optimizer step all the same.
+    extra = (f"train.steps_per_execution={execution}", "run.checkpoint_steps=7")
+    reference = uninterrupted(data, root, *extra)
+    out = tmp_path_factory.mktemp("sigkill") / "run"
+    args = _args(data, out, *extra)
+    proc = _train(*args)
+    _in_epoch_two(proc, out / rundir.METRICS, delay=0.4)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert [r["epoch"] for r in read_metrics(out / rundir.METRICS)] == [1]
+    err = _finish(_train(*args))
+    resumed = re.search(r"resuming at epoch 2 step (\d+) \(optimizer step (\d+)\)", err)
+    assert resumed, err[-2000:]
+    assert 0 < int(resumed[1]) < STEPS and int(resumed[2]) % 7 == 0  # from a mid-epoch step checkpoint
+    assert_same_run(out, reference)
+
+
+_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from imdb_dist.config import load_config
+from imdb_dist.interrupt import Interrupted, stop_on_signals
+from imdb_dist.train import run
+import tf_keras as keras
+
+class SignalInValidation(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch, self.current = epoch, 0
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch + 1
+    def on_test_begin(self, logs=None):
+        if self.current == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+cfg = load_config(None, {sets!r})
+try:
+    with stop_on_signals() as stop:
+        run(cfg, stop=stop, extra_callbacks=[SignalInValidation({epoch})])
+except Interrupted as exc:
+    print(exc)
+"""
+
+
+def test_a_stop_during_validation_resumes_to_the_uninterrupted_model(data, tmp_path_factory):
+    reference = uninterrupted(data, tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("validation") / "run"
+    sets = [*tiny_overrides(data, out), "train.epochs=3", "train.deterministic=true"]
+    child = _CHILD.format(tests=str(REPO / "tests"), sets=sets, epoch=2)
+    stopped = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at the end of epoch 2; checkpoint saved" in stopped.stdout
+    _finish(_train(*_args(data, out)))
+    assert_same_run(out, reference)
+
+
+def test_early_stopping_interrupted_after_its_best_epoch_exports_the_best_epoch(data, tmp_path_factory):
+    # A learning rate this high overfits the generated reviews within a few
+    # epochs; patience 4 lets the run go on past its best epoch.
+    extra = ("train.epochs=5", "train.learning_rate=0.05", "train.early_stopping_patience=4")
+    reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
+    losses = [r["val_loss"] for r in read_metrics(reference / rundir.METRICS)]
+    best = int(np.argmin(losses))
+    assert best < len(losses) - 1, f"no epoch after the best one to interrupt: {losses}"
+    report = json.loads((reference / rundir.REPORT).read_text())
+    # The export is the best epoch's model: its validation loss is that epoch's.
+    assert report["validation"]["loss"] == pytest.approx(losses[best], rel=1e-4)
+    assert report["validation"]["loss"] != pytest.approx(losses[-1], rel=1e-4)
+
+    out = tmp_path_factory.mktemp("early") / "run"
+    args = _args(data, out, *extra)
+    proc = _train(*args)
+    metrics = out / rundir.METRICS
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= best + 2):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # after the best epoch has been scored
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    _finish(_train(*args))
+    assert_same_run(out, reference)
