@@ -11,7 +11,6 @@ each reached at the end.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 from collections.abc import Callable

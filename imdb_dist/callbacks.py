@@ -20,14 +20,16 @@ log = logging.getLogger(__name__)
 class EpochMetrics(keras.callbacks.Callback):
     """Logs one line per epoch and, on the chief, appends it to ``metrics.jsonl``.
 
-    ``examples_per_s`` counts training examples over the training part of the
-    epoch only (up to the start of validation), across all replicas.
+    ``examples_per_s`` counts the training steps this process ran in the
+    epoch (fewer after a mid-epoch resume) times the global batch, over the
+    training part of the epoch only (up to the start of validation).
     """
 
-    def __init__(self, path: Path | None, examples_per_epoch: int) -> None:
+    def __init__(self, path: Path | None, global_batch: int) -> None:
         super().__init__()
         self.path = path
-        self.examples = examples_per_epoch
+        self.global_batch = global_batch
+        self._steps = 0
         self._start = self._train_end = self._run_start = 0.0
         self._first_epoch = True
         self._wall_offset = 0.0  # wall time of the epochs done before a resume
@@ -43,6 +45,16 @@ class EpochMetrics(keras.callbacks.Callback):
         self._first_epoch = False
         self._start = time.perf_counter()
         self._train_end = 0.0
+        self._steps = 0
+        self._first_step: int | None = None
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._first_step is None:
+            self._first_step = batch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # One call per execution, with its last step's index.
+        self._steps = batch + 1 - (self._first_step or 0)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
         if not self._train_end:
@@ -53,7 +65,7 @@ class EpochMetrics(keras.callbacks.Callback):
         train_s = (self._train_end or now) - self._start
         record: dict[str, Any] = {"epoch": epoch + 1}
         record.update({k: float(v) for k, v in (logs or {}).items()})
-        record["examples_per_s"] = self.examples / train_s if train_s > 0 else 0.0
+        record["examples_per_s"] = self._steps * self.global_batch / train_s if train_s > 0 else 0.0
         record["wall_s"] = self._wall_offset + now - self._run_start
         log.info(
             "epoch %d: %s",

@@ -71,115 +71,104 @@ def make_train_function(model: keras.Model) -> Callable[[Any, tf.Tensor], dict[s
     return train
 
 
-def train_loop(
-    model: keras.Model,
-    *,
-    schedule: Schedule,
-    epoch_data: Callable[[int, int], Any],
-    validation: tf.data.Dataset,
-    state: ResumeState,
-    checkpointer: Checkpointer,
-    callbacks: keras.callbacks.CallbackList,
-    after_save: Callable[[dict[str, Any]], None] | None = None,
-    stop: StopRequest | None = None,
-) -> None:
-    """Train from ``state``'s position to the end of ``schedule`` (or an early stop).
+@dataclasses.dataclass
+class TrainingLoop:
+    """Trains ``model`` from ``state``'s position to the end of ``schedule`` (or an early stop).
 
-    Args:
+    Attributes:
         epoch_data: ``(epoch, first_step)`` → a distributed dataset of that
             epoch's batches from ``first_step`` on (0-based).
         validation: scored with ``model.evaluate`` after every epoch.
         after_save: called on every worker after each checkpoint, with the
             latest metrics (the Ray launcher reports the checkpoint there).
-        stop: a signal-driven stop request: honoured after the current
-            execution (a checkpoint, then :class:`Interrupted`).
-
-    Raises:
-        Interrupted: a stop was requested (a checkpoint was saved first).
-        RunError: a checkpoint could not be written, or a callback stopped the run.
+        stop: a signal-driven stop request, honoured after the current
+            execution: a checkpoint, then :class:`Interrupted`.
     """
-    stop = stop or StopRequest()
-    train = make_train_function(model)
-    callbacks.on_train_begin()
-    stop.deferring = True
-    try:
-        while not bool(state.stopped.numpy()) and state.position()[0] < schedule.epochs:
-            epoch = state.position()[0]
-            train_logs = _train_epoch(model, train, schedule, epoch_data, state, checkpointer, callbacks, after_save, stop)
-            val_logs = model.evaluate(validation, callbacks=callbacks, verbose=0, return_dict=True)
-            logs = {**train_logs, **{f"val_{name}": float(value) for name, value in val_logs.items()}}
-            if schedule.patience:
-                state.record_validation(model, epoch, logs["val_loss"], schedule.patience)
-            state.epoch.assign(epoch + 1)
-            state.step.assign(0)
-            # The metrics line first, then the checkpoint: a crash in between
-            # re-runs the epoch, and its stale line is dropped then.
-            callbacks.on_epoch_end(epoch, logs)
-            _save(checkpointer, f"end of epoch {epoch + 1}", {"epoch": epoch + 1, **logs}, after_save)
-            if stop.requested:
-                last = epoch + 1 >= schedule.epochs or bool(state.stopped.numpy())
-                where = "after the last epoch" if last else f"at the end of epoch {epoch + 1}"
-                todo = "export" if last else "resume"
-                raise Interrupted(
-                    stop.signum or 0,
-                    f"stopped by {stop.signal_name} {where}; checkpoint saved in {checkpointer.directory}: "
-                    f"run the same command again to {todo}",
-                )
-        callbacks.on_train_end()
-    finally:
-        stop.deferring = False
-    if schedule.patience:
-        state.restore_best(model)
 
+    model: keras.Model
+    schedule: Schedule
+    epoch_data: Callable[[int, int], Any]
+    validation: tf.data.Dataset
+    state: ResumeState
+    checkpointer: Checkpointer
+    callbacks: keras.callbacks.CallbackList
+    after_save: Callable[[dict[str, Any]], None] | None = None
+    stop: StopRequest = dataclasses.field(default_factory=StopRequest)
 
-def _train_epoch(
-    model: keras.Model,
-    train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]],
-    schedule: Schedule,
-    epoch_data: Callable[[int, int], Any],
-    state: ResumeState,
-    checkpointer: Checkpointer,
-    callbacks: keras.callbacks.CallbackList,
-    after_save: Callable[[dict[str, Any]], None] | None,
-    stop: StopRequest,
-) -> dict[str, float]:
-    """The training steps of ``state``'s epoch, from its saved step on; returns the epoch's training metrics."""
-    epoch, step = state.position()
-    if step == 0:
-        model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
-    callbacks.on_epoch_begin(epoch)
-    iterator = iter(epoch_data(epoch, step))
-    iterations = model.optimizer.iterations
-    while step < schedule.steps_per_epoch:
-        count = min(schedule.steps_per_execution, schedule.steps_per_epoch - step)
-        if schedule.checkpoint_steps:
-            # Land exactly on every checkpoint_steps-th optimizer step.
-            count = min(count, schedule.checkpoint_steps - int(iterations.numpy()) % schedule.checkpoint_steps)
-        callbacks.on_train_batch_begin(step)
-        logs = {name: float(value) for name, value in train(iterator, tf.constant(count, tf.int64)).items()}
-        step += count
-        state.step.assign(step)
-        callbacks.on_train_batch_end(step - 1, logs)
-        periodic = schedule.checkpoint_steps and int(iterations.numpy()) % schedule.checkpoint_steps == 0
-        if stop.requested or (periodic and step < schedule.steps_per_epoch):
-            where = f"epoch {epoch + 1} step {step}"
-            _save(checkpointer, where, {"epoch": epoch + 1, "step": step, **logs}, after_save)
-            if stop.requested:
-                raise Interrupted(
-                    stop.signum or 0,
-                    f"stopped by {stop.signal_name} at {where}; checkpoint saved in {checkpointer.directory}: "
-                    "run the same command again to resume",
-                )
-    # From the metrics themselves: also right when a resume starts at the epoch's last step.
-    return {metric.name: float(metric.result()) for metric in model.metrics}
+    def run(self) -> None:
+        """Train to the end; with early stopping, leave the best epoch's weights in the model.
 
+        Raises:
+            Interrupted: a stop was requested (a checkpoint was saved first).
+            RunError: a checkpoint could not be written, or a callback stopped the run.
+        """
+        train = make_train_function(self.model)
+        self.callbacks.on_train_begin()
+        self.stop.deferring = True
+        try:
+            while not bool(self.state.stopped.numpy()) and self.state.position()[0] < self.schedule.epochs:
+                self._epoch(train)
+            self.callbacks.on_train_end()
+        finally:
+            self.stop.deferring = False
+        if self.schedule.patience:
+            self.state.restore_best(self.model)
 
-def _save(
-    checkpointer: Checkpointer,
-    what: str,
-    logs: dict[str, Any],
-    after_save: Callable[[dict[str, Any]], None] | None,
-) -> None:
-    checkpointer.save(what)
-    if after_save is not None:
-        after_save(logs)
+    def _epoch(self, train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]) -> None:
+        """The rest of ``state``'s epoch: training steps, validation, early stopping, the epoch-end checkpoint."""
+        epoch = self.state.position()[0]
+        train_logs = self._train_steps(train)
+        val_logs = self.model.evaluate(self.validation, callbacks=self.callbacks, verbose=0, return_dict=True)
+        logs = {**train_logs, **{f"val_{name}": float(value) for name, value in val_logs.items()}}
+        if self.schedule.patience:
+            self.state.record_validation(self.model, epoch, logs["val_loss"], self.schedule.patience)
+        self.state.epoch.assign(epoch + 1)
+        self.state.step.assign(0)
+        # The metrics line first, then the checkpoint: a crash in between
+        # re-runs the epoch, and its stale line is dropped then.
+        self.callbacks.on_epoch_end(epoch, logs)
+        self._save(f"end of epoch {epoch + 1}", {"epoch": epoch + 1, **logs})
+        if self.stop.requested:
+            last = epoch + 1 >= self.schedule.epochs or bool(self.state.stopped.numpy())
+            where = "after the last epoch" if last else f"at the end of epoch {epoch + 1}"
+            self._interrupted(where, "export" if last else "resume")
+
+    def _train_steps(self, train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]) -> dict[str, float]:
+        """The epoch's training steps from the saved step on; returns the epoch's training metrics."""
+        epoch, step = self.state.position()
+        steps, every = self.schedule.steps_per_epoch, self.schedule.checkpoint_steps
+        if step == 0:
+            self.model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
+        self.callbacks.on_epoch_begin(epoch)
+        iterator = iter(self.epoch_data(epoch, step))
+        iterations = self.model.optimizer.iterations
+        while step < steps:
+            count = min(self.schedule.steps_per_execution, steps - step)
+            if every:
+                # Land exactly on every checkpoint_steps-th optimizer step.
+                count = min(count, every - int(iterations.numpy()) % every)
+            self.callbacks.on_train_batch_begin(step)
+            logs = {name: float(value) for name, value in train(iterator, tf.constant(count, tf.int64)).items()}
+            step += count
+            self.state.step.assign(step)
+            self.callbacks.on_train_batch_end(step - 1, logs)
+            periodic = every and int(iterations.numpy()) % every == 0 and step < steps
+            if periodic or self.stop.requested:
+                where = f"epoch {epoch + 1} step {step}"
+                self._save(where, {"epoch": epoch + 1, "step": step, **logs})
+                if self.stop.requested:
+                    self._interrupted(f"at {where}", "resume")
+        # From the metrics themselves: also right when a resume starts at the epoch's last step.
+        return {metric.name: float(metric.result()) for metric in self.model.metrics}
+
+    def _save(self, what: str, logs: dict[str, Any]) -> None:
+        self.checkpointer.save(what)
+        if self.after_save is not None:
+            self.after_save(logs)
+
+    def _interrupted(self, where: str, todo: str) -> None:
+        raise Interrupted(
+            self.stop.signum or 0,
+            f"stopped by {self.stop.signal_name} {where}; checkpoint saved in {self.checkpointer.directory}: "
+            f"run the same command again to {todo}",
+        )

@@ -28,7 +28,6 @@ from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
-from imdb_dist.dropout import key_on_step
 from imdb_dist.data.sources import Reviews, load_reviews
 from imdb_dist.distribute import (
     is_chief,
@@ -37,11 +36,12 @@ from imdb_dist.distribute import (
     resolve_precision,
     worker_index,
 )
+from imdb_dist.dropout import key_on_step
 from imdb_dist.errors import ConfigError, DataError
 from imdb_dist.evaluate import metrics, score_texts
 from imdb_dist.export import export_model, load_model
 from imdb_dist.interrupt import StopRequest
-from imdb_dist.loop import Schedule, build_metrics, train_loop
+from imdb_dist.loop import Schedule, TrainingLoop, build_metrics
 from imdb_dist.model import build_model, compile_model, min_length
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,8 @@ def _train(
     checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
     if checkpointer.restore():
         epoch, step = state.position()
-        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, model.optimizer.iterations.numpy())
+        done = int(model.optimizer.iterations.numpy())
+        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, done)
     schedule = Schedule(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps,
@@ -276,14 +277,14 @@ def _train(
         patience=cfg.train.early_stopping_patience,
     )
     callback_list = keras.callbacks.CallbackList(
-        [*_callbacks(cfg, worker, run_dir, steps * cfg.train.batch_size), *callbacks],
+        [*_callbacks(cfg, worker, run_dir), *callbacks],
         add_progbar=worker.chief and sys.stdout.isatty(),
         model=model,
         verbose=1,
         epochs=cfg.train.epochs,
         steps=steps,
     )
-    train_loop(
+    TrainingLoop(
         model,
         schedule=schedule,
         epoch_data=_epoch_data(cfg, worker, vectorizer, data, steps),
@@ -292,8 +293,8 @@ def _train(
         checkpointer=checkpointer,
         callbacks=callback_list,
         after_save=after_save,
-        stop=stop,
-    )
+        stop=stop or StopRequest(),
+    ).run()
     return model
 
 
@@ -348,10 +349,10 @@ def _validation(cfg: Config, vectorizer: keras.layers.TextVectorization, data: T
     return val.with_options(shard_by_data)
 
 
-def _callbacks(cfg: Config, worker: Worker, run_dir: Path, examples_per_epoch: int) -> list[keras.callbacks.Callback]:
+def _callbacks(cfg: Config, worker: Worker, run_dir: Path) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [
         FiniteLoss(),
-        EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, examples_per_epoch),
+        EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, cfg.train.batch_size),
     ]
     if worker.chief:
         callbacks.append(

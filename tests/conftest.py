@@ -79,8 +79,13 @@ def write_aclimdb(
     seed: int = 0,
     unsup: int = 0,
     length: int = 30,
+    label_noise: float = 0.0,
 ) -> Path:
-    """Write ``aclImdb/<split>/{pos,neg}/ID_RATING.txt`` with ``n`` reviews per class per split."""
+    """Write ``aclImdb/<split>/{pos,neg}/ID_RATING.txt`` with ``n`` reviews per class per split.
+
+    ``label_noise``: the share of reviews written with the other class's
+    words, so that a model can only memorise them (it overfits).
+    """
     rng = random.Random(seed)
     base = root / "aclImdb"
     for split, n in splits.items():
@@ -89,7 +94,10 @@ def write_aclimdb(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 rating = rng.randint(7, 10) if label == "pos" else rng.randint(1, 4)
-                (folder / f"{i}_{rating}.txt").write_text(fake_review(rng, label == "pos", length), encoding="utf-8")
+                # Only drawn with noise, so noiseless data stays what it always was.
+                flipped = label_noise > 0 and rng.random() < label_noise
+                positive = (label == "pos") != flipped
+                (folder / f"{i}_{rating}.txt").write_text(fake_review(rng, positive, length), encoding="utf-8")
     if unsup:
         folder = base / "train" / "unsup"
         folder.mkdir(parents=True, exist_ok=True)

@@ -84,3 +84,43 @@ def test_layer_keeps_keras_dropout_config_and_refuses_noise_shape():
     assert FastDropout.from_config(config).rate == 0.3
     with pytest.raises(ValueError, match="noise_shape"):
         FastDropout(0.3, noise_shape=(None, 1))
+
+
+def test_keyed_masks_are_a_function_of_seed_step_and_replica_only():
+    step = tf.Variable(0, dtype=tf.int64)
+
+    def mask(key: int = 1337, at: int = 0) -> np.ndarray:
+        layer = FastDropout(0.5)
+        layer.key_on(step, key)
+        step.assign(at)
+        return layer(tf.ones([8, 32]), training=True).numpy()
+
+    # No hidden state: a new layer (as after a restart) draws the same mask at the same step.
+    np.testing.assert_array_equal(mask(at=5), mask(at=5))
+    assert not np.array_equal(mask(at=5), mask(at=6))
+    assert not np.array_equal(mask(key=1), mask(key=2))
+
+
+def test_keyed_masks_differ_between_replicas_and_are_restored_by_the_step():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        step = tf.Variable(3, dtype=tf.int64)
+    layer = FastDropout(0.5)
+    layer.key_on(step, 1337)
+
+    @tf.function
+    def masks() -> list[np.ndarray]:
+        return strategy.run(lambda: layer(tf.ones([8, 32]), training=True))
+
+    first = [m.numpy() for m in strategy.experimental_local_results(masks())]
+    assert not np.array_equal(first[0], first[1])  # each replica its own mask
+    again = [m.numpy() for m in strategy.experimental_local_results(masks())]
+    np.testing.assert_array_equal(first, again)  # same step: same masks
+    step.assign(4)
+    assert not np.array_equal(first[0], strategy.experimental_local_results(masks())[0].numpy())
+
+
+def test_keyed_masks_leave_the_layer_without_extra_weights():
+    layer = FastDropout(0.5)
+    layer.key_on(tf.Variable(0, dtype=tf.int64), 1)
+    assert layer.weights == []  # the step counter is read, not tracked: exports stay unchanged

@@ -49,6 +49,15 @@ def test_run_writes_the_output_contract(trained_run: Path) -> None:
     assert report["epochs"] == 2 and report["replicas"] == 1
 
 
+def test_the_logged_validation_is_the_exported_models_validation(trained_run: Path) -> None:
+    # Validation runs on the inputs the export serves (every review padded to
+    # max_len), so the last logged epoch and the report describe one model.
+    last = read_metrics(trained_run / rundir.METRICS)[-1]
+    report = json.loads((trained_run / rundir.REPORT).read_text())
+    assert report["validation"]["accuracy"] == pytest.approx(last["val_accuracy"], abs=1e-6)
+    assert report["validation"]["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+
+
 def test_run_learns_the_generated_sentiment(trained_run: Path) -> None:
     report = json.loads((trained_run / rundir.REPORT).read_text())
     assert report["validation"]["accuracy"] >= 0.8
@@ -156,11 +165,14 @@ def test_reopening_a_run_drops_its_stale_report_before_saving_the_config(trained
     assert load_config(run_dir / rundir.CONFIG) == cfg
 
 
-def test_several_steps_per_execution_train_and_validate(data: Path, tmp_path: Path) -> None:
+def test_several_steps_per_execution_train_the_same_steps(data: Path, tmp_path: Path) -> None:
+    # 10 steps an epoch in executions of 4: 4 + 4 + 2, and checkpoints every 3
+    # optimizer steps cut them further; the optimizer still takes 10 steps.
     out = tmp_path / "run"
-    run(config(data, out, "train.epochs=1", "train.steps_per_execution=4"))
+    run(config(data, out, "train.epochs=1", "train.steps_per_execution=4", "run.checkpoint_steps=3"))
     (record,) = read_metrics(out / rundir.METRICS)
     assert math.isfinite(record["val_loss"]) and record["examples_per_s"] > 0
+    assert json.loads((out / rundir.REPORT).read_text())["optimizer_steps"] == 10
 
 
 def test_a_torn_last_metrics_line_is_dropped_but_earlier_damage_is_not_hidden(tmp_path: Path) -> None:
