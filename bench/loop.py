@@ -4,7 +4,9 @@ Runs ``imdb-dist train`` as users do (a fresh process per run, real data),
 interleaving the variants round by round so machine noise hits them alike,
 and reads each run's ``metrics.jsonl``: the steady state is the median
 ``examples_per_s`` of epochs 2 and later; the cold start is epoch 1 and the
-whole process's wall time. Variants:
+whole process's wall time, and the CPU seconds it used (user + system, all
+threads): on a shared machine whose share of the cores varies, CPU time
+says more about the work a run does than wall time. Variants:
 
 - ``baseline``: the tree at ``--baseline`` (a git revision, checked out in a
   temporary worktree), float32, default settings;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,20 +37,26 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list[str]) -> dict[str, float]:
     sets = [f"data.path={data}", f"train.epochs={epochs}", f"run.output_dir={out}", *extra]
     env = {**os.environ, "PYTHONPATH": str(tree)}  # this tree's imdb_dist, ahead of the installed one
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu_s()
     subprocess.run(
         [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(tree / config),
          *[arg for item in sets for arg in ("--set", item)]],
         cwd=tree, env=env, check=True, capture_output=True, text=True,
     )
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, _children_cpu_s() - cpu
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "steady_examples_per_s": median([r["examples_per_s"] for r in records[1:]]),
         "first_epoch_examples_per_s": records[0]["examples_per_s"],
         "wall_s": wall,
+        "cpu_s": cpu,
         "val_accuracy": records[-1]["val_accuracy"],
     }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -89,6 +98,9 @@ def main() -> None:
     steady = {name: summary["median"][name]["steady_examples_per_s"] for name in results}
     summary["current_over_baseline"] = steady["current"] / steady["baseline"]
     summary["deterministic_over_current"] = steady["deterministic"] / steady["current"]
+    cpu = {name: summary["median"][name]["cpu_s"] for name in results}
+    summary["cpu_current_over_baseline"] = cpu["current"] / cpu["baseline"]
+    summary["cpu_deterministic_over_current"] = cpu["deterministic"] / cpu["current"]
     emit(summary)
     if args.output:
         args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

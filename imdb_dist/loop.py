@@ -48,12 +48,14 @@ def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
         model.compiled_metrics.build(predictions, targets)
 
 
-def make_train_function(model: keras.Model) -> Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]:
-    """A compiled function running ``steps`` of ``model.train_step`` on a distributed iterator.
+def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf.Tensor]]:
+    """A function running ``steps`` of ``model.train_step`` on a distributed iterator.
 
     Returns the metrics after the last step. They are already synchronised
     across replicas (Keras all-reduces metric results in ``train_step``), so
-    the first replica's values are the run's.
+    the first replica's values are the run's. One step and several steps are
+    two compiled functions: tracing the model's step is a large part of a
+    short run's first epoch, and a run that never groups steps traces it once.
     """
     strategy = model.distribute_strategy
 
@@ -61,12 +63,17 @@ def make_train_function(model: keras.Model) -> Callable[[Any, tf.Tensor], dict[s
         outputs = strategy.run(model.train_step, args=(next(iterator),))
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
+    single = tf.function(one_step, reduce_retracing=True)
+
     @tf.function(reduce_retracing=True)
-    def train(iterator: Any, steps: tf.Tensor) -> dict[str, tf.Tensor]:
+    def several(iterator: Any, steps: tf.Tensor) -> dict[str, tf.Tensor]:
         logs = one_step(iterator)
         for _ in tf.range(steps - 1):
             logs = one_step(iterator)
         return logs
+
+    def train(iterator: Any, steps: int) -> dict[str, tf.Tensor]:
+        return single(iterator) if steps == 1 else several(iterator, tf.constant(steps, tf.int64))
 
     return train
 
@@ -114,7 +121,7 @@ class TrainingLoop:
         if self.schedule.patience:
             self.state.restore_best(self.model)
 
-    def _epoch(self, train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]) -> None:
+    def _epoch(self, train: Callable[[Any, int], dict[str, tf.Tensor]]) -> None:
         """The rest of ``state``'s epoch: training steps, validation, early stopping, the epoch-end checkpoint."""
         epoch = self.state.position()[0]
         train_logs = self._train_steps(train)
@@ -133,7 +140,7 @@ class TrainingLoop:
             where = "after the last epoch" if last else f"at the end of epoch {epoch + 1}"
             self._interrupted(where, "export" if last else "resume")
 
-    def _train_steps(self, train: Callable[[Any, tf.Tensor], dict[str, tf.Tensor]]) -> dict[str, float]:
+    def _train_steps(self, train: Callable[[Any, int], dict[str, tf.Tensor]]) -> dict[str, float]:
         """The epoch's training steps from the saved step on; returns the epoch's training metrics."""
         epoch, step = self.state.position()
         steps, every = self.schedule.steps_per_epoch, self.schedule.checkpoint_steps
@@ -148,7 +155,7 @@ class TrainingLoop:
                 # Land exactly on every checkpoint_steps-th optimizer step.
                 count = min(count, every - int(iterations.numpy()) % every)
             self.callbacks.on_train_batch_begin(step)
-            logs = {name: float(value) for name, value in train(iterator, tf.constant(count, tf.int64)).items()}
+            logs = {name: float(value) for name, value in train(iterator, count).items()}
             step += count
             self.state.step.assign(step)
             self.callbacks.on_train_batch_end(step - 1, logs)
