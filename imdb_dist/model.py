@@ -52,9 +52,7 @@ def min_length(cfg: ModelConfig) -> int:
     return cfg.kernel_size + cfg.pool_size - 1
 
 
-def compile_model(
-    model: keras.Model, learning_rate: float, steps_per_execution: int = 1, decay_steps: int = 0
-) -> None:
+def compile_model(model: keras.Model, learning_rate: float, decay_steps: int = 0) -> None:
     """Adam + binary cross-entropy, tracking accuracy.
 
     ``decay_steps > 0`` decays the learning rate to 0 along a cosine over
@@ -69,5 +67,4 @@ def compile_model(
         optimizer=keras.optimizers.Adam(rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
-        steps_per_execution=steps_per_execution,
     )
