@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
@@ -44,6 +45,18 @@ def _distinct_collective_keys() -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def start_imdb_dist(*args: str, preexec_fn=None) -> subprocess.Popen:
+    """``imdb-dist ARGS`` as a child process of this Python, from the repository root, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "imdb_dist.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
 
 
 def installed_script(name: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import tf_keras as keras
-from conftest import REPO, tiny_overrides, write_aclimdb
+from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -142,14 +142,7 @@ def _imdb_dist(*args: str, limit_file_size: int | None = None) -> subprocess.Pop
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, resource.RLIM_INFINITY))
 
-    return subprocess.Popen(
-        [sys.executable, "-m", "imdb_dist.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=limits if limit_file_size else None,
-    )
+    return start_imdb_dist("train", *args, preexec_fn=limits if limit_file_size else None)
 
 
 def _sets(tmp_path: Path, *extra: str) -> list[str]:

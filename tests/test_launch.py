@@ -49,11 +49,14 @@ class RecordEpochs(keras.callbacks.Callback):
 
 
 class FailOnce(keras.callbacks.Callback):
-    """Rank ``rank`` raises at ``epoch``/``step`` the first time it gets there (a marker file remembers)."""
+    """Rank ``rank`` fails at ``epoch``/``step`` the first time it gets there (a marker file remembers).
 
-    def __init__(self, marker: str, rank: int, epoch: int, step: int) -> None:
+    It raises, or with ``kill`` SIGKILLs its own process, as a lost node would.
+    """
+
+    def __init__(self, marker: str, rank: int, epoch: int, step: int, kill: bool = False) -> None:
         super().__init__()
-        self.marker, self.rank, self.epoch, self.step = marker, rank, epoch, step
+        self.marker, self.rank, self.epoch, self.step, self.kill = marker, rank, epoch, step, kill
         self._current = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -63,25 +66,9 @@ class FailOnce(keras.callbacks.Callback):
         here = (self._current, batch + 1) == (self.epoch, self.step)
         if here and ray.train.get_context().get_world_rank() == self.rank and not os.path.exists(self.marker):
             open(self.marker, "w").close()
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault on rank {self.rank} at epoch {self.epoch} step {self.step}")
-
-
-class KillOnce(keras.callbacks.Callback):
-    """Rank ``rank`` SIGKILLs itself after ``epoch``/``step`` the first time it gets there."""
-
-    def __init__(self, marker: str, rank: int, epoch: int, step: int) -> None:
-        super().__init__()
-        self.marker, self.rank, self.epoch, self.step = marker, rank, epoch, step
-        self._current = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._current = epoch + 1
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        here = (self._current, batch + 1) == (self.epoch, self.step)
-        if here and ray.train.get_context().get_world_rank() == self.rank and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def exported_weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -160,7 +147,7 @@ def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(cluster, tm
     reference = launch(ray_config(tmp_path / "uninterrupted", *settings))
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
-    kill = KillOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5)
+    kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
     run_dir = launch(ray_config(tmp_path / "killed", *settings), worker_callbacks=[kill, RecordEpochs(str(log))])
     assert (tmp_path / "killed-once").exists(), "the worker was never killed"
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, tiny_overrides, write_aclimdb
+from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -64,13 +64,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "imdb_dist.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_imdb_dist("train", *args)
 
 
 def _finish(proc: subprocess.Popen) -> str:
