@@ -58,8 +58,8 @@ class ResumeState(tf.Module):
     def position(self) -> tuple[int, int]:
         return int(self.epoch.numpy()), int(self.step.numpy())
 
-    def record_validation(self, model: keras.Model, epoch: int, val_loss: float, patience: int) -> bool:
-        """Early stopping's bookkeeping after ``epoch`` (0-based); True when training should stop.
+    def record_validation(self, model: keras.Model, epoch: int, val_loss: float, patience: int) -> None:
+        """Early stopping's bookkeeping after ``epoch`` (0-based); sets ``stopped`` when training should end.
 
         As Keras' ``EarlyStopping(monitor="val_loss")``: an epoch improves when
         its val_loss is below the best so far; ``patience`` epochs in a row
@@ -71,11 +71,10 @@ class ResumeState(tf.Module):
             self.wait.assign(0)
             for best, weight in zip(self.best_weights, model.weights, strict=True):
                 best.assign(weight.read_value())
-            return False
+            return
         self.wait.assign_add(1)
         if int(self.wait.numpy()) >= patience:
             self.stopped.assign(True)
-        return bool(self.stopped.numpy())
 
     def restore_best(self, model: keras.Model) -> None:
         """Put the best epoch's weights back into ``model`` (no-op before any epoch was scored)."""
