@@ -392,7 +392,7 @@ def test_split_for_replicas_gives_each_replica_a_part_and_pads_to_the_steps():
         split_for_replicas(batches, replicas=1, steps=2)
 
 
-def test_an_empty_batch_is_min_len_wide_and_trains_to_a_zero_loss(vectorizer):
+def test_an_empty_padding_batch_is_min_len_wide_with_no_labels(vectorizer):
     texts = _texts(5, seed=1, min_words=3, max_words=10)
     encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, [0, 1, 0, 1, 0])), vectorizer, 32)
     plan = split_for_replicas([np.arange(5)], replicas=1, steps=2)

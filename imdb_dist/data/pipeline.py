@@ -160,7 +160,8 @@ def encode_examples(
         tokens.append(ids)
         labels.append(y)
     if not tokens:
-        return Encoded(tf.ragged.constant([], dtype=tf.int64, ragged_rank=1), tf.zeros([0], tf.int32), np.zeros(0))
+        empty = tf.ragged.constant([], dtype=tf.int64, ragged_rank=1)
+        return Encoded(empty, tf.zeros([0], tf.int32), np.zeros(0, np.int64))
     ragged = tf.concat(tokens, axis=0)
     return Encoded(ragged, tf.concat(labels, axis=0), ragged.row_lengths().numpy())
 
