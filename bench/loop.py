@@ -14,7 +14,8 @@ says more about the work a run does than wall time. Variants:
 - ``deterministic``: this tree with ``train.deterministic=true``.
 
     python -m bench.loop --data ../shared/data/imdb/aclImdb_train.tar.gz \\
-        --config job/configs/smoke.yaml --epochs 3 --rounds 3 --baseline 44d04b4
+        --config job/configs/smoke.yaml --epochs 3 --rounds 3 --baseline 44d04b4 \\
+        [--variants baseline,current]
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
+    parser.add_argument("--variants", default="baseline,current,deterministic",
+                        help="comma-separated subset of baseline,current,deterministic")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     data = str(Path(args.data).resolve())
@@ -74,8 +77,9 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            variants = {"baseline": (base, []), "current": (REPO, []),
-                        "deterministic": (REPO, ["train.deterministic=true"])}
+            known = {"baseline": (base, []), "current": (REPO, []),
+                     "deterministic": (REPO, ["train.deterministic=true"])}
+            variants = {name: known[name] for name in args.variants.split(",")}
             results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
             for round_ in range(args.rounds):
                 for name, (tree, extra) in variants.items():
@@ -95,12 +99,10 @@ def main() -> None:
         },
         "runs": results,
     }
-    steady = {name: summary["median"][name]["steady_examples_per_s"] for name in results}
-    summary["current_over_baseline"] = steady["current"] / steady["baseline"]
-    summary["deterministic_over_current"] = steady["deterministic"] / steady["current"]
-    cpu = {name: summary["median"][name]["cpu_s"] for name in results}
-    summary["cpu_current_over_baseline"] = cpu["current"] / cpu["baseline"]
-    summary["cpu_deterministic_over_current"] = cpu["deterministic"] / cpu["current"]
+    for new, old in (("current", "baseline"), ("deterministic", "current")):
+        if new in results and old in results:
+            for key, label in (("steady_examples_per_s", ""), ("cpu_s", "cpu_"), ("wall_s", "wall_")):
+                summary[f"{label}{new}_over_{old}"] = summary["median"][new][key] / summary["median"][old][key]
     emit(summary)
     if args.output:
         args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

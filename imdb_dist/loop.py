@@ -148,20 +148,22 @@ class TrainingLoop:
             self.model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
         self.callbacks.on_epoch_begin(epoch)
         iterator = iter(self.epoch_data(epoch, step))
-        iterations = self.model.optimizer.iterations
+        # The optimizer step, counted here: reading the variable every step would sync on it.
+        done = int(self.model.optimizer.iterations.numpy())
         while step < steps:
             count = min(self.schedule.steps_per_execution, steps - step)
             if every:
                 # Land exactly on every checkpoint_steps-th optimizer step.
-                count = min(count, every - int(iterations.numpy()) % every)
+                count = min(count, every - done % every)
             self.callbacks.on_train_batch_begin(step)
             logs = {name: float(value) for name, value in train(iterator, count).items()}
             step += count
-            self.state.step.assign(step)
+            done += count
             self.callbacks.on_train_batch_end(step - 1, logs)
-            periodic = every and int(iterations.numpy()) % every == 0 and step < steps
+            periodic = every and done % every == 0 and step < steps
             if periodic or self.stop.requested:
                 where = f"epoch {epoch + 1} step {step}"
+                self.state.step.assign(step)
                 self._save(where, {"epoch": epoch + 1, "step": step, **logs})
                 if self.stop.requested:
                     self._interrupted(f"at {where}", "resume")
