@@ -19,9 +19,10 @@ from typing import NoReturn
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError, RunError
 from imdb_dist.interrupt import Interrupted, stop_on_signals
-from imdb_dist.logs import setup_logging
+from imdb_dist.logs import import_tensorflow_quietly, setup_logging
 
 EXIT_BAD_INPUT = 2
+_MODEL_HELP = "RUN_DIR/model or RUN_DIR/model/<version>; a local path or a storage URI (s3://...)"
 # Write failures that are the storage's state, not a bug: one line, exit 1.
 _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -45,14 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(handler=_launch)
 
     evaluate = commands.add_parser("evaluate", help="score a labeled split with an exported model; prints JSON")
-    evaluate.add_argument("--model", required=True, type=Path, help="RUN_DIR/model or RUN_DIR/model/<version>")
+    evaluate.add_argument("--model", required=True, help=_MODEL_HELP)
     evaluate.add_argument("--data", required=True, help="aclImdb directory or .tar.gz (or a tfds data_dir)")
     evaluate.add_argument("--split", default="test", choices=("test", "train", "validation"))
     evaluate.add_argument("--source", default="aclimdb", choices=("aclimdb", "tfds", "keras"))
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="score raw reviews; prints one JSON line per review")
-    predict.add_argument("--model", required=True, type=Path, help="RUN_DIR/model or RUN_DIR/model/<version>")
+    predict.add_argument("--model", required=True, help=_MODEL_HELP)
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="reviews to score")
     predict.add_argument("--file", type=Path, help="one review per line ('-' for stdin); blank lines are skipped")
     predict.set_defaults(handler=_predict)
@@ -73,6 +74,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    import_tensorflow_quietly()
     from imdb_dist.train import run
 
     with stop_on_signals() as stop:
@@ -82,6 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    import_tensorflow_quietly()
     from imdb_dist.launch import launch
 
     launch(cfg)
@@ -89,12 +92,15 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import_tensorflow_quietly()
     from imdb_dist.config import DataConfig
     from imdb_dist.data.sources import load_reviews
     from imdb_dist.evaluate import metrics, score_texts
     from imdb_dist.export import load_model
+    from imdb_dist.storage import local_copy
 
-    model = load_model(args.model)
+    with local_copy(args.model, "--model") as path:
+        model = load_model(path)
     # The validation split must be carved exactly as in training.
     data = DataConfig(
         source=args.source,
@@ -110,9 +116,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from imdb_dist.evaluate import label_of, score_texts
     from imdb_dist.export import load_model
+    from imdb_dist.storage import local_copy
 
     keyed = _predict_inputs(args)
-    model = load_model(args.model)
+    import_tensorflow_quietly()
+    with local_copy(args.model, "--model") as path:
+        model = load_model(path)
     scores = score_texts(model, [text for _, text in keyed])
     for (key, _), score in zip(keyed, scores, strict=True):
         print(json.dumps({**key, "score": round(float(score), 6), "label": label_of(float(score))}))

@@ -7,6 +7,14 @@ workers. Ray Train sets ``TF_CONFIG`` in each, so ``imdb_dist.train.run``
 builds a MultiWorkerMirroredStrategy; rank 0 is the chief and the only
 worker that writes to the run directory.
 
+Storage: ``ray.storage_path`` is a local (or NFS) path, or a URI
+(``s3://``, ``gs://``, ``abfs://``, ``hdfs://``; :mod:`imdb_dist.storage`).
+With a URI nothing needs a shared filesystem: the driver uploads the
+prepared data, each worker downloads the shards it reads, the chief works
+in a local directory and uploads the run's files after every checkpoint
+(the metrics and TensorBoard events) and at the end (the model, then
+``report.json`` last), and Ray Train moves the checkpoints.
+
 Fault tolerance: each checkpoint (every epoch, and every
 ``run.checkpoint_steps`` optimizer steps) is handed to Ray Train as a
 ``ray.train.Checkpoint``. When a worker dies, Ray restarts the worker group
@@ -21,22 +29,26 @@ with the same ``name`` and ``storage_path`` resumes the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import tf_keras as keras
-
-from imdb_dist import rundir
+from imdb_dist import rundir, storage
 from imdb_dist.config import Config, config_from_dict, to_dict
-from imdb_dist.data import shards
 from imdb_dist.data.sources import load_reviews
-from imdb_dist.errors import ConfigError, DataError, RunError
-from imdb_dist.logs import setup_logging
+from imdb_dist.errors import ConfigError, DataError, InputError, RunError
+from imdb_dist.logs import import_tensorflow_quietly, setup_logging
+
+# Nothing TensorFlow at import time: a Ray worker imports this module to
+# run _worker_loop, which imports TensorFlow with its start-up lines filtered.
+if TYPE_CHECKING:
+    import tf_keras as keras
 
 log = logging.getLogger(__name__)
 
@@ -47,34 +59,77 @@ WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def run_dir_of(cfg: Config) -> Path:
-    """Ray's run directory, ``storage_path/name`` (absolute: workers may start elsewhere)."""
-    return Path(cfg.ray.storage_path).expanduser().resolve() / cfg.ray.name
+def run_location(cfg: Config) -> storage.Location:
+    """Ray's run directory, ``storage_path/name`` (a local path made absolute: workers may start elsewhere)."""
+    return storage.parse(cfg.ray.storage_path, "ray.storage_path").child(cfg.ray.name)
 
 
-def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = ()) -> Path:
+def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = ()) -> storage.Location:
     """Prepare the data, run the Ray Train job to the end, and return the run directory.
 
     Args:
         cfg: the job; its ``ray`` section sizes the cluster job.
-        worker_callbacks: extra Keras callbacks for every worker's ``fit``
-            (pickled to the workers).
+        worker_callbacks: extra Keras callbacks for every worker's training
+            loop (pickled to the workers).
 
     Raises:
-        InputError: bad config or data (found before any worker starts).
+        InputError: bad config, data or storage (found before any worker starts).
         RunError: the workers failed more often than ``ray.max_failures``.
     """
-    run_dir = run_dir_of(cfg)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run_dir)))
+    run = run_location(cfg)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run)))
     _check_replicas(cfg)
-    rundir.check_writable(run_dir)
-    if rundir.already_complete(run_dir, cfg):
-        log.info("%s already holds a complete run of this config; nothing to do", run_dir)
-        return run_dir
-    prepare(cfg, run_dir)
+    if run.local:
+        run_dir = run.local_path()
+        rundir.check_writable(run_dir)
+        if rundir.already_complete(run_dir, cfg):
+            log.info("%s already holds a complete run of this config; nothing to do", run)
+            return run
+        prepare(cfg, run_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="imdb-dist-driver-") as mirror:
+            if not _prepare_remote(cfg, run, Path(mirror)):
+                log.info("%s already holds a complete run of this config; nothing to do", run)
+                return run
     _connect()
-    _fit(cfg, run_dir, list(worker_callbacks))
-    return run_dir
+    _fit(cfg, run, list(worker_callbacks))
+    return run
+
+
+def _prepare_remote(cfg: Config, run: storage.Location, mirror: Path) -> bool:
+    """:func:`prepare` for a run on remote storage, through a local mirror of its small files.
+
+    Returns False when the run is already complete (nothing is written then).
+    """
+    from imdb_dist.data import shards
+
+    manifest = f"{PREPARED}/{shards.MANIFEST}"
+    try:
+        storage.download(run, mirror, only=[rundir.CONFIG, rundir.REPORT, rundir.VOCAB, manifest])
+        foreign = not (mirror / rundir.CONFIG).exists() and storage.has_files(run)
+    except OSError as exc:
+        raise InputError(f"ray.storage_path {run}: cannot read there: {storage.reason(exc)}") from None
+    if foreign:
+        raise InputError(f"ray.storage_path: {run} is not empty and holds no {rundir.CONFIG}: not an imdb-dist run")
+    # Decided before any write, so resubmitting a finished job changes nothing in the bucket.
+    if rundir.already_complete(mirror, cfg):
+        return False
+    storage.check_writable(run, "ray.storage_path")
+    prepared_before = (mirror / manifest).exists() and (mirror / rundir.VOCAB).exists()
+    prepare(cfg, mirror)
+    # As rundir.begin: the stale report goes first, then the config.
+    storage.delete(run.child(rundir.REPORT))
+    storage.upload(mirror / rundir.CONFIG, run.child(rundir.CONFIG))
+    if not prepared_before:
+        storage.upload(mirror / rundir.VOCAB, run.child(rundir.VOCAB))
+        data = mirror / PREPARED
+        # The shards before the manifest: a manifest only ever names files that are there.
+        for file in sorted(data.iterdir()):
+            if file.name != shards.MANIFEST:
+                storage.upload(file, run.child(PREPARED, file.name))
+        storage.upload(data / shards.MANIFEST, run.child(PREPARED, shards.MANIFEST))
+        log.info("uploaded the prepared data to %s", run.child(PREPARED))
+    return True
 
 
 def _check_replicas(cfg: Config) -> None:
@@ -103,7 +158,7 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
     Raises:
         DataError: the source is missing or malformed (nothing is written then).
     """
-    from imdb_dist.data import pipeline
+    from imdb_dist.data import pipeline, shards
 
     target = run_dir / PREPARED
     if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
@@ -147,17 +202,14 @@ def _connect() -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 
 
-def _fit(cfg: Config, run_dir: Path, worker_callbacks: list[keras.callbacks.Callback]) -> None:
+def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callbacks.Callback]) -> None:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    parent = posixpath.dirname(run.path)
     trainer = TensorflowTrainer(
         _worker_loop,
-        train_loop_config={
-            "config": to_dict(cfg),
-            "prepared": str(run_dir / PREPARED),
-            "callbacks": worker_callbacks,
-        },
+        train_loop_config={"config": to_dict(cfg), "callbacks": worker_callbacks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -165,7 +217,9 @@ def _fit(cfg: Config, run_dir: Path, worker_callbacks: list[keras.callbacks.Call
         ),
         run_config=ray.train.RunConfig(
             name=cfg.ray.name,
-            storage_path=str(run_dir.parent),
+            # Ray Train writes its checkpoints through the same pyarrow filesystem.
+            storage_path=parent,
+            storage_filesystem=run.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
             worker_runtime_env={"env_vars": WORKER_ENV},
@@ -177,7 +231,7 @@ def _fit(cfg: Config, run_dir: Path, worker_callbacks: list[keras.callbacks.Call
         cause = _root_cause(exc)
         raise RunError(
             f"the Ray Train run failed (ray.max_failures={cfg.ray.max_failures} exhausted): {cause}; "
-            f"resubmit to resume from the last checkpoint in {run_dir}"
+            f"resubmit to resume from the last checkpoint in {run}"
         ) from exc
 
 
@@ -193,20 +247,39 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     """One Ray Train worker: restore the latest checkpoint, then ``imdb_dist.train.run``."""
     import ray.train
 
-    from imdb_dist.train import run
-
     setup_logging()
+    import_tensorflow_quietly()
+    from imdb_dist.train import run as train
+
     cfg = config_from_dict(payload["config"])
-    chief = ray.train.get_context().get_world_rank() == 0
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    chief = rank == 0
+    # Where each rank runs and which hosts its TF_CONFIG (set by Ray Train) names: what to check first
+    # when a multi-node job hangs in its first collective.
+    hosts = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+    placement = {"rank": rank, "node": ray.util.get_node_ip_address(), "tf_config_workers": hosts}
+    log.info("worker placement: %s", json.dumps(placement))
+    run = storage.parse(cfg.run.output_dir, "run.output_dir")
+    scratch = Path(tempfile.mkdtemp(prefix="imdb-dist-worker-"))
     # Per-worker local copy of the checkpoint: the training loop reads and
     # writes it; Ray Train moves it to and from storage_path.
-    local = Path(tempfile.mkdtemp(prefix="imdb-dist-ckpt-"))
+    local = scratch / "checkpoint"
+    local.mkdir()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         checkpoint.to_directory(str(local))
         log.info("restoring from the Ray Train checkpoint %s", checkpoint.path)
+    if run.local:
+        work = run.local_path()
+    else:
+        work = _fetch_worker_files(run, scratch / "run", chief=chief, world=world, rank=rank)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work)))
 
     def hand_to_ray(metrics: dict[str, Any]) -> None:
+        if chief and not run.local:
+            # The epoch lines and curves so far, before Ray records the checkpoint.
+            _upload_progress(work, run)
         # A barrier: every worker calls it after every save, rank 0 uploads.
         ray.train.report(
             {k: float(v) for k, v in metrics.items()},
@@ -214,12 +287,49 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         )
 
     try:
-        run(
+        train(
             cfg,
-            prepared=Path(payload["prepared"]),
+            prepared=work / PREPARED,
             backup_dir=local,
             after_checkpoint=hand_to_ray,
             extra_callbacks=payload["callbacks"],
         )
+        if chief and not run.local:
+            _publish(work, run)
     finally:
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool, world: int, rank: int) -> Path:
+    """A local working copy of what this worker reads: config, vocabulary, its shards (the chief: its logs too)."""
+    from imdb_dist.data import shards
+
+    names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
+    if chief:
+        names.append(rundir.METRICS)
+    storage.download(run, work, only=names)
+    manifest = shards.read_manifest(work / PREPARED)
+    if manifest is None:
+        raise RunError(f"{run.child(PREPARED)} holds no prepared data")
+    splits = manifest["splits"]
+    needed = [*shards.worker_files(splits["train"]["files"], world, rank), *splits["validation"]["files"]]
+    storage.download(run.child(PREPARED), work / PREPARED, only=needed)
+    if chief:
+        storage.download(run.child(rundir.TENSORBOARD), work / rundir.TENSORBOARD)
+    return work
+
+
+def _upload_progress(work: Path, run: storage.Location) -> None:
+    for name in (rundir.METRICS, rundir.TENSORBOARD):
+        if (work / name).exists():
+            storage.upload(work / name, run.child(name))
+
+
+def _publish(work: Path, run: storage.Location) -> None:
+    """Upload the finished run: the model, curves and logs first, ``report.json`` last (it marks completion)."""
+    storage.upload(work / rundir.MODEL, run.child(rundir.MODEL))
+    for name in (rundir.CURVES, rundir.METRICS, rundir.TENSORBOARD):
+        if (work / name).exists():
+            storage.upload(work / name, run.child(name))
+    storage.upload(work / rundir.REPORT, run.child(rundir.REPORT))
+    log.info("uploaded the model and report to %s", run)

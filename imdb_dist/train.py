@@ -143,6 +143,12 @@ def run(
             last good checkpoint is kept); ``Interrupted`` after a stop request.
     """
     started = time.perf_counter()
+    if "://" in cfg.run.output_dir:
+        raise ConfigError(
+            "run.output_dir",
+            f"{cfg.run.output_dir}: imdb-dist train writes to a local or mounted path; "
+            "for cloud storage use imdb-dist launch with ray.storage_path set to the URI",
+        )
     worker = _start_worker(cfg)
     run_dir = Path(cfg.run.output_dir)
     if prepared is not None:

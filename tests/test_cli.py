@@ -220,3 +220,48 @@ def test_the_ray_job_entrypoint_runs_launch() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: imdb-dist launch" in proc.stdout and "--config" in proc.stdout
+
+
+# Our log lines: "2026-11-27 11:27:13,123 INFO imdb_dist.train: ...".
+OUR_LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) imdb_dist\.[\w.]+: "
+
+
+def test_a_healthy_run_prints_only_our_lines(trained_run: Path, tmp_path: Path) -> None:
+    """No TensorFlow C++ start-up lines (absl notice, CUDA stubs, CPU features, cuInit) on stderr."""
+    import re
+
+    from conftest import installed_script
+
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    commands = [
+        ["train", *sets(tiny_overrides(data, tmp_path / "run"))],
+        ["predict", "--model", str(trained_run / rundir.MODEL), GOOD],
+    ]
+    for command in commands:
+        proc = subprocess.run(
+            [installed_script("imdb-dist"), *command], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        foreign = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(OUR_LOG_LINE, line)]
+        assert not foreign, f"imdb-dist {command[0]} printed lines that are not ours: {foreign[:5]}"
+        if command[0] == "train":
+            assert "done: validation accuracy" in proc.stderr
+
+
+def test_the_start_up_filter_keeps_every_line_that_is_not_start_up_noise() -> None:
+    script = (
+        "import os, sys; from imdb_dist.logs import native_startup_filtered\n"
+        "with native_startup_filtered():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 00:00:1795779347.209620   16682 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
+        "    os.write(2, b'E0000 00:00:1795779347.2   16682 cuda_executor.cc:1] failed call to cuInit: UNKNOWN (303)\\n')\n"
+        "    os.write(2, b'E0000 00:00:1795779347.2   16682 op_kernel.cc:1] a real native error\\n')\n"
+        "    print('a python line', file=sys.stderr)\n"
+        "    raise SystemExit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stderr.splitlines() == [
+        "E0000 00:00:1795779347.2   16682 op_kernel.cc:1] a real native error",
+        "a python line",
+    ]

@@ -106,7 +106,7 @@ def events(path: Path) -> list[tuple[int, int, int, str, str]]:
 
 def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: Path) -> None:
     log = tmp_path / "events.txt"
-    run_dir = launch(ray_config(tmp_path), worker_callbacks=[RecordEpochs(str(log))])
+    run_dir = launch(ray_config(tmp_path), worker_callbacks=[RecordEpochs(str(log))]).local_path()
     assert run_dir == tmp_path / "storage" / "job"
     rows = events(log)
     assert {rank for _, rank, *_ in rows} == {0, 1}
@@ -130,7 +130,7 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     log = tmp_path / "events.txt"
     fault = FailOnce(str(tmp_path / "failed-once"), rank=1, epoch=2, step=5)
     cfg = ray_config(tmp_path, "train.epochs=3", "ray.max_failures=1")
-    run_dir = launch(cfg, worker_callbacks=[fault, RecordEpochs(str(log))])
+    run_dir = launch(cfg, worker_callbacks=[fault, RecordEpochs(str(log))]).local_path()
     assert (tmp_path / "failed-once").exists(), "the fault was never injected"
     for rank in (0, 1):
         begun = [epoch for _, r, epoch, event, _ in events(log) if r == rank and event == "begin"]
@@ -144,11 +144,12 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
 
 def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(cluster, tmp_path: Path) -> None:
     settings = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1")
-    reference = launch(ray_config(tmp_path / "uninterrupted", *settings))
+    reference = launch(ray_config(tmp_path / "uninterrupted", *settings)).local_path()
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
     kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
-    run_dir = launch(ray_config(tmp_path / "killed", *settings), worker_callbacks=[kill, RecordEpochs(str(log))])
+    callbacks = [kill, RecordEpochs(str(log))]
+    run_dir = launch(ray_config(tmp_path / "killed", *settings), worker_callbacks=callbacks).local_path()
     assert (tmp_path / "killed-once").exists(), "the worker was never killed"
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
     assert begun == [1, 2, 2], begun  # the restarted group resumed inside epoch 2
@@ -166,7 +167,7 @@ def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: P
     log = tmp_path / "events.txt"
     launch(ray_config(tmp_path, "train.epochs=1"), worker_callbacks=[RecordEpochs(str(log))])
     # The same name and storage_path, more epochs: a new Ray Train run picks up the checkpoint.
-    run_dir = launch(ray_config(tmp_path, "train.epochs=2"), worker_callbacks=[RecordEpochs(str(log))])
+    run_dir = launch(ray_config(tmp_path, "train.epochs=2"), worker_callbacks=[RecordEpochs(str(log))]).local_path()
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 0 and event == "begin"]
     assert begun == [1, 2]
     report = json.loads((run_dir / rundir.REPORT).read_text())

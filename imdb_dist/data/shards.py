@@ -81,29 +81,36 @@ def split_files(directory: Path, split: str) -> list[str]:
     return [str(directory / name) for name in manifest["splits"][split]["files"]]
 
 
+def worker_files(files: Sequence[str], num_workers: int = 1, index: int = 0) -> list[str]:
+    """The files worker ``index`` reads: its own ones (FILE sharding) when they divide evenly, else all."""
+    files = list(files)
+    return files[index::num_workers] if file_sharded(len(files), num_workers) else files
+
+
+def file_sharded(num_files: int, num_workers: int) -> bool:
+    return num_workers > 1 and num_files % num_workers == 0
+
+
 def examples(files: Sequence[str], num_workers: int = 1, index: int = 0) -> tf.data.Dataset:
     """``(text, label)`` examples of this worker's part of ``files``.
 
     FILE sharding when the files divide evenly among the workers (each
-    worker reads only its own files); otherwise DATA sharding (every worker
-    reads all files and keeps every ``num_workers``-th example), with a
-    warning. Either way the workers' shares differ by a few examples at
-    most (:func:`worker_sizes`), so every worker's pass over its share takes
-    the same number of steps, give or take one.
+    worker reads only its own files, :func:`worker_files`); otherwise DATA
+    sharding (every worker reads all files and keeps every
+    ``num_workers``-th example), with a warning. Either way the workers'
+    shares differ by a few examples at most (:func:`worker_sizes`), so every
+    worker's pass over its share takes the same number of steps, give or
+    take one.
     """
-    files = list(files)
-    if num_workers > 1 and len(files) % num_workers == 0:
-        dataset = tf.data.TFRecordDataset(files[index::num_workers])
-    else:
-        dataset = tf.data.TFRecordDataset(files)
-        if num_workers > 1:
-            log.warning(
-                "%d shard files do not divide among %d workers: DATA sharding (each worker reads every file); "
-                "a ray.num_shards that is a multiple of ray.num_workers lets each worker read only its own",
-                len(files),
-                num_workers,
-            )
-            dataset = dataset.shard(num_workers, index)
+    dataset = tf.data.TFRecordDataset(worker_files(files, num_workers, index))
+    if num_workers > 1 and not file_sharded(len(files), num_workers):
+        log.warning(
+            "%d shard files do not divide among %d workers: DATA sharding (each worker reads every file); "
+            "a ray.num_shards that is a multiple of ray.num_workers lets each worker read only its own",
+            len(files),
+            num_workers,
+        )
+        dataset = dataset.shard(num_workers, index)
     return dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -114,7 +121,7 @@ def strided_sizes(n: int, parts: int) -> list[int]:
 
 def worker_sizes(n: int, num_files: int, num_workers: int) -> list[int]:
     """Examples each worker gets from :func:`examples` over ``num_files`` round-robin-written shards of ``n``."""
-    if num_workers > 1 and num_files % num_workers == 0:
+    if file_sharded(num_files, num_workers):
         per_file = strided_sizes(n, num_files)
         return [sum(per_file[w::num_workers]) for w in range(num_workers)]
     return strided_sizes(n, num_workers)
