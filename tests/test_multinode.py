@@ -6,8 +6,8 @@ have; the only shared thing they use is the S3 server (moto, on the head's
 address), so the run directory, the prepared shards and the checkpoints
 travel over the network. The cluster is started as the README says on a
 fresh machine: `ray get-auth-token --generate`, `ray start --head`, the token
-copied to the second host, `ray start --address=...`, then
-`RAY_AUTH_MODE=token ray job submit`.
+copied to the second host, `RAY_AUTH_MODE=token ray start --address=...`,
+then `RAY_AUTH_MODE=token ray job submit`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(hosts, tmp_pa
         home.mkdir()
     # Short paths: Ray's unix sockets live in the temp dir.
     temps = {name: tempfile.mkdtemp(prefix=f"ray{name[0]}-", dir="/tmp") for name in ("head", "worker")}
-    env = {**CREDENTIALS, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # "1": a real multi-node cluster (the test session sets 0, loopback-only single-node mode).
+    env = {**CREDENTIALS, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     procs: list[subprocess.Popen] = []
 
     def start(command: list[str], log: str) -> subprocess.Popen:
@@ -144,7 +145,9 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(hosts, tmp_pa
                                               **client), capture_output=True).returncode == 0, "the head", head)
         worker = start(in_ns(worker_ns, homes["worker"], ray, "start", "--block", f"--address={HEAD}:{GCS_PORT}",
                              f"--node-ip-address={WORKER}", "--num-cpus=1", f"--temp-dir={temps['worker']}",
-                             **env), "worker.log")
+                             # A joining node reads its token file only in token mode (measured: without
+                             # it, "InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'").
+                             RAY_AUTH_MODE="token", **env), "worker.log")
         nodes = (f"import ray, json; ray.init(address='{HEAD}:{GCS_PORT}');"
                  "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
         wait_for(lambda: json.loads((subprocess.run(
