@@ -78,6 +78,16 @@ def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf
     return train
 
 
+def _barrier(strategy: tf.distribute.Strategy) -> None:
+    """Return once every replica of every worker has called this (one all-reduce of a scalar)."""
+
+    def meet() -> tf.Tensor:
+        context = tf.distribute.get_replica_context()
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0))
+
+    tf.function(lambda: strategy.run(meet))()
+
+
 @dataclasses.dataclass
 class TrainingLoop:
     """Trains ``model`` from ``state``'s position to the end of ``schedule`` (or an early stop).
@@ -110,6 +120,10 @@ class TrainingLoop:
             RunError: a checkpoint could not be written, or a callback stopped the run.
         """
         train = make_train_function(self.model)
+        # Workers get here at different times (process start, tokenizing their
+        # share): meet before the clock starts, or the first step's all-reduce
+        # absorbs the wait and the early worker's first epoch reads slower.
+        _barrier(self.model.distribute_strategy)
         self.callbacks.on_train_begin()
         self.stop.deferring = True
         try:
