@@ -114,12 +114,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    keyed = _predict_inputs(args)  # bad input fails before TensorFlow loads
+    import_tensorflow_quietly()
     from imdb_dist.evaluate import label_of, score_texts
     from imdb_dist.export import load_model
     from imdb_dist.storage import local_copy
 
-    keyed = _predict_inputs(args)
-    import_tensorflow_quietly()
     with local_copy(args.model, "--model") as path:
         model = load_model(path)
     scores = score_texts(model, [text for _, text in keyed])
