@@ -154,6 +154,47 @@ def test_storage_that_cannot_be_written_fails_in_one_line_before_anything_starts
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "something was written locally"
 
 
+def test_without_credentials_a_store_that_checks_them_is_refused_in_one_line(tmp_path: Path) -> None:
+    """moto in IAM mode: after the first (bucket-creating) request, unsigned requests are rejected."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
+    )
+    try:
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+            aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap",
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="locked")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert time.monotonic() < deadline, "moto_server did not come up"
+                time.sleep(0.5)
+        data = write_aclimdb(tmp_path / "data", {"train": 100})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        home = tmp_path / "home"  # no ~/.aws either
+        home.mkdir()
+        env.update(HOME=str(home), AWS_EC2_METADATA_DISABLED="true")
+        target = f"s3://locked/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+        result = launch_cli(*tiny_overrides(data, tmp_path / "unused"), f"ray.storage_path={target}",
+                            cwd=tmp_path, env=env)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ray.storage_path" in errors[0] and "cannot" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "home"], "something was written locally"
+
+
 def test_plain_train_refuses_a_uri_instead_of_writing_a_local_s3_directory(s3: str, tmp_path: Path) -> None:
     from conftest import installed_script
 
