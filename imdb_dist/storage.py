@@ -9,9 +9,10 @@ config file.
 
 TensorFlow reads and writes local files only (its cloud filesystems left
 the core wheel), so a run on remote storage works in a local directory and
-this module copies files between the two. One object is one PUT: a reader
-sees the whole file or none of it, so every upload here is as atomic as
-:func:`imdb_dist.rundir.atomic_write` is locally.
+the functions below copy files between the two. They take remote
+locations only: a local run directory is written in place, atomically, by
+:mod:`imdb_dist.rundir`. On object stores one file is one object, which
+appears whole when its upload completes or not at all.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import posixpath
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +27,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from imdb_dist.errors import InputError
-from imdb_dist.rundir import atomic_write
 
 _PROBE = ".imdb-dist-write-probe"
 
@@ -60,6 +59,11 @@ class Location:
         return self.uri
 
 
+def is_uri(location: str) -> bool:
+    """True for ``scheme://...``; anything else is a local path."""
+    return "://" in location
+
+
 def parse(location: str, key: str) -> Location:
     """A local path (``~`` expanded, made absolute) or a filesystem URI.
 
@@ -67,7 +71,7 @@ def parse(location: str, key: str) -> Location:
         InputError: a URI whose scheme or form ``pyarrow.fs`` rejects (``key``
             names the config key or option in the message).
     """
-    if "://" not in location:
+    if not is_uri(location):
         return Location(None, str(Path(location).expanduser().resolve()), str(Path(location).expanduser().resolve()))
     try:
         filesystem, path = pafs.FileSystem.from_uri(location)
@@ -94,102 +98,72 @@ def check_writable(location: Location, key: str) -> None:
         raise InputError(f"{key} {location}: cannot write there: {reason(exc)}") from None
 
 
-def exists(location: Location) -> bool:
-    if location.local:
-        return Path(location.path).exists()
-    return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
-
-
 def has_files(location: Location) -> bool:
     """True if ``location`` is a file, or a directory with a file anywhere below it."""
-    if location.local:
-        path = Path(location.path)
-        return path.is_file() or (path.is_dir() and any(p.is_file() for p in path.rglob("*")))
-    kind = location.filesystem.get_file_info(location.path).type
+    filesystem = _remote(location)
+    kind = filesystem.get_file_info(location.path).type
     if kind != pafs.FileType.Directory:
         return kind == pafs.FileType.File
     selector = pafs.FileSelector(location.path, recursive=True)
-    return any(info.type == pafs.FileType.File for info in location.filesystem.get_file_info(selector))
+    return any(info.type == pafs.FileType.File for info in filesystem.get_file_info(selector))
 
 
 def read_bytes(location: Location) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
-    if location.local:
-        path = Path(location.path)
-        return path.read_bytes() if path.is_file() else None
-    if location.filesystem.get_file_info(location.path).type != pafs.FileType.File:
+    filesystem = _remote(location)
+    if filesystem.get_file_info(location.path).type != pafs.FileType.File:
         return None
-    with location.filesystem.open_input_stream(location.path) as stream:
+    with filesystem.open_input_stream(location.path) as stream:
         return stream.read()
 
 
 def write_bytes(location: Location, data: bytes) -> None:
-    """Replace the file (one PUT on object stores: readers never see part of it)."""
-    if location.local:
-        atomic_write(Path(location.path), data)
-        return
-    location.filesystem.create_dir(posixpath.dirname(location.path), recursive=True)
-    with location.filesystem.open_output_stream(location.path) as stream:
+    """Replace the file with ``data``."""
+    filesystem = _remote(location)
+    filesystem.create_dir(posixpath.dirname(location.path), recursive=True)
+    with filesystem.open_output_stream(location.path) as stream:
         stream.write(data)
 
 
 def delete(location: Location) -> None:
     """Remove a file or a directory tree; nothing to remove is fine."""
-    if location.local:
-        path = Path(location.path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-        return
-    kind = location.filesystem.get_file_info(location.path).type
+    filesystem = _remote(location)
+    kind = filesystem.get_file_info(location.path).type
     if kind == pafs.FileType.Directory:
-        location.filesystem.delete_dir(location.path)
+        filesystem.delete_dir(location.path)
     elif kind == pafs.FileType.File:
-        location.filesystem.delete_file(location.path)
+        filesystem.delete_file(location.path)
 
 
 def upload(source: Path, target: Location) -> None:
     """Copy a local file, or a directory tree file by file, to ``target``."""
-    if source.is_dir():
-        for file in sorted(p for p in source.rglob("*") if p.is_file()):
-            upload(file, target.child(*file.relative_to(source).parts))
-    else:
-        write_bytes(target, source.read_bytes())
+    pafs.copy_files(
+        str(source), target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=_remote(target)
+    )
 
 
 def download(source: Location, target: Path, only: Iterable[str] | None = None) -> bool:
     """Copy a file or a directory tree (or just the files ``only`` names, relative to it) to ``target``.
 
-    Returns False when ``source`` does not exist.
+    Returns False when nothing was there to copy.
     """
     if only is not None:
-        found = False
-        for name in only:
-            found |= download(source.child(*name.split("/")), target / name)
-        return found
-    if source.local:
-        path = Path(source.path)
-        if not path.exists():
-            return False
-        if path.is_dir():
-            shutil.copytree(path, target, dirs_exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-        return True
-    kind = source.filesystem.get_file_info(source.path).type
-    if kind == pafs.FileType.NotFound:
+        found = [download(source.child(*name.split("/")), target / name) for name in only]
+        return any(found)
+    filesystem = _remote(source)
+    if filesystem.get_file_info(source.path).type == pafs.FileType.NotFound:
         return False
-    if kind == pafs.FileType.File:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(source) or b"")
-        return True
-    for info in source.filesystem.get_file_info(pafs.FileSelector(source.path, recursive=True)):
-        if info.type == pafs.FileType.File:
-            relative = posixpath.relpath(info.path, source.path)
-            download(source.child(*relative.split("/")), target / relative)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(
+        source.path, str(target), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem()
+    )
     return True
+
+
+def _remote(location: Location) -> pafs.FileSystem:
+    if location.filesystem is None:
+        raise ValueError(f"{location} is a local path: the run directory there is written in place")
+    return location.filesystem
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist import __version__, rundir
+from imdb_dist import __version__, rundir, storage
 from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
@@ -143,7 +143,7 @@ def run(
             last good checkpoint is kept); ``Interrupted`` after a stop request.
     """
     started = time.perf_counter()
-    if "://" in cfg.run.output_dir:
+    if storage.is_uri(cfg.run.output_dir):
         raise ConfigError(
             "run.output_dir",
             f"{cfg.run.output_dir}: imdb-dist train writes to a local or mounted path; "

@@ -195,11 +195,11 @@ def test_without_credentials_a_store_that_checks_them_is_refused_in_one_line(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "home"], "something was written locally"
 
 
-def test_plain_train_refuses_a_uri_instead_of_writing_a_local_s3_directory(s3: str, tmp_path: Path) -> None:
+def test_plain_train_refuses_a_uri_instead_of_writing_a_local_s3_directory(tmp_path: Path) -> None:
     from conftest import installed_script
 
     data = write_aclimdb(tmp_path / "data", {"train": 100})
-    sets = [*tiny_overrides(data, tmp_path / "unused"), f"run.output_dir={uri(s3, 'plain')}"]
+    sets = [*tiny_overrides(data, tmp_path / "unused"), f"run.output_dir={uri('127.0.0.1:9', 'plain')}"]
     result = subprocess.run(
         [installed_script("imdb-dist"), "train", *[arg for item in sets for arg in ("--set", item)]],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
