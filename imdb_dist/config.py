@@ -23,6 +23,7 @@ Source = Literal["auto", "aclimdb", "tfds", "keras"]
 Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
 Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 Schedule = Literal["constant", "cosine"]
+EmbeddingGradient = Literal["auto", "dense", "sparse"]
 
 
 def _check_range(
@@ -119,6 +120,10 @@ class DistributionConfig:
     strategy: Strategy = "auto"
     # mirrored only: explicit devices (e.g. ["/gpu:0", "/gpu:1"]); empty = all GPUs.
     devices: tuple[str, ...] = ()
+    # How replicas combine the embedding's gradient (imdb_dist.aggregation):
+    # gather its rows (sparse), all-reduce the dense table (dense), or
+    # whichever sends fewer bytes at a full-length batch (auto).
+    embedding_gradient: EmbeddingGradient = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,24 @@ def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def size_thread_pools(cpus: float) -> int:
+    """Size TensorFlow's intra- and inter-op thread pools to ``cpus`` (at least 1); returns the size.
+
+    By default each pool has a thread per core of the machine, so workers
+    sharing a node each run as many threads as it has cores and slow each
+    other down. A Ray worker calls this with the CPUs Ray gave it, before
+    anything initialises the TensorFlow runtime (``imdb-dist train`` keeps
+    the defaults: it has the machine to itself).
+
+    Raises:
+        RuntimeError: the runtime is already initialised (TensorFlow refuses then).
+    """
+    threads = max(1, int(cpus))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    return threads
+
+
 def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:
     """``(num_workers, this worker's index)``: ``(1, 0)`` unless multi-worker.
 

@@ -249,6 +249,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
 
     setup_logging()
     import_tensorflow_quietly()
+    from imdb_dist.distribute import size_thread_pools
     from imdb_dist.train import run as train
 
     cfg = config_from_dict(payload["config"])
@@ -258,7 +259,16 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     # Where each rank runs and which hosts its TF_CONFIG (set by Ray Train) names: what to check first
     # when a multi-node job hangs in its first collective.
     hosts = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    placement = {"rank": rank, "node": ray.util.get_node_ip_address(), "tf_config_workers": hosts}
+    # The CPUs Ray gave this worker, not the node's cores: co-located workers would oversubscribe them.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    threads = size_thread_pools(cpus) if cpus else None
+    placement = {
+        "rank": rank,
+        "node": ray.util.get_node_ip_address(),
+        "tf_config_workers": hosts,
+        "cpus": cpus,
+        "tf_threads": threads,
+    }
     log.info("worker placement: %s", json.dumps(placement))
     run = storage.parse(cfg.run.output_dir, "run.output_dir")
     scratch = Path(tempfile.mkdtemp(prefix="imdb-dist-worker-"))

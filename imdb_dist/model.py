@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tf_keras as keras
 
+from imdb_dist.aggregation import Adam
 from imdb_dist.config import ModelConfig
 from imdb_dist.dropout import FastDropout
 
@@ -52,7 +53,9 @@ def min_length(cfg: ModelConfig) -> int:
     return cfg.kernel_size + cfg.pool_size - 1
 
 
-def compile_model(model: keras.Model, learning_rate: float, decay_steps: int = 0) -> None:
+def compile_model(
+    model: keras.Model, learning_rate: float, decay_steps: int = 0, *, dense_sparse_gradients: bool = False
+) -> None:
     """Adam + binary cross-entropy, tracking accuracy.
 
     ``decay_steps > 0`` decays the learning rate to 0 along a cosine over
@@ -61,10 +64,13 @@ def compile_model(model: keras.Model, learning_rate: float, decay_steps: int = 0
 
     Under a ``mixed_float16`` policy tf_keras wraps Adam in a
     LossScaleOptimizer here, so float16 gradients do not underflow.
+
+    ``dense_sparse_gradients``: replicas all-reduce the embedding's gradient
+    as a dense table instead of gathering its rows (:mod:`imdb_dist.aggregation`).
     """
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     model.compile(
-        optimizer=keras.optimizers.Adam(rate),
+        optimizer=Adam(rate, dense_sparse_gradients=dense_sparse_gradients),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
     )

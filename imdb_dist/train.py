@@ -22,7 +22,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist import __version__, rundir, storage
+from imdb_dist import __version__, aggregation, rundir, storage
 from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
@@ -265,7 +265,12 @@ def _train(
     with worker.strategy.scope(), precision_policy(worker.precision):
         model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
         decay_steps = steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0
-        compile_model(model, cfg.train.learning_rate, decay_steps=decay_steps)
+        compile_model(
+            model,
+            cfg.train.learning_rate,
+            decay_steps=decay_steps,
+            dense_sparse_gradients=_dense_embedding_gradient(cfg, worker, vectorizer.vocabulary_size()),
+        )
     build_metrics(model, tf.zeros([1, 1], tf.int32))
     # Masks keyed on (train.seed, optimizer step, replica): restored with the step counter.
     key_on_step(model, model.optimizer.iterations, cfg.train.seed)
@@ -302,6 +307,25 @@ def _train(
         stop=stop or StopRequest(),
     ).run()
     return model
+
+
+def _dense_embedding_gradient(cfg: Config, worker: Worker, vocab: int) -> bool:
+    per_replica = cfg.train.batch_size // worker.replicas
+    dim, replicas = cfg.model.embedding_dim, worker.replicas
+    rows = per_replica * cfg.data.max_len
+    dense = aggregation.dense_embedding_gradient(
+        cfg.distribution.embedding_gradient, replicas=replicas, rows=rows, vocab=vocab, dim=dim
+    )
+    if replicas > 1:
+        log.info(
+            "embedding gradient: %s all-reduce (%s); per replica and step, gathering a full-length batch "
+            "sends %.1f MB, the dense all-reduce %.1f MB",
+            "dense" if dense else "sparse (gathered rows)",
+            cfg.distribution.embedding_gradient,
+            aggregation.gathered_bytes(rows, dim, replicas) / 1e6,
+            aggregation.reduced_bytes(vocab, dim, replicas) / 1e6,
+        )
+    return dense
 
 
 def steps_per_epoch(cfg: Config, data: TrainingData, worker: Worker) -> int:
