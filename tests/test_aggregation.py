@@ -8,7 +8,6 @@ MultiWorkerMirroredStrategy with two real worker processes on loopback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
