@@ -352,7 +352,13 @@ def _epoch_data(
 
     def epoch_data(epoch: int, first_step: int) -> Any:
         plan = pipeline.epoch_plan(
-            encoded.lengths, batch_size=per_worker, seed=cfg.data.seed, epoch=epoch, worker=worker.index, pool=pool
+            encoded.lengths,
+            batch_size=per_worker,
+            seed=cfg.data.seed,
+            epoch=epoch,
+            worker=worker.index,
+            pool=pool,
+            steps=steps,
         )
         batches = pipeline.split_for_replicas(plan, local_replicas, steps)[first_step * local_replicas :]
         return worker.strategy.distribute_datasets_from_function(

@@ -370,6 +370,36 @@ def test_the_epoch_plan_is_a_function_of_seed_epoch_and_worker(pool):
     assert sorted(len(batch) for batch in first) == [2] + [4] * 12  # pools are whole batches: one short batch
 
 
+@pytest.mark.parametrize("extra", [0, 9])
+def test_bucketed_workers_train_on_batches_of_the_same_length_rank_at_each_step(extra):
+    """A synchronous step waits for its widest batch: at each step every worker's batch has the same rank.
+
+    Each worker keeps its own examples and order within batches; the order
+    of batches by length rank is shared. A worker with fewer batches (here 3
+    fewer) spreads its ranks over the steps and gets empty batches in the
+    gaps: at each step both hold the same length quantile, to within one of its ranks.
+    """
+    rng = np.random.default_rng(5)
+    shards = [rng.integers(1, 400, size=64 + extra), rng.integers(1, 400, size=64)]
+    steps = -(-(64 + extra) // 4)
+    plans = [epoch_plan(lengths, batch_size=4, seed=7, epoch=2, worker=w, pool=32, steps=steps)
+             for w, lengths in enumerate(shards)]
+    ranks = []
+    for plan, lengths in zip(plans, shards):
+        assert len(plan) == steps
+        assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))  # every example once
+        full = [t for t, batch in enumerate(plan) if len(batch)]
+        by_length = sorted(full, key=lambda t: (int(lengths[plan[t]].max()), t))
+        ranks.append({t: r / len(full) for r, t in enumerate(by_length)})  # the batch's length quantile
+    assert [len(batch) == 0 for batch in plans[0]].count(True) == 0
+    assert [len(batch) == 0 for batch in plans[1]].count(True) == (3 if extra else 0)
+    both = [t for t in range(steps) if t in ranks[0] and t in ranks[1]]
+    assert [ranks[0][t] for t in both] != sorted(ranks[0][t] for t in both)  # not served in length order
+    assert max(abs(ranks[0][t] - ranks[1][t]) for t in both) <= (1 / 16 if extra else 0)
+    # The workers' own examples and order: the same rank holds different reviews.
+    assert plans[0][0].tolist() != plans[1][0].tolist()
+
+
 def test_a_resumed_epoch_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(vectorizer):
     texts = _texts(60, seed=11, min_words=1, max_words=60)
     encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(60)))), vectorizer, 32)

@@ -3,7 +3,7 @@
 Training (:func:`encode_examples`, :func:`epoch_plan`, :func:`plan_dataset`)::
 
     (text, label) ─► batch ─► vectorize (parallel) ─► one ragged id matrix (once)
-    epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches
+    epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches ─► shared length-rank order
             ─► gather rows, pre-pad to the batch's width ─► prefetch
 
 An epoch's batches are a pure function of ``(seed, epoch, worker)`` and the
@@ -181,15 +181,25 @@ def epoch_plan(
     epoch: int,
     worker: int = 0,
     pool: int | None = None,
+    steps: int | None = None,
 ) -> list[np.ndarray]:
     """The batches of one epoch, as arrays of example indices: every example exactly once.
 
     A pure function of its arguments. The examples are permuted with a
-    generator seeded by ``(seed, epoch, worker)``; with ``pool`` (length
-    bucketing), each run of ``pool`` permuted examples is sorted by length
-    (stable), cut into batches, and those batches permuted, so a batch holds
-    reviews of similar length without the epoch being served in length
-    order. The last batch may be short.
+    generator seeded by ``(seed, epoch, worker)``. Without ``pool`` they are
+    cut into batches in that order; the last batch may be short.
+
+    With ``pool`` (length bucketing), each run of ``pool`` permuted examples
+    is sorted by length (stable) and cut into batches, so a batch holds
+    reviews of similar length. The batches are then served in an order of
+    *length rank* drawn from ``(seed, epoch)`` alone, the same on every
+    worker: at each step every worker trains on its batch of the same rank,
+    so the workers' batches are about equally wide. A synchronous step waits
+    for its slowest worker; independently ordered workers would make most
+    steps as slow as the wider of two random batches. ``steps``: the number
+    of steps every worker runs (default: this worker's batch count); a
+    worker with fewer batches spreads its ranks over them and gets an empty
+    batch at each step it has no rank for.
     """
     rng = np.random.default_rng([seed, epoch, worker])
     order = rng.permutation(len(lengths))
@@ -199,9 +209,16 @@ def epoch_plan(
     for start in range(0, len(order), pool):
         chunk = order[start : start + pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        batches.extend(cut[j] for j in rng.permutation(len(cut)))
-    return batches
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    steps = len(batches) if steps is None else steps
+    if len(batches) > steps:
+        raise ValueError(f"{len(batches)} batches do not fit in {steps} steps")
+    by_length = sorted(range(len(batches)), key=lambda b: (int(lengths[batches[b]].max()), b))
+    # Rank r of k batches takes slot floor(r * steps / k): all slots when k == steps.
+    slots = {r * steps // len(batches): batches[b] for r, b in enumerate(by_length)} if batches else {}
+    shared = np.random.default_rng([seed, epoch])
+    empty = np.zeros(0, dtype=order.dtype)
+    return [slots.get(int(slot), empty) for slot in shared.permutation(steps)]
 
 
 def split_for_replicas(batches: Sequence[np.ndarray], replicas: int, steps: int) -> list[np.ndarray]:

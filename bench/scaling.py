@@ -1,0 +1,385 @@
+"""Scale-out: weak scaling under Ray Train, and what a distributed step spends and sends.
+
+``weak``: ``imdb-dist launch`` as users run it (a fresh process and local Ray
+cluster per run, the real data), 1 worker x 1 CPU against 2 workers x 1 CPU
+at the same per-worker batch, the variants interleaved round by round so
+machine noise hits them alike. The steady state is the chief's
+``examples_per_s`` in the last epoch (epoch 1 holds the cold start);
+efficiency is ``2-worker / (2 x 1-worker)``. Variants:
+
+- ``1``: this tree, one worker (one replica: nothing to reduce);
+- ``2-sparse``, ``2-dense``: this tree, two workers, the embedding gradient
+  gathered / all-reduced densely (``distribution.embedding_gradient``);
+- ``base-1``, ``base-2``: the tree at ``--baseline`` (a git revision).
+
+    python -m bench.scaling weak --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --rounds 3 --baseline 66580ba --output docs/bench-results/scaling-weak.json
+
+``step``: two MultiWorkerMirrored worker processes on loopback (no Ray), one
+thread pool thread each as a 1-CPU Ray worker gets, running the real
+network on real reviews at a fixed batch shape. Per worker it times the
+distributed step with each route, the same step without any collective
+(a model outside the strategy: compute), and the collectives alone on
+tensors of the gradients' shapes; it counts the bytes crossing loopback
+per step (``/proc/net/dev``), and from the measured sizes (the embedding
+rows a bucketed batch really has at ``--max-len``) tabulates each route's
+traffic per replica and step at 8, 16 and 64 replicas.
+
+    python -m bench.scaling step --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --output docs/bench-results/scaling-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.timing import emit, median
+
+REPO = Path(__file__).resolve().parents[1]
+PER_WORKER_BATCH = 256
+MAX_LEN = 400
+VOCAB = 20_000
+
+
+# --------------------------------------------------------------------------- weak scaling under Ray
+
+
+def _launch(tree: Path, data: str, out: Path, workers: int, epochs: int, extra: list[str]) -> dict[str, Any]:
+    sets = [
+        f"data.path={data}",
+        f"data.max_len={MAX_LEN}",
+        f"data.vocab_size={VOCAB}",
+        f"train.batch_size={PER_WORKER_BATCH * workers}",
+        f"train.epochs={epochs}",
+        f"ray.num_workers={workers}",
+        "ray.resources_per_worker={CPU: 1}",
+        "ray.max_failures=0",
+        f"ray.storage_path={out}",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # this tree's imdb_dist, in the driver and the workers
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "launch", "--config", str(tree / "job/configs/ray-local.yaml"),
+         *[arg for item in sets for arg in ("--set", item)]],
+        cwd=tree, env=env, capture_output=True, text=True,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    records = [json.loads(line) for line in (out / "ray-local" / "metrics.jsonl").read_text().splitlines()]
+    threads = sorted({m.group(1) for m in re.finditer(r'"tf_threads": (\w+)', proc.stdout + proc.stderr)})
+    return {
+        "steady_examples_per_s": records[-1]["examples_per_s"],
+        "first_epoch_examples_per_s": records[0]["examples_per_s"],
+        "wall_s": time.perf_counter() - started,
+        "val_accuracy": records[-1]["val_accuracy"],
+        "tf_threads": threads,
+    }
+
+
+def weak(args: argparse.Namespace) -> dict[str, Any]:
+    data = str(Path(args.data).resolve())
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch:
+        base = Path(scratch) / "baseline"
+        wanted = args.variants.split(",")
+        if any(name.startswith("base-") for name in wanted):
+            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
+                           capture_output=True)
+        try:
+            known = {
+                "1": (REPO, 1, []),
+                "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"]),
+                "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"]),
+                "base-1": (base, 1, []),
+                "base-2": (base, 2, []),
+            }
+            results: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
+            for round_ in range(args.rounds):
+                for name in wanted:
+                    tree, workers, extra = known[name]
+                    out = Path(scratch) / f"{name}-{round_}"
+                    results[name].append(_launch(tree, data, out, workers, args.epochs, extra))
+                    print(name, round_, results[name][-1], file=sys.stderr, flush=True)
+        finally:
+            if base.exists():
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    numeric = ("steady_examples_per_s", "first_epoch_examples_per_s", "wall_s", "val_accuracy")
+    summary: dict[str, Any] = {
+        "benchmark": "scaling-weak",
+        "per_worker_batch": PER_WORKER_BATCH,
+        "max_len": MAX_LEN,
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "cpus": os.cpu_count(),
+        "median": {name: {key: median([r[key] for r in runs]) for key in numeric} for name, runs in results.items()},
+        "runs": results,
+    }
+    steady = {name: values["steady_examples_per_s"] for name, values in summary["median"].items()}
+    for two, one in (("2-sparse", "1"), ("2-dense", "1"), ("base-2", "base-1")):
+        if two in steady and one in steady:
+            summary[f"efficiency_{two}"] = steady[two] / (2 * steady[one])
+    return summary
+
+
+# --------------------------------------------------------------------------- one step, two workers
+
+
+def _loopback_tx_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == "lo":
+            return int(fields.split()[8])
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Tokenize the real reviews; save each worker's batches at the typical bucketed width; measure the widths."""
+    import numpy as np
+
+    from imdb_dist.config import DataConfig, ModelConfig
+    from imdb_dist.data import pipeline
+    from imdb_dist.data.sources import load_reviews
+    from imdb_dist.model import min_length
+
+    cfg = DataConfig(source="aclimdb", path=args.data, max_len=args.max_len, vocab_size=VOCAB)
+    train = load_reviews(cfg, "train")
+    vectorizer = pipeline.make_vectorizer(VOCAB)
+    pipeline.adapt_vectorizer(vectorizer, train.texts)
+    import tensorflow as tf
+
+    encoded = pipeline.encode_examples(
+        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), vectorizer, args.max_len
+    )
+    # The widths the training plan really pads to (bucketed, as imdb-dist trains).
+    plan = pipeline.epoch_plan(
+        encoded.lengths, batch_size=PER_WORKER_BATCH, seed=cfg.seed, epoch=0,
+        pool=pipeline.pool_size(PER_WORKER_BATCH, args.max_len),
+    )
+    widths = [
+        int(pipeline.batch_width(encoded.lengths[batch].max(), cfg.bucket_width, min_length(ModelConfig()),
+                                 args.max_len))
+        for batch in plan
+    ]
+    rows = [len(batch) * width for batch, width in zip(plan, widths)]
+    length = args.length or int(np.percentile(widths, 50))
+    arrays: dict[str, Any] = {}
+    for worker in range(2):
+        index = np.arange(PER_WORKER_BATCH * args.batches) + worker * PER_WORKER_BATCH * args.batches
+        dense = tf.gather(encoded.tokens, index).to_tensor(default_value=0, shape=[None, length])
+        arrays[f"x{worker}"] = pipeline.pre_pad(dense).numpy().reshape(args.batches, PER_WORKER_BATCH, length)
+        arrays[f"y{worker}"] = tf.gather(encoded.labels, index).numpy().reshape(args.batches, PER_WORKER_BATCH)
+    np.savez(path, vocab=vectorizer.vocabulary_size(), **arrays)
+    return {
+        "length": length,
+        "vocab": vectorizer.vocabulary_size(),
+        "bucketed_width_mean": float(np.mean(widths)),
+        "bucketed_width_median": float(np.median(widths)),
+        "embedding_rows_per_step_mean": float(np.mean(rows)),
+        "embedding_rows_per_step_max": int(np.max(rows)),
+    }
+
+
+def step_worker(args: argparse.Namespace) -> None:
+    """One of the two workers (TF_CONFIG set by :func:`step`): timings and loopback bytes to ``--out``."""
+    from imdb_dist.logs import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from imdb_dist.distribute import size_thread_pools
+
+    size_thread_pools(1)  # as a Ray worker given {CPU: 1}
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from imdb_dist.config import ModelConfig
+    from imdb_dist.dropout import key_on_step
+    from imdb_dist.model import build_model, compile_model
+
+    arrays = np.load(args.batches)
+    vocab = int(arrays["vocab"])
+    x, y = arrays[f"x{args.index}"], arrays[f"y{args.index}"].astype("float32")
+    cfg = ModelConfig()
+
+    def model(dense: bool, distributed: bool) -> keras.Model:
+        keras.utils.set_random_seed(1)
+        scope = strategy.scope() if distributed else tf.distribute.get_strategy().scope()
+        with scope:
+            built = build_model(cfg, vocab)
+            compile_model(built, 1e-3, dense_sparse_gradients=dense)
+        key_on_step(built, built.optimizer.iterations, 1)
+        return built
+
+    def batches() -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+
+    def distributed_step(dense: bool):
+        m = model(dense, True)
+        iterator = iter(strategy.distribute_datasets_from_function(lambda _: batches()))
+        step = tf.function(lambda: strategy.run(m.train_step, args=(next(iterator),)))
+        return lambda: float(strategy.experimental_local_results(step()["loss"])[0])
+
+    def local_step():
+        m = model(False, False)
+        iterator = iter(batches())
+        step = tf.function(lambda: m.train_step(next(iterator)))
+        return lambda: float(step()["loss"])
+
+    shapes = [v.shape for v in model(False, False).trainable_variables]
+    rows = x.shape[1] * x.shape[2]
+
+    def collectives(dense: bool):
+        def exchange() -> tf.Tensor:
+            grads: list[Any] = []
+            for shape in shapes:
+                if shape[0] == vocab and not dense:  # the embedding, as its gradient arrives: one row per token
+                    indices = tf.range(rows, dtype=tf.int64) % vocab
+                    grads.append(tf.IndexedSlices(tf.ones([rows, shape[1]]), indices, tf.constant(shape, tf.int64)))
+                else:
+                    grads.append(tf.ones(shape))
+            reduced = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            first = [g.values if isinstance(g, tf.IndexedSlices) else g for g in reduced]
+            return tf.add_n([tf.reshape(g, [-1])[0] for g in first])
+
+        run = tf.function(lambda: strategy.run(exchange))
+        return lambda: float(strategy.experimental_local_results(run())[0])
+
+    calls = {
+        "step_sparse": distributed_step(False),
+        "step_dense": distributed_step(True),
+        "compute": local_step(),
+        "collective_sparse": collectives(False),
+        "collective_dense": collectives(True),
+    }
+    for call in calls.values():  # trace and warm up
+        for _ in range(3):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    sent: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            before = _loopback_tx_bytes()
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+            # Both workers' sends cross loopback once: half is this worker's share.
+            sent[name].append((_loopback_tx_bytes() - before) / args.steps / 2)
+    result = {
+        "ms": {name: 1000 * median(values) for name, values in times.items()},
+        "loopback_bytes_per_step_per_worker": {name: median(values) for name, values in sent.items()},
+        "other_variables_floats": int(sum(np.prod(s) for s in shapes if s[0] != vocab)),
+        "embedding_dim": int(shapes[0][1]),
+    }
+    Path(args.out).write_text(json.dumps(result))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def step(args: argparse.Namespace) -> dict[str, Any]:
+    from imdb_dist import aggregation
+
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-step-") as scratch:
+        batches = Path(scratch) / "batches.npz"
+        sizes = _prepare_batches(args, batches)
+        print("sizes", sizes, file=sys.stderr, flush=True)
+        workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+        procs = []
+        for index in range(2):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "PYTHONPATH": str(REPO),
+                   "TF_CPP_MIN_LOG_LEVEL": "2"}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.scaling", "step-worker", "--index", str(index),
+                 "--batches", str(batches), "--out", str(Path(scratch) / f"worker{index}.json"),
+                 "--steps", str(args.steps), "--rounds", str(args.rounds)],
+                cwd=REPO, env=env,
+            ))
+        for proc in procs:
+            if proc.wait():
+                raise RuntimeError(f"a step worker failed ({proc.returncode})")
+        results = [json.loads((Path(scratch) / f"worker{i}.json").read_text()) for i in range(2)]
+    dim, other = results[0]["embedding_dim"], results[0]["other_variables_floats"]
+    # From the measured sizes: the embedding rows of a mean bucketed batch per replica, the other
+    # variables all-reduced densely by both routes.
+    rows = sizes["embedding_rows_per_step_mean"]
+    table = []
+    for replicas in (2, 8, 16, 64):
+        others = 2 * (replicas - 1) * other * 4 / replicas
+        table.append({
+            "replicas": replicas,
+            "sparse_sent_mb": (aggregation.gathered_bytes(int(rows), dim, replicas) + others) / 1e6,
+            "sparse_rows_to_update": int(rows * replicas),
+            "dense_sent_mb": (aggregation.reduced_bytes(sizes["vocab"], dim, replicas) + others) / 1e6,
+        })
+    ms = {name: median([r["ms"][name] for r in results]) for name in results[0]["ms"]}
+    sent = {name: median([r["loopback_bytes_per_step_per_worker"][name] for r in results])
+            for name in results[0]["ms"]}
+    return {
+        "benchmark": "scaling-step",
+        "per_worker_batch": PER_WORKER_BATCH,
+        "max_len": args.max_len,
+        "sizes": sizes,
+        "ms_per_step": ms,
+        "collective_share": {
+            route: ms[f"collective_{route}"] / ms[f"step_{route}"] for route in ("sparse", "dense")
+        },
+        "step_over_compute": {route: ms[f"step_{route}"] / ms["compute"] for route in ("sparse", "dense")},
+        "loopback_mb_per_step_per_worker": {name: value / 1e6 for name, value in sent.items()},
+        "traffic_per_replica_and_step": table,
+        "workers": results,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    w = sub.add_parser("weak", help="1 vs 2 Ray Train workers, 1 CPU each")
+    w.add_argument("--data", required=True)
+    w.add_argument("--epochs", type=int, default=2)
+    w.add_argument("--rounds", type=int, default=3)
+    w.add_argument("--baseline", default="66580ba", help="git revision for the base-* variants")
+    w.add_argument("--variants", default="1,2-sparse,2-dense,base-1,base-2")
+    w.add_argument("--output", type=Path)
+    st = sub.add_parser("step", help="a distributed step's time and bytes, two workers on loopback")
+    st.add_argument("--data", required=True)
+    st.add_argument("--max-len", type=int, default=MAX_LEN)
+    st.add_argument("--length", type=int, default=0, help="batch width (default: the median bucketed width)")
+    st.add_argument("--batches", type=int, default=4, help="distinct batches per worker, cycled")
+    st.add_argument("--steps", type=int, default=5, help="timed steps per round and call")
+    st.add_argument("--rounds", type=int, default=4)
+    st.add_argument("--output", type=Path)
+    sw = sub.add_parser("step-worker")
+    sw.add_argument("--index", type=int, required=True)
+    sw.add_argument("--batches", required=True)
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--steps", type=int, required=True)
+    sw.add_argument("--rounds", type=int, required=True)
+    args = parser.parse_args()
+    if args.mode == "step-worker":
+        step_worker(args)
+        return
+    summary = weak(args) if args.mode == "weak" else step(args)
+    emit(summary)
+    if args.output:
+        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
