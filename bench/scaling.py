@@ -27,6 +27,13 @@ traffic per replica and step at 8, 16 and 64 replicas.
 
     python -m bench.scaling step --data ../shared/data/imdb/aclImdb_train.tar.gz \\
         --output docs/bench-results/scaling-step.json
+
+``threads``: the ceiling this machine puts on any scale-out, and the pool
+sizes for a 1-CPU worker: the network's training step (no communication,
+random ids, 256 x ``--length``) in one process alone, then in two processes
+at once, for each (intra, inter) pool setting.
+
+    python -m bench.scaling threads --output docs/bench-results/scaling-threads.json
 """
 
 from __future__ import annotations
@@ -53,13 +60,15 @@ VOCAB = 20_000
 # --------------------------------------------------------------------------- weak scaling under Ray
 
 
-def _launch(tree: Path, data: str, out: Path, workers: int, epochs: int, extra: list[str]) -> dict[str, Any]:
+def _launch(
+    args: argparse.Namespace, tree: Path, data: str, out: Path, workers: int, extra: list[str]
+) -> dict[str, Any]:
     sets = [
         f"data.path={data}",
-        f"data.max_len={MAX_LEN}",
+        f"data.max_len={args.max_len}",
         f"data.vocab_size={VOCAB}",
-        f"train.batch_size={PER_WORKER_BATCH * workers}",
-        f"train.epochs={epochs}",
+        f"train.batch_size={args.batch * workers}",
+        f"train.epochs={args.epochs}",
         f"ray.num_workers={workers}",
         "ray.resources_per_worker={CPU: 1}",
         "ray.max_failures=0",
@@ -107,7 +116,7 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
                 for name in wanted:
                     tree, workers, extra = known[name]
                     out = Path(scratch) / f"{name}-{round_}"
-                    results[name].append(_launch(tree, data, out, workers, args.epochs, extra))
+                    results[name].append(_launch(args, tree, data, out, workers, extra))
                     print(name, round_, results[name][-1], file=sys.stderr, flush=True)
         finally:
             if base.exists():
@@ -115,8 +124,8 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
     numeric = ("steady_examples_per_s", "first_epoch_examples_per_s", "wall_s", "val_accuracy")
     summary: dict[str, Any] = {
         "benchmark": "scaling-weak",
-        "per_worker_batch": PER_WORKER_BATCH,
-        "max_len": MAX_LEN,
+        "per_worker_batch": args.batch,
+        "max_len": args.max_len,
         "epochs": args.epochs,
         "rounds": args.rounds,
         "baseline": args.baseline,
@@ -162,8 +171,8 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     )
     # The widths the training plan really pads to (bucketed, as imdb-dist trains).
     plan = pipeline.epoch_plan(
-        encoded.lengths, batch_size=PER_WORKER_BATCH, seed=cfg.seed, epoch=0,
-        pool=pipeline.pool_size(PER_WORKER_BATCH, args.max_len),
+        encoded.lengths, batch_size=args.batch, seed=cfg.seed, epoch=0,
+        pool=pipeline.pool_size(args.batch, args.max_len),
     )
     widths = [
         int(pipeline.batch_width(encoded.lengths[batch].max(), cfg.bucket_width, min_length(ModelConfig()),
@@ -171,13 +180,13 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         for batch in plan
     ]
     rows = [len(batch) * width for batch, width in zip(plan, widths)]
-    length = args.length or int(np.percentile(widths, 50))
+    length = args.length or round(float(np.mean(widths)))  # the mean step's rows
     arrays: dict[str, Any] = {}
     for worker in range(2):
-        index = np.arange(PER_WORKER_BATCH * args.batches) + worker * PER_WORKER_BATCH * args.batches
+        index = np.arange(args.batch * args.batches) + worker * args.batch * args.batches
         dense = tf.gather(encoded.tokens, index).to_tensor(default_value=0, shape=[None, length])
-        arrays[f"x{worker}"] = pipeline.pre_pad(dense).numpy().reshape(args.batches, PER_WORKER_BATCH, length)
-        arrays[f"y{worker}"] = tf.gather(encoded.labels, index).numpy().reshape(args.batches, PER_WORKER_BATCH)
+        arrays[f"x{worker}"] = pipeline.pre_pad(dense).numpy().reshape(args.batches, args.batch, length)
+        arrays[f"y{worker}"] = tf.gather(encoded.labels, index).numpy().reshape(args.batches, args.batch)
     np.savez(path, vocab=vectorizer.vocabulary_size(), **arrays)
     return {
         "length": length,
@@ -244,7 +253,7 @@ def step_worker(args: argparse.Namespace) -> None:
             for shape in shapes:
                 if shape[0] == vocab and not dense:  # the embedding, as its gradient arrives: one row per token
                     indices = tf.range(rows, dtype=tf.int64) % vocab
-                    grads.append(tf.IndexedSlices(tf.ones([rows, shape[1]]), indices, tf.constant(shape, tf.int64)))
+                    grads.append(tf.IndexedSlices(tf.ones([rows, shape[1]]), indices, tf.constant(shape.as_list(), tf.int64)))
                 else:
                     grads.append(tf.ones(shape))
             reduced = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -333,7 +342,7 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
             for name in results[0]["ms"]}
     return {
         "benchmark": "scaling-step",
-        "per_worker_batch": PER_WORKER_BATCH,
+        "per_worker_batch": args.batch,
         "max_len": args.max_len,
         "sizes": sizes,
         "ms_per_step": ms,
@@ -347,12 +356,91 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- thread pools, no communication
+
+
+def threads_worker(args: argparse.Namespace) -> None:
+    """Time the network's training step (default strategy) with the given pool sizes; print examples/s."""
+    import tensorflow as tf
+
+    if args.intra:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra)
+    if args.inter:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter)
+    import numpy as np
+
+    from imdb_dist.config import ModelConfig
+    from imdb_dist.dropout import key_on_step
+    from imdb_dist.model import build_model, compile_model
+
+    model = build_model(ModelConfig(), VOCAB)
+    compile_model(model, 1e-3)
+    key_on_step(model, model.optimizer.iterations, 1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(2, VOCAB, size=(args.batch, args.length))
+    y = rng.integers(0, 2, size=(args.batch,)).astype("float32")
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    step = tf.function(lambda: model.train_step(next(iterator)))
+    for _ in range(3):
+        step()
+    times = []
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        float(step()["loss"])
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"examples_per_s": args.batch / median(times), "steps": len(times)}))
+
+
+def threads(args: argparse.Namespace) -> dict[str, Any]:
+    """Each pool setting: one process alone, then two at once (no communication: the machine's ceiling)."""
+
+    def start(intra: int, inter: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.scaling", "threads-worker", "--intra", str(intra), "--inter", str(inter),
+             "--length", str(args.length), "--seconds", str(args.seconds), "--batch", str(args.batch)],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3"},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+
+    def rate(proc: subprocess.Popen) -> float:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"threads-worker failed ({proc.returncode})")
+        return json.loads(out.strip().splitlines()[-1])["examples_per_s"]
+
+    runs: dict[str, dict[str, list[float]]] = {}
+    for _ in range(args.rounds):
+        for setting in args.settings.split():
+            intra, inter = (int(v) for v in setting.split(","))
+            alone = rate(start(intra, inter))
+            pair = [start(intra, inter), start(intra, inter)]
+            together = sum(rate(proc) for proc in pair)
+            entry = runs.setdefault(setting, {"alone": [], "two_processes_total": []})
+            entry["alone"].append(alone)
+            entry["two_processes_total"].append(together)
+            print(setting, alone, together, file=sys.stderr, flush=True)
+    medians = {setting: {key: median(values) for key, values in entry.items()} for setting, entry in runs.items()}
+    for entry in medians.values():
+        entry["two_over_one"] = entry["two_processes_total"] / entry["alone"]
+    return {
+        "benchmark": "scaling-threads",
+        "per_worker_batch": args.batch,
+        "length": args.length,
+        "note": "settings are intra,inter; 0 = TensorFlow's default (one thread per core)",
+        "median": medians,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     w = sub.add_parser("weak", help="1 vs 2 Ray Train workers, 1 CPU each")
     w.add_argument("--data", required=True)
     w.add_argument("--epochs", type=int, default=2)
+    w.add_argument("--batch", type=int, default=PER_WORKER_BATCH, help="per-worker batch")
+    w.add_argument("--max-len", type=int, default=MAX_LEN)
     w.add_argument("--rounds", type=int, default=3)
     w.add_argument("--baseline", default="66580ba", help="git revision for the base-* variants")
     w.add_argument("--variants", default="1,2-sparse,2-dense,base-1,base-2")
@@ -360,7 +448,8 @@ def main() -> None:
     st = sub.add_parser("step", help="a distributed step's time and bytes, two workers on loopback")
     st.add_argument("--data", required=True)
     st.add_argument("--max-len", type=int, default=MAX_LEN)
-    st.add_argument("--length", type=int, default=0, help="batch width (default: the median bucketed width)")
+    st.add_argument("--batch", type=int, default=PER_WORKER_BATCH, help="per-worker batch")
+    st.add_argument("--length", type=int, default=0, help="batch width (default: the mean bucketed width)")
     st.add_argument("--batches", type=int, default=4, help="distinct batches per worker, cycled")
     st.add_argument("--steps", type=int, default=5, help="timed steps per round and call")
     st.add_argument("--rounds", type=int, default=4)
@@ -371,11 +460,24 @@ def main() -> None:
     sw.add_argument("--out", required=True)
     sw.add_argument("--steps", type=int, required=True)
     sw.add_argument("--rounds", type=int, required=True)
+    th = sub.add_parser("threads", help="thread pool sizes: one process alone vs two at once")
+    th.add_argument("--settings", default="1,1 1,2 0,0", help="space-separated intra,inter pairs (0: default)")
+    th.add_argument("--length", type=int, default=250)
+    th.add_argument("--batch", type=int, default=PER_WORKER_BATCH)
+    th.add_argument("--seconds", type=float, default=20.0, help="timed seconds per process")
+    th.add_argument("--rounds", type=int, default=3)
+    th.add_argument("--output", type=Path)
+    tw = sub.add_parser("threads-worker")
+    tw.add_argument("--intra", type=int, required=True)
+    tw.add_argument("--inter", type=int, required=True)
+    tw.add_argument("--length", type=int, required=True)
+    tw.add_argument("--seconds", type=float, required=True)
+    tw.add_argument("--batch", type=int, required=True)
     args = parser.parse_args()
-    if args.mode == "step-worker":
-        step_worker(args)
+    if args.mode in ("step-worker", "threads-worker"):
+        (step_worker if args.mode == "step-worker" else threads_worker)(args)
         return
-    summary = weak(args) if args.mode == "weak" else step(args)
+    summary = {"weak": weak, "step": step, "threads": threads}[args.mode](args)
     emit(summary)
     if args.output:
         args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

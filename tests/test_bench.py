@@ -75,3 +75,31 @@ def test_step_reports_each_variants_cost_and_the_fast_dropout_speedup() -> None:
     assert set(out["ms_per_step"]) == {"seed", "no_dropout", "no_lstm", "fast_dropout"}
     assert all(v > 0 for v in out["ms_per_step"].values())
     assert out["fast_dropout_speedup"] == pytest.approx(out["ms_per_step"]["seed"] / out["ms_per_step"]["fast_dropout"])
+
+
+def test_scaling_step_times_both_routes_and_tabulates_traffic(data: Path) -> None:
+    out = bench("bench.scaling", "step", "--data", str(data), "--batch", "8", "--batches", "2", "--max-len", "32",
+                "--steps", "2", "--rounds", "1")
+    assert set(out["ms_per_step"]) == {"step_sparse", "step_dense", "compute", "collective_sparse",
+                                       "collective_dense"}
+    assert all(ms > 0 for ms in out["ms_per_step"].values())
+    assert [row["replicas"] for row in out["traffic_per_replica_and_step"]] == [2, 8, 16, 64]
+    sparse = [row["sparse_sent_mb"] for row in out["traffic_per_replica_and_step"]]
+    assert sparse == sorted(sparse) and sparse[0] < sparse[-1]  # gathering grows with the replicas
+    # Both workers' collectives crossed loopback.
+    assert out["loopback_mb_per_step_per_worker"]["collective_dense"] > 0
+
+
+def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
+    out = bench("bench.scaling", "threads", "--settings", "1,1", "--batch", "8", "--length", "16", "--seconds", "1",
+                "--rounds", "1")
+    assert set(out["median"]["1,1"]) == {"alone", "two_processes_total", "two_over_one"}
+
+
+@pytest.mark.ray
+def test_scaling_weak_launches_one_and_two_workers(data: Path) -> None:
+    out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
+                "--rounds", "1", "--variants", "1,2-dense")
+    assert set(out["median"]) == {"1", "2-dense"}
+    assert out["efficiency_2-dense"] > 0
+    assert out["runs"]["2-dense"][0]["tf_threads"] == ["1"]

@@ -48,6 +48,21 @@ class RecordEpochs(keras.callbacks.Callback):
         self._write(epoch + 1, "end", repr(float(logs["loss"])))
 
 
+class RecordThreads(keras.callbacks.Callback):
+    """Appends ``rank intra inter`` (TensorFlow's thread pool sizes in this worker) to a shared file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        threading = tf.config.threading
+        with open(self.path, "a") as handle:
+            rank = ray.train.get_context().get_world_rank()
+            handle.write(f"{rank} {threading.get_intra_op_parallelism_threads()} "
+                         f"{threading.get_inter_op_parallelism_threads()}\n")
+
+
 class FailOnce(keras.callbacks.Callback):
     """Rank ``rank`` fails at ``epoch``/``step`` the first time it gets there (a marker file remembers).
 
@@ -105,9 +120,12 @@ def events(path: Path) -> list[tuple[int, int, int, str, str]]:
 
 
 def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: Path) -> None:
-    log = tmp_path / "events.txt"
-    run_dir = launch(ray_config(tmp_path), worker_callbacks=[RecordEpochs(str(log))]).local_path()
+    log, threads = tmp_path / "events.txt", tmp_path / "threads.txt"
+    run_dir = launch(ray_config(tmp_path), worker_callbacks=[RecordEpochs(str(log)), RecordThreads(str(threads))]
+                     ).local_path()
     assert run_dir == tmp_path / "storage" / "job"
+    # Each worker was given 1 CPU (ray.resources_per_worker): one thread per pool, not one per core.
+    assert sorted(threads.read_text().splitlines()) == ["0 1 1", "1 1 1"]
     rows = events(log)
     assert {rank for _, rank, *_ in rows} == {0, 1}
     for epoch in (1, 2):
