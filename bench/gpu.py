@@ -1,5 +1,8 @@
 """GPU checks: the LSTM runs the cuDNN kernel, float32 vs mixed_float16, MirroredStrategy on 2 logical GPUs.
 
+Under MirroredStrategy it times both routes for the embedding gradient
+(gathered rows vs a dense all-reduce; :mod:`imdb_dist.aggregation`).
+
 Needs a GPU; on a machine without one it prints ``"status": "not measured"``
 (``--allow-cpu`` runs the throughput part on the CPU, to keep this script
 working where there is no GPU). Uses synthetic token ids, so it needs no data:
@@ -41,7 +44,9 @@ def lstm_runtime() -> int:
     return int(runtime.numpy())
 
 
-def throughput(precision: str, strategy: tf.distribute.Strategy, batch: int, steps: int) -> float:
+def throughput(
+    precision: str, strategy: tf.distribute.Strategy, batch: int, steps: int, dense_gradients: bool = False
+) -> float:
     """Training examples/s of the imdb-dist model on random token ids, full max_len batches."""
     import tf_keras as keras
 
@@ -56,7 +61,7 @@ def throughput(precision: str, strategy: tf.distribute.Strategy, batch: int, ste
     keras.utils.set_random_seed(0)
     with strategy.scope(), precision_policy(precision):
         model = build_model(ModelConfig(), VOCAB)
-        compile_model(model, 0.001)
+        compile_model(model, 0.001, dense_sparse_gradients=dense_gradients)
     model.fit(data, steps_per_epoch=5, epochs=1, verbose=0)  # tracing and autotuning
     start = time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
@@ -94,6 +99,9 @@ def main() -> None:
         result["mirrored_2_logical_gpus"] = {
             "replicas": mirrored.num_replicas_in_sync,
             "examples_per_s_mixed_float16": throughput("mixed_float16", mirrored, args.batch, args.steps),
+            "examples_per_s_mixed_float16_dense_embedding_gradient": throughput(
+                "mixed_float16", mirrored, args.batch, args.steps, dense_gradients=True
+            ),
         }
     emit(result)
 

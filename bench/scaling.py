@@ -180,6 +180,24 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         for batch in plan
     ]
     rows = [len(batch) * width for batch, width in zip(plan, widths)]
+    # Two workers' halves of the data: how wide is a step's widest batch, relative to the mean batch,
+    # with the shared length-rank order (as trained) and with each worker ordering its batches alone.
+    halves = [encoded.lengths[: len(encoded) // 2], encoded.lengths[len(encoded) // 2 :]]
+    steps = max(-(-len(half) // args.batch) for half in halves)
+
+    def step_widths(shared: bool) -> list[int]:
+        plans = [
+            pipeline.epoch_plan(half, batch_size=args.batch, seed=cfg.seed + (0 if shared else worker), epoch=0,
+                                worker=worker, pool=pipeline.pool_size(args.batch, args.max_len), steps=steps)
+            for worker, half in enumerate(halves)
+        ]
+        return [
+            max(int(pipeline.batch_width(half[batch].max(), cfg.bucket_width, 1, args.max_len)) if len(batch) else 0
+                for half, batch in zip(halves, batches))
+            for batches in zip(*plans)
+        ]
+
+    widest = {name: float(np.mean(step_widths(name == "shared"))) for name in ("shared", "independent")}
     length = args.length or round(float(np.mean(widths)))  # the mean step's rows
     arrays: dict[str, Any] = {}
     for worker in range(2):
@@ -195,6 +213,8 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "bucketed_width_median": float(np.median(widths)),
         "embedding_rows_per_step_mean": float(np.mean(rows)),
         "embedding_rows_per_step_max": int(np.max(rows)),
+        # A synchronous step waits for its widest batch: its width over the mean batch's.
+        "widest_over_mean_width": {name: value / float(np.mean(widths)) for name, value in widest.items()},
     }
 
 
@@ -253,7 +273,8 @@ def step_worker(args: argparse.Namespace) -> None:
             for shape in shapes:
                 if shape[0] == vocab and not dense:  # the embedding, as its gradient arrives: one row per token
                     indices = tf.range(rows, dtype=tf.int64) % vocab
-                    grads.append(tf.IndexedSlices(tf.ones([rows, shape[1]]), indices, tf.constant(shape.as_list(), tf.int64)))
+                    dense_shape = tf.constant(shape.as_list(), tf.int64)
+                    grads.append(tf.IndexedSlices(tf.ones([rows, shape[1]]), indices, dense_shape))
                 else:
                     grads.append(tf.ones(shape))
             reduced = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
