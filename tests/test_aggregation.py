@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from conftest import REPO
+from test_job_submit import free_port
 
 from imdb_dist import aggregation
 from imdb_dist.config import ModelConfig
 from imdb_dist.distribute import precision_policy
 from imdb_dist.model import build_model, compile_model
-from tests.conftest import REPO
-from tests.test_job_submit import free_port
 
 VOCAB = 60
 CFG = ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4, dropout=0.0)
