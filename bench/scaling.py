@@ -220,9 +220,6 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 def step_worker(args: argparse.Namespace) -> None:
     """One of the two workers (TF_CONFIG set by :func:`step`): timings and loopback bytes to ``--out``."""
-    from imdb_dist.logs import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
     import numpy as np
     import tensorflow as tf
     import tf_keras as keras
