@@ -5,9 +5,13 @@ cluster per run, the real data), 1 worker x 1 CPU against 2 workers x 1 CPU
 at the same per-worker batch, the variants interleaved round by round so
 machine noise hits them alike. The steady state is the chief's
 ``examples_per_s`` in the last epoch (epoch 1 holds the cold start);
-efficiency is ``2-worker / (2 x 1-worker)``. Variants:
+efficiency is ``2-worker / (2 x 1-worker)``, and ``2-worker / pair`` is the
+distributed job against two independent ones. Variants:
 
 - ``1``: this tree, one worker (one replica: nothing to reduce);
+- ``pair``: two such 1-worker jobs at once, each its own Ray cluster, their
+  examples/s summed: what this machine gives two 1-CPU processes that never
+  communicate (shared caches, memory bandwidth, the host's vCPU scheduling);
 - ``2-sparse``, ``2-dense``: this tree, two workers, the embedding gradient
   gathered / all-reduced densely (``distribution.embedding_gradient``);
 - ``base-1``, ``base-2``: the tree at ``--baseline`` (a git revision).
@@ -60,9 +64,9 @@ VOCAB = 20_000
 # --------------------------------------------------------------------------- weak scaling under Ray
 
 
-def _launch(
+def _start(
     args: argparse.Namespace, tree: Path, data: str, out: Path, workers: int, extra: list[str]
-) -> dict[str, Any]:
+) -> subprocess.Popen[str]:
     sets = [
         f"data.path={data}",
         f"data.max_len={args.max_len}",
@@ -76,16 +80,19 @@ def _launch(
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(tree)}  # this tree's imdb_dist, in the driver and the workers
-    started = time.perf_counter()
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "imdb_dist.cli", "launch", "--config", str(tree / "job/configs/ray-local.yaml"),
          *[arg for item in sets for arg in ("--set", item)]],
-        cwd=tree, env=env, capture_output=True, text=True,
+        cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def _finish(proc: subprocess.Popen[str], out: Path, started: float) -> dict[str, Any]:
+    stdout, stderr = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"launch failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"launch failed ({proc.returncode}):\n{stderr[-4000:]}")
     records = [json.loads(line) for line in (out / "ray-local" / "metrics.jsonl").read_text().splitlines()]
-    threads = sorted({m.group(1) for m in re.finditer(r'"tf_threads": (\w+)', proc.stdout + proc.stderr)})
+    threads = sorted({m.group(1) for m in re.finditer(r'"tf_threads": (\w+)', stdout + stderr)})
     return {
         "steady_examples_per_s": records[-1]["examples_per_s"],
         "first_epoch_examples_per_s": records[0]["examples_per_s"],
@@ -93,6 +100,20 @@ def _launch(
         "val_accuracy": records[-1]["val_accuracy"],
         "tf_threads": threads,
     }
+
+
+def _launch(
+    args: argparse.Namespace, tree: Path, data: str, out: Path, workers: int, extra: list[str], *, jobs: int = 1
+) -> dict[str, Any]:
+    """``jobs`` identical ``imdb-dist launch`` runs at once (each its own local Ray cluster); their sum."""
+    started = time.perf_counter()
+    procs = [(_start(args, tree, data, out / f"job{j}", workers, extra), out / f"job{j}") for j in range(jobs)]
+    runs = [_finish(proc, where, started) for proc, where in procs]
+    if jobs == 1:
+        return runs[0]
+    total = {key: sum(r[key] for r in runs) for key in ("steady_examples_per_s", "first_epoch_examples_per_s")}
+    return {**total, "wall_s": max(r["wall_s"] for r in runs), "val_accuracy": runs[0]["val_accuracy"],
+            "tf_threads": runs[0]["tf_threads"], "jobs": runs}
 
 
 def weak(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,18 +126,19 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
                            capture_output=True)
         try:
             known = {
-                "1": (REPO, 1, []),
-                "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"]),
-                "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"]),
-                "base-1": (base, 1, []),
-                "base-2": (base, 2, []),
+                "1": (REPO, 1, [], 1),
+                "pair": (REPO, 1, [], 2),
+                "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"], 1),
+                "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"], 1),
+                "base-1": (base, 1, [], 1),
+                "base-2": (base, 2, [], 1),
             }
             results: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
             for round_ in range(args.rounds):
                 for name in wanted:
-                    tree, workers, extra = known[name]
+                    tree, workers, extra, jobs = known[name]
                     out = Path(scratch) / f"{name}-{round_}"
-                    results[name].append(_launch(args, tree, data, out, workers, extra))
+                    results[name].append(_launch(args, tree, data, out, workers, extra, jobs=jobs))
                     print(name, round_, results[name][-1], file=sys.stderr, flush=True)
         finally:
             if base.exists():
@@ -137,6 +159,12 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
     for two, one in (("2-sparse", "1"), ("2-dense", "1"), ("base-2", "base-1")):
         if two in steady and one in steady:
             summary[f"efficiency_{two}"] = steady[two] / (2 * steady[one])
+    if "pair" in steady and "1" in steady:
+        # What this machine gives two 1-CPU processes that never communicate.
+        summary["pair_over_1"] = steady["pair"] / steady["1"]
+        for two in ("2-sparse", "2-dense"):
+            if two in steady:
+                summary[f"{two}_over_pair"] = steady[two] / steady["pair"]
     return summary
 
 

@@ -97,9 +97,15 @@ def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
 
 
 @pytest.mark.ray
-def test_scaling_weak_launches_one_and_two_workers(data: Path) -> None:
+def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path) -> None:
     out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
-                "--rounds", "1", "--variants", "1,2-dense")
-    assert set(out["median"]) == {"1", "2-dense"}
+                "--rounds", "1", "--variants", "1,pair,2-dense")
+    assert set(out["median"]) == {"1", "pair", "2-dense"}
     assert out["efficiency_2-dense"] > 0
     assert out["runs"]["2-dense"][0]["tf_threads"] == ["1"]
+    # The pair is two separate jobs, summed: each ran and trained the same model.
+    pair = out["runs"]["pair"][0]
+    assert len(pair["jobs"]) == 2
+    assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
+    assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
+    assert out["pair_over_1"] > 0 and out["2-dense_over_pair"] > 0
