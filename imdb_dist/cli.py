@@ -1,4 +1,4 @@
-"""The ``imdb-dist`` command: train, launch, evaluate, predict.
+"""The ``imdb-dist`` command: train, launch, tune, evaluate, predict.
 
 Exit status: 0 success; 2 bad input (one ``error: ...`` line on stderr);
 1 a run that failed for a known reason (one line) or an internal error
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch", help="train on a Ray cluster (RAY_ADDRESS, else a local one) with Ray Train")
     _add_config_args(launch)
     launch.set_defaults(handler=_launch)
+
+    tune = commands.add_parser(
+        "tune", help="search the config's tune.space with Ray Tune (RAY_ADDRESS, else a local cluster)"
+    )
+    _add_config_args(tune)
+    tune.set_defaults(handler=_tune)
 
     evaluate = commands.add_parser("evaluate", help="score a labeled split with an exported model; prints JSON")
     evaluate.add_argument("--model", required=True, help=_MODEL_HELP)
@@ -91,6 +97,18 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from imdb_dist.config import check_space
+
+    cfg = load_config(args.config, args.overrides)
+    check_space(cfg)  # a bad space fails before TensorFlow or Ray load
+    import_tensorflow_quietly()
+    from imdb_dist.tune import tune
+
+    tune(cfg)
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from imdb_dist.config import DataConfig
@@ -106,6 +124,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         source=args.source,
         path=args.data,
         validation_fraction=model.metadata["validation_fraction"],
+        # Exports from before k-fold support carry no fold keys: a fraction split.
+        folds=model.metadata.get("folds", 0),
+        fold=model.metadata.get("fold", 0),
         seed=model.metadata["seed"],
     )
     reviews = load_reviews(data, args.split)

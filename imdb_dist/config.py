@@ -53,6 +53,12 @@ class DataConfig:
     # aclimdb: directory or .tar.gz; tfds: data_dir; keras: an imdb.npz path.
     path: str | None = None
     validation_fraction: float = 0.1
+    # k-fold cross-validation: with folds >= 2 the validation reviews are fold
+    # `fold` (0-based) of a seeded partition into `folds` parts, and
+    # validation_fraction is not used. Running every fold estimates accuracy
+    # with a mean and spread (python -m bench.accuracy --folds K).
+    folds: int = 0
+    fold: int = 0
     seed: int = 1337
     vocab_size: int = 20000
     max_len: int = 400
@@ -62,6 +68,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
+        if self.folds != 0:
+            _check_range("data.folds", self.folds, 2, 100)
+            _check_range("data.fold", self.fold, 0, self.folds - 1)
+        elif self.fold != 0:
+            raise ConfigError("data.fold", f"{self.fold} needs data.folds >= 2 (0: one validation_fraction split)")
         _check_range("data.vocab_size", self.vocab_size, 3, 1_000_000)
         _check_range("data.max_len", self.max_len, 8, 10_000)
         _check_range("data.bucket_width", self.bucket_width, 8, 10_000)
@@ -133,11 +144,15 @@ class RunConfig:
     output_dir: str = "runs/default"
     # 0 = checkpoint at the end of every epoch only; N = also every N steps.
     checkpoint_steps: int = 0
+    # Training loss, accuracy, learning rate and examples/s every N optimizer
+    # steps (steps.jsonl, TensorBoard, curves.png); 0 = about 40 points per epoch.
+    log_every_steps: int = 0
 
     def __post_init__(self) -> None:
         if not self.output_dir.strip():
             raise ConfigError("run.output_dir", "must not be empty")
         _check_range("run.checkpoint_steps", self.checkpoint_steps, 0, 10_000_000)
+        _check_range("run.log_every_steps", self.log_every_steps, 0, 10_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +191,53 @@ class RayConfig:
             raise ConfigError("ray.name", f"{self.name!r} must be a non-empty name without '/'")
 
 
+SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+METRIC_MODES = {"val_accuracy": "max", "val_loss": "min"}
+# Keys a search may not vary: where results go, and the search itself.
+_UNTUNABLE = ("run.output_dir", "ray.storage_path", "ray.name")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """``imdb-dist tune``: a Ray Tune search over this config's own keys (train and launch ignore it).
+
+    ``space`` maps dotted config keys to one of ``{choice: [values]}``,
+    ``{grid: [values]}`` (every value, ``trials`` times each),
+    ``{uniform: [low, high]}``, ``{loguniform: [low, high]}`` or
+    ``{randint: [low, high]}`` (``high`` excluded). Each trial trains the
+    config with its sampled values in its own run directory.
+    """
+
+    space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    trials: int = 4
+    # Trials at once; 0: as many as the cluster's CPUs hold at cpus_per_trial.
+    concurrency: int = 0
+    # A single-process trial's CPUs (its TensorFlow thread pools follow them);
+    # trials with ray.num_workers > 1 take ray.resources_per_worker per worker.
+    cpus_per_trial: float = 1.0
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    # >= 2: every trial trains each fold of data.folds-style k-fold splits
+    # and is scored by the folds' mean metric (no early stopping then).
+    folds: int = 0
+    # ASHA: stop the trials whose per-epoch metric trails, after grace_epochs.
+    early_stop: bool = True
+    grace_epochs: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("tune.trials", self.trials, 1, 100_000)
+        _check_range("tune.concurrency", self.concurrency, 0, 100_000)
+        _check_range("tune.cpus_per_trial", self.cpus_per_trial, 0.0, 100_000.0, low_open=True)
+        _check_range("tune.grace_epochs", self.grace_epochs, 1, 100_000)
+        if self.folds != 0:
+            _check_range("tune.folds", self.folds, 2, 100)
+
+    @property
+    def mode(self) -> str:
+        """``max`` or ``min``: which way the metric improves."""
+        return METRIC_MODES[self.metric]
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole job."""
@@ -186,6 +248,7 @@ class Config:
     distribution: DistributionConfig = dataclasses.field(default_factory=DistributionConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         # The first conv + pool must see at least one window of real length.
@@ -215,6 +278,63 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     for item in overrides:
         _apply_override(raw, item)
     return _build(Config, raw, prefix="")
+
+
+def with_values(config: Config, values: dict[str, Any]) -> Config:
+    """``config`` with dotted keys set to ``values``, type- and range-checked like ``--set``."""
+    raw = to_dict(config)
+    for key, value in values.items():
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part not in node:
+                raise ConfigError(".".join(parts[: i + 1]), "unknown key")
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is not a section")
+        if parts[-1] not in node:
+            raise ConfigError(key, "unknown key")
+        node[parts[-1]] = value
+    return _build(Config, raw, prefix="")
+
+
+def check_space(config: Config) -> None:
+    """Refuse a ``tune.space`` that is empty or names a key, kind or range no trial could train.
+
+    Every value a trial could be given is checked against its key's type and
+    range (a range by its ends), so a bad space fails before any trial starts.
+    """
+    space = config.tune.space
+    if not space:
+        raise ConfigError("tune.space", "is empty: name at least one config key to search over")
+    base = dataclasses.replace(config, tune=TuneConfig())
+    for key, spec in space.items():
+        where = f"tune.space.{key}"
+        if key.startswith("tune.") or key in _UNTUNABLE:
+            raise ConfigError(where, "cannot be searched over")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ConfigError(where, f"must be one of {', '.join(f'{{{k}: [...]}}' for k in SPACE_KINDS)}")
+        ((kind, values),) = spec.items()
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind}", "must be a non-empty list")
+        if kind in ("choice", "grid"):
+            candidates = values
+        else:
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{where}.{kind}", f"must be [low, high], not {values!r}")
+            low, high = values
+            if not low < high:
+                raise ConfigError(f"{where}.{kind}", f"impossible range: low {low!r} is not below high {high!r}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}.{kind}", f"impossible range: loguniform needs low > 0, not {low!r}")
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}.{kind}", f"needs integer ends, not {values!r}")
+            candidates = [low, high - 1] if kind == "randint" else [float(low), float(high)]
+        for value in candidates:
+            try:
+                with_values(base, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(where, f"{value!r} is not a valid value ({exc})") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -283,6 +403,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against ``hint``; the only conversions are int/numeric str->float and list->tuple."""
+    if hint is Any:
+        return value  # tune.space values: check_space judges them against their own keys
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is Literal:

@@ -91,7 +91,7 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
             if not _prepare_remote(cfg, run, Path(mirror)):
                 log.info("%s already holds a complete run of this config; nothing to do", run)
                 return run
-    _connect()
+    connect()
     _fit(cfg, run, list(worker_callbacks))
     return run
 
@@ -182,7 +182,7 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
     return target
 
 
-def _connect() -> None:
+def connect() -> None:
     """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start one on loopback."""
     address = os.environ.get("RAY_ADDRESS")
     if not address:
@@ -316,7 +316,7 @@ def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool, world
 
     names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
     if chief:
-        names.append(rundir.METRICS)
+        names += [rundir.METRICS, rundir.STEPS]
     storage.download(run, work, only=names)
     manifest = shards.read_manifest(work / PREPARED)
     if manifest is None:
@@ -330,7 +330,7 @@ def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool, world
 
 
 def _upload_progress(work: Path, run: storage.Location) -> None:
-    for name in (rundir.METRICS, rundir.TENSORBOARD):
+    for name in (rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD):
         if (work / name).exists():
             storage.upload(work / name, run.child(name))
 
@@ -338,7 +338,7 @@ def _upload_progress(work: Path, run: storage.Location) -> None:
 def _publish(work: Path, run: storage.Location) -> None:
     """Upload the finished run: the model, curves and logs first, ``report.json`` last (it marks completion)."""
     storage.upload(work / rundir.MODEL, run.child(rundir.MODEL))
-    for name in (rundir.CURVES, rundir.METRICS, rundir.TENSORBOARD):
+    for name in (rundir.CURVES, rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD):
         if (work / name).exists():
             storage.upload(work / name, run.child(name))
     storage.upload(work / rundir.REPORT, run.child(rundir.REPORT))

@@ -6,6 +6,7 @@ complete when ``report.json`` exists: it is written last, atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from imdb_dist.errors import ConfigError, InputError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
 VOCAB = "vocab.txt"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
@@ -62,7 +64,12 @@ def prior_config(run_dir: Path) -> Config | None:
 def check_resumable(previous: Config, current: Config, run_dir: Path) -> None:
     """Refuse to mix two different runs' checkpoints in one directory."""
     old, new = _flatten(to_dict(previous)), _flatten(to_dict(current))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    changed = sorted(
+        k
+        for k in old.keys() | new.keys()
+        # The tune section only steers `imdb-dist tune`; a run does not read it.
+        if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("tune.")
+    )
     if changed:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise InputError(
@@ -81,7 +88,8 @@ def already_complete(run_dir: Path, current: Config) -> bool:
     if previous is None:
         return False
     check_resumable(previous, current, run_dir)
-    return previous == current and (run_dir / REPORT).exists()
+    same = dataclasses.replace(previous, tune=current.tune) == current
+    return same and (run_dir / REPORT).exists()
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -23,7 +23,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist import __version__, aggregation, rundir, storage
-from imdb_dist.callbacks import EpochMetrics, FiniteLoss, read_metrics
+from imdb_dist.callbacks import EpochMetrics, FiniteLoss, StepMetrics, log_every, read_metrics
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
@@ -288,7 +288,7 @@ def _train(
         patience=cfg.train.early_stopping_patience,
     )
     callback_list = keras.callbacks.CallbackList(
-        [*_callbacks(cfg, worker, run_dir), *callbacks],
+        [*_callbacks(cfg, worker, run_dir, steps), *callbacks],
         add_progbar=worker.chief and sys.stdout.isatty(),
         model=model,
         verbose=1,
@@ -361,15 +361,25 @@ def _epoch_data(
             steps=steps,
         )
         batches = pipeline.split_for_replicas(plan, local_replicas, steps)[first_step * local_replicas :]
-        return worker.strategy.distribute_datasets_from_function(
-            lambda _: pipeline.plan_dataset(
+
+        def dataset(_: Any = None) -> tf.data.Dataset:
+            return pipeline.plan_dataset(
                 encoded,
                 batches,
                 max_len=cfg.data.max_len,
                 min_len=min_length(cfg.model),
                 bucket_width=cfg.data.bucket_width if bucketed else None,
             )
-        )
+
+        if local_replicas == 1:
+            # One replica here (a Ray worker, one device): its batches go to
+            # strategy.run as they are. A distributed dataset would wrap them in
+            # tf.data's per-device iterators, which are autotuned whatever our
+            # options say, and deleting an autotuned iterator at the epoch's end
+            # waits for its tuning thread to wake: measured up to ~20 s idle
+            # per epoch under Ray (py-spy: RootDataset::Iterator::~Iterator).
+            return dataset()
+        return worker.strategy.distribute_datasets_from_function(dataset)
 
     return epoch_data
 
@@ -385,7 +395,7 @@ def _validation(cfg: Config, vectorizer: keras.layers.TextVectorization, data: T
     return val.with_options(shard_by_data)
 
 
-def _callbacks(cfg: Config, worker: Worker, run_dir: Path) -> list[keras.callbacks.Callback]:
+def _callbacks(cfg: Config, worker: Worker, run_dir: Path, steps: int) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [
         FiniteLoss(),
         EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, cfg.train.batch_size),
@@ -393,6 +403,17 @@ def _callbacks(cfg: Config, worker: Worker, run_dir: Path) -> list[keras.callbac
     if worker.chief:
         callbacks.append(
             keras.callbacks.TensorBoard(str(run_dir / rundir.TENSORBOARD), write_graph=False, profile_batch=0)
+        )
+        callbacks.append(
+            StepMetrics(
+                run_dir / rundir.STEPS,
+                run_dir / rundir.TENSORBOARD,
+                every=log_every(cfg.run.log_every_steps, steps),
+                steps_per_epoch=steps,
+                global_batch=cfg.train.batch_size,
+                # A terminal has the progress bar; logs (Ray jobs, pods) get a line per point.
+                echo=not sys.stdout.isatty(),
+            )
         )
     return callbacks
 
@@ -414,6 +435,8 @@ def _finish(
     metadata = {
         "max_len": cfg.data.max_len,
         "validation_fraction": cfg.data.validation_fraction,
+        "folds": cfg.data.folds,
+        "fold": cfg.data.fold,
         "seed": cfg.data.seed,
         "imdb_dist_version": __version__,
     }
@@ -421,7 +444,7 @@ def _finish(
     # Scored through the export itself: the report describes what users will serve.
     validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
     records = read_metrics(run_dir / rundir.METRICS)
-    plot_curves(records, run_dir / rundir.CURVES)
+    plot_curves(records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
     report = {
         "validation": validation,
         "epochs": len(records),

@@ -55,6 +55,26 @@ def test_accuracy_reports_curves_and_draws_the_plot(data: Path, tmp_path: Path) 
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_accuracy_cross_validates_over_folds_that_cover_the_data(data: Path) -> None:
+    out = bench("bench.accuracy", "--data", str(data), "--preset", "job/configs/fast.yaml", "--seed-max-len", "32",
+                "--seed-epochs", "1", "--folds", "2", *sets())
+    assert out["folds"] == 2
+    total = sum(len(list((data / "aclImdb" / "train" / label).iterdir())) for label in ("pos", "neg"))
+    for result in out["results"].values():
+        cv = result["cv"]
+        assert cv["folds"] == 2 and len(cv["runs"]) == 2
+        assert cv["mean"] == pytest.approx(sum(cv["accuracy"]) / 2)
+        assert cv["std"] == pytest.approx(abs(cv["accuracy"][0] - cv["accuracy"][1]) / 2**0.5)
+        # Each fold held out a different half: together, every training review once.
+        assert sum(run["val_n"] for run in cv["runs"]) == total
+
+
+def test_accuracy_refuses_a_single_fold(data: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--data", str(data), "--folds", "1"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--folds must be 0" in proc.stderr
+
+
 def test_seed_baseline_runs_on_its_own(data: Path) -> None:
     out = bench("bench.seed", "--data", str(data), "--max-len", "32", "--epochs", "1")
     assert len(out["val_accuracy"]) == 1 and out["examples_per_s"][0] > 0

@@ -192,6 +192,19 @@ def test_evaluate_validation_reproduces_the_runs_split(trained_run: Path, capsys
     assert result["confusion"] == report["confusion"]
 
 
+def test_evaluate_validation_reproduces_a_cross_validation_folds_split(tmp_path: Path, capsys) -> None:
+    from imdb_dist.config import load_config
+    from imdb_dist.train import run
+
+    data = write_aclimdb(tmp_path / "data", {"train": 60})
+    run_dir = run(load_config(None, [*tiny_overrides(data, tmp_path / "run"), "data.folds=3", "data.fold=2"]))
+    assert main(["evaluate", "--model", str(run_dir / rundir.MODEL), "--data", str(data), "--split", "validation"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((run_dir / rundir.REPORT).read_text())["validation"]
+    assert result["n"] == report["n"] == 40  # fold 2 of 3 over 120 reviews, not the 10% fraction split (12)
+    assert result["confusion"] == report["confusion"]
+
+
 def load_data_path(run_dir: Path) -> str:
     from imdb_dist.config import load_config
 

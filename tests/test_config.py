@@ -180,6 +180,9 @@ def test_wrong_type_is_refused(tmp_path, text, key):
         ("model.lstm_units=0", "model.lstm_units"),
         ("run.checkpoint_steps=-1", "run.checkpoint_steps"),
         ("run.output_dir=' '", "run.output_dir"),
+        ("data.folds=1", "data.folds"),
+        ("data.folds=-5", "data.folds"),
+        ("data.fold=1", "data.fold"),  # a fold without folds
     ],
 )
 def test_impossible_value_is_refused(override, key):
@@ -194,6 +197,8 @@ def test_impossible_value_is_refused(override, key):
         ["model.dropout=0.0"],
         ["data.max_len=8", "model.kernel_size=3", "model.pool_size=2"],
         ["train.early_stopping_patience=0", "run.checkpoint_steps=0"],
+        ["data.folds=2", "data.fold=1"],
+        ["data.folds=100", "data.fold=0"],
     ],
 )
 def test_range_edges_are_accepted(overrides):
@@ -304,3 +309,9 @@ def test_scientific_notation_is_a_float(text):
 def test_unknown_keys_of_mixed_types_raise_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"config key data\.\S+: unknown key"):
         load_config(write(tmp_path, "data:\n  1: x\n  max_lenn: 3\n"))
+
+
+@pytest.mark.parametrize(("folds", "fold"), [(5, 5), (5, -1), (2, 7)])
+def test_fold_outside_the_folds_is_refused(folds, fold):
+    with pytest.raises(ConfigError, match=r"config key data.fold: .* out of range"):
+        load_config(None, [f"data.folds={folds}", f"data.fold={fold}"])

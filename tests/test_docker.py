@@ -290,7 +290,7 @@ def test_entrypoint_module_runs_help():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: imdb-dist")
-    for command in ("train", "launch", "evaluate", "predict"):
+    for command in ("train", "launch", "tune", "evaluate", "predict"):
         assert command in result.stdout
 
 

@@ -215,7 +215,7 @@ def test_mixed_float16_without_gpu_workers_is_refused_before_starting(tmp_path: 
 def test_a_cluster_the_launcher_starts_listens_on_loopback_only() -> None:
     script = (
         # As in `imdb-dist launch`: nothing imports ray before the launcher connects.
-        "from imdb_dist.launch import _connect; _connect(); import json, ray;"
+        "from imdb_dist.launch import connect; connect(); import json, ray;"
         "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,"
         " 'nodes': [n['NodeManagerAddress'] for n in ray.nodes()]})); ray.shutdown()"
     )

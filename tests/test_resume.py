@@ -48,6 +48,9 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
         [{k: r[k] for k in LOSS_COLUMNS} for r in read_metrics(d / rundir.METRICS)] for d in (resumed, uninterrupted)
     )
     assert got_columns == want_columns
+    # The lost attempt's step points past the checkpoint are dropped: each step is logged once, in order.
+    got_steps, want_steps = ([r["step"] for r in read_metrics(d / rundir.STEPS)] for d in (resumed, uninterrupted))
+    assert got_steps == want_steps
     reports = [json.loads((d / rundir.REPORT).read_text()) for d in (resumed, uninterrupted)]
     assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"]
     assert reports[0]["validation"] == reports[1]["validation"]

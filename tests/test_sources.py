@@ -13,7 +13,14 @@ import pytest
 from conftest import fake_review, make_tarball
 
 from imdb_dist.config import DataConfig
-from imdb_dist.data.sources import ENV_PATH, decode_keras, load_reviews, read_aclimdb, resolve_source
+from imdb_dist.data.sources import (
+    ENV_PATH,
+    decode_keras,
+    fold_indices,
+    load_reviews,
+    read_aclimdb,
+    resolve_source,
+)
 from imdb_dist.errors import DataError, InputError
 
 
@@ -239,6 +246,53 @@ def test_train_and_validation_partition_the_train_split(aclimdb, per_class, frac
     assert sum(validation.values()) == round(n * fraction)
     assert not (train & validation)
     assert train + validation == everything
+
+
+@pytest.mark.parametrize(("n", "folds"), [(103, 5), (10, 10), (25_000, 5)])
+def test_folds_are_disjoint_cover_the_data_and_differ_in_size_by_at_most_one(n, folds):
+    parts = [fold_indices(n, folds, fold, seed=11) for fold in range(folds)]
+    validation = np.concatenate([val for _, val in parts])
+    assert np.array_equal(np.sort(validation), np.arange(n))  # every index in exactly one fold
+    sizes = [len(val) for _, val in parts]
+    assert max(sizes) - min(sizes) <= 1
+    for train, val in parts:
+        assert np.intersect1d(train, val).size == 0
+        assert np.array_equal(np.union1d(train, val), np.arange(n))
+
+
+def test_folds_are_stable_for_a_seed_and_differ_across_seeds():
+    first = [fold_indices(1000, 5, fold, seed=3)[1] for fold in range(5)]
+    again = [fold_indices(1000, 5, fold, seed=3)[1] for fold in range(5)]
+    other = [fold_indices(1000, 5, fold, seed=4)[1] for fold in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_fold_index_outside_the_folds_raises():
+    with pytest.raises(ValueError, match="fold 5 is not in"):
+        fold_indices(10, 5, 5, seed=0)
+
+
+def test_each_folds_validation_reviews_partition_the_train_split(aclimdb):
+    base = aclimdb({"train": 20})
+    everything = collections.Counter(pairs(read_aclimdb(base, "train")))
+    seen: collections.Counter = collections.Counter()
+    for fold in range(4):
+        cfg = data_config(base, folds=4, fold=fold)
+        train = collections.Counter(pairs(load_reviews(cfg, "train")))
+        validation = collections.Counter(pairs(load_reviews(cfg, "validation")))
+        assert sum(validation.values()) == 10
+        assert not (train & validation)
+        assert train + validation == everything
+        seen += validation
+    assert seen == everything  # the folds' validation parts: each review once
+
+
+def test_folds_ignore_the_validation_fraction(aclimdb):
+    base = aclimdb({"train": 20})
+    one = load_reviews(data_config(base, folds=4, fold=2, validation_fraction=0.1), "validation")
+    other = load_reviews(data_config(base, folds=4, fold=2, validation_fraction=0.5), "validation")
+    assert pairs(one) == pairs(other)
 
 
 def test_same_seed_same_split_other_seed_other_split(aclimdb):

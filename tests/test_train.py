@@ -13,7 +13,7 @@ import tf_keras as keras
 from conftest import tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import FiniteLoss, read_metrics
+from imdb_dist.callbacks import FiniteLoss, log_every, read_metrics
 from imdb_dist.config import dump_yaml, load_config
 from imdb_dist.errors import ConfigError, DataError, InputError, RunError
 from imdb_dist.train import run
@@ -75,6 +75,8 @@ def test_more_epochs_resume_from_the_checkpoint(data: Path, tmp_path: Path, capl
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0] == first[0]
     assert load_config(out / rundir.CONFIG).train.epochs == 2
+    # The step points go on from where the first run's ended: every step once.
+    assert [r["step"] for r in read_metrics(out / rundir.STEPS)] == list(range(1, 21))
 
 
 def test_interrupted_run_finishes_without_retraining(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -200,3 +202,54 @@ def test_lr_schedule_cosine_decays_to_zero_over_the_run(data: Path, tmp_path: Pa
         # The last step of the run sits at the end of the cosine: (1 + cos(pi (N-1) / N)) / 2 of the peak.
         expected = 0.01 * (1 + math.cos(math.pi * (last.steps - 1) / last.steps)) / 2
         assert last.rate == pytest.approx(expected, rel=1e-3) and last.rate < 0.001
+
+
+@pytest.mark.parametrize(("configured", "steps_per_epoch", "expected"), [(0, 351, 9), (0, 10, 1), (0, 1, 1), (5, 351, 5)])
+def test_step_logging_period_defaults_to_about_forty_points_an_epoch(configured, steps_per_epoch, expected) -> None:
+    assert log_every(configured, steps_per_epoch) == expected
+
+
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    import tensorflow as tf
+
+    steps = []
+    for path in sorted((run_dir / rundir.TENSORBOARD / "train").glob("events.out.tfevents.*")):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(raw.numpy())
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
+
+
+@pytest.mark.parametrize(
+    ("execution", "points"),
+    [(1, [3, 6, 9, 10, 12, 15, 18, 20]), (4, [4, 8, 10, 14, 18, 20])],
+)
+def test_step_points_every_n_steps_and_at_each_epoch_end(
+    data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, execution: int, points: list[int]
+) -> None:
+    # 160 training reviews at batch 16: 10 full steps an epoch. A point falls
+    # on the execution that crosses a multiple of 3 optimizer steps, and on every epoch's end.
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO)
+    run(config(data, out, "run.log_every_steps=3", f"train.steps_per_execution={execution}"))
+    records = read_metrics(out / rundir.STEPS)
+    assert [r["step"] for r in records] == points
+    for record in records:
+        assert {"epoch", "epoch_step", "loss", "accuracy", "learning_rate", "examples_per_s", "wall_s"} <= record.keys()
+        assert record["step"] == (record["epoch"] - 1) * 10 + record["epoch_step"]
+        assert record["learning_rate"] == pytest.approx(0.01) and record["examples_per_s"] > 0
+        assert 0.0 <= record["accuracy"] <= 1.0
+    walls = [r["wall_s"] for r in records]
+    assert walls == sorted(walls)
+    # Each point is the mean over its own steps: weighted by their number, the
+    # points of an epoch give back the epoch's training loss and accuracy.
+    for epoch in read_metrics(out / rundir.METRICS):
+        mine = [r for r in records if r["epoch"] == epoch["epoch"]]
+        lengths = np.diff([0, *[r["epoch_step"] for r in mine]])
+        for metric in ("loss", "accuracy"):
+            weighted = sum(n * r[metric] for n, r in zip(lengths, mine)) / lengths.sum()
+            assert weighted == pytest.approx(epoch[metric], rel=1e-4)
+    assert _tensorboard_steps(out, "step_loss") == points
+    assert _tensorboard_steps(out, "step_examples_per_s") == points
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == len(points) and lines[0].startswith(f"step {points[0]} (epoch 1, {points[0]}/10): loss=")

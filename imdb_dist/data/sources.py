@@ -63,8 +63,9 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
 def load_reviews(cfg: DataConfig, split: str) -> Reviews:
     """Load one split: ``train`` and ``validation`` partition the source's train split.
 
-    The validation part is a fixed fraction drawn with ``data.seed``; the two
-    never overlap and together hold every training review.
+    The validation part is a fixed fraction drawn with ``data.seed``, or with
+    ``data.folds`` one fold of a seeded k-fold partition; the two never
+    overlap and together hold every training review.
 
     Raises:
         DataError: the source, or the split in it, is missing or malformed.
@@ -83,7 +84,10 @@ def load_reviews(cfg: DataConfig, split: str) -> Reviews:
         reviews = _read_keras(path, raw_split, cfg.vocab_size)
     if split == "test":
         return reviews
-    train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed)
+    if cfg.folds:
+        train_idx, val_idx = fold_indices(len(reviews), cfg.folds, cfg.fold, cfg.seed)
+    else:
+        train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed)
     return subset(reviews, train_idx if split == "train" else val_idx)
 
 
@@ -92,6 +96,20 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(n * fraction))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def fold_indices(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) index arrays for ``fold`` of a seeded ``folds``-fold partition of ``range(n)``.
+
+    The folds of one seed are disjoint, cover ``range(n)`` and differ in size
+    by at most one; fold ``k``'s training part is every other fold.
+    """
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} is not in [0, {folds})")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    val = np.sort(parts[fold])
+    train = np.sort(np.concatenate([part for k, part in enumerate(parts) if k != fold]))
+    return train, val
 
 
 def subset(reviews: Reviews, indices: np.ndarray) -> Reviews:

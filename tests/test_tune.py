@@ -1,0 +1,170 @@
+"""``imdb-dist tune``: refusals of bad search spaces, and real sweeps on a local Ray cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY, write_aclimdb
+
+from imdb_dist import rundir
+from imdb_dist.callbacks import read_metrics
+from imdb_dist.cli import main
+from imdb_dist.config import load_config
+
+LR = "train.learning_rate"
+
+
+def sweep_config(path: Path, data: Path, out: Path, tune: dict, **train) -> Path:
+    """A tiny-model sweep config: the TINY settings, generated data, this tune section."""
+    raw: dict = {}
+    for item in [*TINY, "data.source=aclimdb", "data.validation_fraction=0.2", f"data.path={data}",
+                 f"run.output_dir={out}", "train.epochs=2"]:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    raw["train"].update(train)
+    raw["tune"] = tune
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_aclimdb(tmp_path_factory.mktemp("tune") / "data", {"train": 60})
+
+
+@pytest.mark.parametrize(
+    ("tune", "message"),
+    [
+        ({"space": {}}, "config key tune.space: is empty"),
+        ({"space": {LR: {"uniform": [0.1, 0.01]}}}, f"tune.space.{LR}.uniform: impossible range"),
+        ({"space": {LR: {"loguniform": [0.0, 0.01]}}}, f"tune.space.{LR}.loguniform: impossible range"),
+        ({"space": {"model.dropout": {"uniform": [0.2, 1.5]}}}, "tune.space.model.dropout: 1.5 is not a valid value"),
+        ({"space": {"train.epochs": {"randint": [3, 3]}}}, "tune.space.train.epochs.randint: impossible range"),
+        ({"space": {"train.nonsense": {"choice": [1, 2]}}}, "config key train.nonsense: unknown key"),
+        ({"space": {LR: {"normal": [0.0, 1.0]}}}, f"tune.space.{LR}: must be one of"),
+        ({"space": {LR: {"choice": []}}}, f"tune.space.{LR}.choice: must be a non-empty list"),
+        ({"space": {"run.output_dir": {"choice": ["a", "b"]}}}, "tune.space.run.output_dir: cannot be searched"),
+        ({"space": {LR: {"choice": [0.01]}}, "sampler": "bayes"}, "config key tune.sampler: unknown key"),
+        ({"space": {LR: {"choice": [0.01]}}, "trials": 0}, "config key tune.trials: 0 is out of range"),
+        ({"space": {LR: {"choice": [0.01]}}, "metric": "val_auc"}, "config key tune.metric: 'val_auc' is not one of"),
+    ],
+)
+def test_a_bad_tune_section_is_one_error_line_and_exit_2(data, tmp_path, capsys, tune, message) -> None:
+    out = tmp_path / "sweep"
+    config = sweep_config(tmp_path / "tune.yaml", data, out, tune)
+    assert main(["tune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists(), "a refused sweep must write nothing"
+
+
+def test_a_directory_holding_another_sweep_or_other_files_is_refused(data, tmp_path, capsys) -> None:
+    from imdb_dist.config import dump_yaml
+
+    out = tmp_path / "sweep"
+    config = sweep_config(tmp_path / "tune.yaml", data, out, {"space": {LR: {"choice": [0.01, 0.02]}}})
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["tune", "--config", str(config)]) == 2
+    assert "is not empty and holds no sweep" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+    other = load_config(config, ["tune.trials=9"])
+    (out / rundir.CONFIG).write_text(dump_yaml(other))
+    assert main(["tune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep of a different config (sections tune differ)" in err and err.count("\n") == 1
+
+
+def test_train_ignores_a_tune_section_and_refuses_a_bad_one(data, tmp_path) -> None:
+    good = load_config(sweep_config(tmp_path / "a.yaml", data, tmp_path / "a", {"space": {LR: {"choice": [0.1]}}}))
+    assert good.tune.space == {LR: {"choice": [0.1]}}
+    with pytest.raises(Exception, match="tune.trials"):
+        load_config(sweep_config(tmp_path / "b.yaml", data, tmp_path / "b", {"space": {}, "trials": -1}))
+
+
+def _tune(config: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # a local cluster of its own
+    return subprocess.Popen([sys.executable, "-m", "imdb_dist.cli", "tune", "--config", str(config)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return err
+
+
+def _results(out: Path) -> list[dict]:
+    with (out / "results.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.ray
+def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    grid = [0.01, 0.03]
+    config = sweep_config(tmp_path / "tune.yaml", data, out,
+                          {"space": {LR: {"grid": grid}}, "trials": 1, "early_stop": False})
+    # Interrupted once the first epoch of a trial is logged: Tune saves its state on SIGINT.
+    proc = _tune(config)
+    deadline = time.monotonic() + 300
+    while not any(read_metrics(path) for path in (out / "trials").glob(f"*/{rundir.METRICS}")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=300)
+    assert not (out / "results.csv").exists()
+
+    err = _finish(_tune(config))
+    assert "resuming the sweep" in err
+    rows = _results(out)
+    assert sorted(float(row[LR]) for row in rows) == grid
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == "2"
+        assert 0.0 <= float(row["val_accuracy"]) <= 1.0
+        # Every epoch trained and logged once, across the interruption.
+        assert [r["epoch"] for r in read_metrics(Path(row["run_dir"]) / rundir.METRICS)] == [1, 2]
+        report = json.loads((Path(row["run_dir"]) / rundir.REPORT).read_text())
+        assert report["config"]["train"]["learning_rate"] == float(row[LR])
+        assert report["validation"]["accuracy"] == pytest.approx(float(row["val_accuracy"]), abs=1e-6)
+    best_row = max(rows, key=lambda row: float(row["val_accuracy"]))
+    best = load_config(out / "best.yaml")
+    assert best.train.learning_rate == float(best_row[LR])
+    assert best.tune.space == {}
+    assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
+
+    # best.yaml is a complete config `imdb-dist train` takes as it is.
+    trained = subprocess.run([sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(out / "best.yaml"),
+                              "--set", f"run.output_dir={tmp_path / 'best'}"], cwd=REPO, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "best" / rundir.REPORT).is_file()
+
+
+@pytest.mark.ray
+def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean(data, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    config = sweep_config(tmp_path / "tune.yaml", data, out,
+                          {"space": {LR: {"grid": [0.01, 0.03]}}, "trials": 1, "folds": 2}, epochs=1)
+    _finish(_tune(config))
+    rows = _results(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["status"] == "completed"
+        folds = [json.loads((Path(row["run_dir"]) / f"fold{k}" / rundir.REPORT).read_text()) for k in range(2)]
+        assert [f["config"]["data"]["fold"] for f in folds] == [0, 1]
+        assert sum(f["validation"]["n"] for f in folds) == 120  # the two folds hold out every review once
+        mean = sum(f["validation"]["accuracy"] for f in folds) / 2
+        assert float(row["cv_val_accuracy"]) == pytest.approx(mean, abs=1e-6)
+    assert load_config(out / "best.yaml").data.folds == 0, "best.yaml trains on the usual split"
