@@ -212,9 +212,11 @@ class TuneConfig:
     trials: int = 4
     # Trials at once; 0: as many as the cluster's CPUs hold at cpus_per_trial.
     concurrency: int = 0
-    # A single-process trial's CPUs (its TensorFlow thread pools follow them);
-    # trials with ray.num_workers > 1 take ray.resources_per_worker per worker.
+    # A single-process trial's CPUs (its TensorFlow thread pools follow them).
     cpus_per_trial: float = 1.0
+    # 1: each trial trains in one process; N > 1: each trial is a Ray Train
+    # run of N workers (ray.num_workers), each with ray.resources_per_worker.
+    workers_per_trial: int = 1
     metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     # >= 2: every trial trains each fold of data.folds-style k-fold splits
     # and is scored by the folds' mean metric (no early stopping then).
@@ -229,6 +231,7 @@ class TuneConfig:
         _check_range("tune.concurrency", self.concurrency, 0, 100_000)
         _check_range("tune.cpus_per_trial", self.cpus_per_trial, 0.0, 100_000.0, low_open=True)
         _check_range("tune.grace_epochs", self.grace_epochs, 1, 100_000)
+        _check_range("tune.workers_per_trial", self.workers_per_trial, 1, 100_000)
         if self.folds != 0:
             _check_range("tune.folds", self.folds, 2, 100)
 

@@ -4,8 +4,8 @@ The config's ``tune:`` section (:class:`imdb_dist.config.TuneConfig`) names
 the search space. Ray Tune runs one trial function per sampled config, as
 Ray 2.60 supports tuning Train V2 jobs: a trial trains the config in its own
 process (``imdb_dist.train.run``, its TensorFlow thread pools sized to the
-trial's CPUs), or, when ``ray.num_workers > 1``, launches a Ray Train run of
-it (``imdb_dist.launch``) from inside the trial. Each trial reports its
+trial's CPUs), or, with ``tune.workers_per_trial > 1``, launches a Ray Train
+run of it with that many workers (``imdb_dist.launch``) from inside the trial. Each trial reports its
 validation metric after every epoch, which an ASHA scheduler uses to stop
 trials that trail; with ``tune.folds`` a trial instead trains every fold of
 a k-fold split and reports once per fold, scored by the folds' mean.
@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import math
+import signal
 import statistics
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from imdb_dist.config import (
     with_values,
 )
 from imdb_dist.errors import ConfigError, InputError, RunError
+from imdb_dist.interrupt import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,19 @@ def tune(cfg: Config) -> Path:
             run_config=ray_tune.RunConfig(name=SWEEP, storage_path=str(out), verbose=0),
         )
     grid = tuner.fit()
+    # The saved experiment state, not the returned grid, says whether the
+    # sweep ended: after Ctrl-C Tune returns, and the trials it cut short are
+    # saved as pending (to resume), while the grid counts them as terminated.
+    statuses = [trial.status for trial in ray_tune.ExperimentAnalysis(str(sweep)).trials]
+    unfinished = sum(status not in ("TERMINATED", "ERROR") for status in statuses)
+    if unfinished:
+        # Tune stops gracefully on Ctrl-C and returns what it has: no results
+        # for a sweep that has not ended, and the exit status of the signal.
+        raise Interrupted(
+            signal.SIGINT,
+            f"the sweep was interrupted with {unfinished} of {len(grid)} trials unfinished; its state is in "
+            f"{sweep}: run the same command again to resume",
+        )
     rows = _rows(grid, cfg, out)
     _write_results(rows, cfg, out / RESULTS)
     finished = [row for row in rows if row["status"] != "error" and row[metric] is not None]
@@ -144,8 +159,8 @@ def _check_same_sweep(cfg: Config, out: Path) -> None:
 
 
 def _trial_base(cfg: Config) -> Config:
-    """The config every trial starts from: no tune section, and a data path valid in any working directory."""
-    base = dataclasses.replace(cfg, tune=TuneConfig())
+    """The config every trial starts from: no tune section, its worker count, a data path valid anywhere."""
+    base = with_values(dataclasses.replace(cfg, tune=TuneConfig()), {"ray.num_workers": cfg.tune.workers_per_trial})
     if base.data.path and not storage.is_uri(base.data.path):
         base = with_values(base, {"data.path": str(Path(base.data.path).resolve())})
     return base
@@ -195,18 +210,18 @@ def _scheduler(cfg: Config) -> Any:
 def _concurrency(cfg: Config) -> int | None:
     if cfg.tune.concurrency:
         return cfg.tune.concurrency
-    if cfg.ray.num_workers == 1:
+    if cfg.tune.workers_per_trial == 1:
         return None  # Tune packs trials onto the CPUs by their resources
     import ray
 
     # A multi-worker trial's own actor is tiny; its Train workers wait for
     # CPUs. Start only as many trials as can have all their workers at once.
-    per_trial = cfg.ray.num_workers * cfg.ray.resources_per_worker.get("CPU", 1.0)
+    per_trial = cfg.tune.workers_per_trial * cfg.ray.resources_per_worker.get("CPU", 1.0)
     return max(1, int(ray.cluster_resources().get("CPU", 1.0) // per_trial))
 
 
 def _trial_resources(cfg: Config) -> dict[str, float]:
-    if cfg.ray.num_workers > 1:
+    if cfg.tune.workers_per_trial > 1:
         return {"cpu": 0.1}  # the trial only drives a Ray Train run, whose workers request their own
     return {"cpu": cfg.tune.cpus_per_trial}
 

@@ -124,8 +124,9 @@ def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_pat
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-4000:]
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=300)
-    assert not (out / "results.csv").exists()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "run the same command again to resume" in err, err[-3000:]
+    assert not (out / "results.csv").exists(), "an interrupted sweep has no results yet"
 
     err = _finish(_tune(config))
     assert "resuming the sweep" in err
