@@ -59,7 +59,7 @@ def test_accuracy_cross_validates_over_folds_that_cover_the_data(data: Path) -> 
     out = bench("bench.accuracy", "--data", str(data), "--preset", "job/configs/fast.yaml", "--seed-max-len", "32",
                 "--seed-epochs", "1", "--folds", "2", *sets())
     assert out["folds"] == 2
-    total = sum(len(list((data / "aclImdb" / "train" / label).iterdir())) for label in ("pos", "neg"))
+    total = sum(len(list((data / "train" / label).iterdir())) for label in ("pos", "neg"))
     for result in out["results"].values():
         cv = result["cv"]
         assert cv["folds"] == 2 and len(cv["runs"]) == 2

@@ -85,6 +85,14 @@ def test_a_directory_holding_another_sweep_or_other_files_is_refused(data, tmp_p
     assert "holds a sweep of a different config (sections tune differ)" in err and err.count("\n") == 1
 
 
+def test_the_shipped_sweep_preset_has_a_valid_space() -> None:
+    from imdb_dist.config import check_space
+
+    cfg = load_config(REPO / "job" / "configs" / "tune-local.yaml")
+    check_space(cfg)
+    assert cfg.tune.trials >= 4 and cfg.tune.workers_per_trial == 1
+
+
 def test_train_ignores_a_tune_section_and_refuses_a_bad_one(data, tmp_path) -> None:
     good = load_config(sweep_config(tmp_path / "a.yaml", data, tmp_path / "a", {"space": {LR: {"choice": [0.1]}}}))
     assert good.tune.space == {LR: {"choice": [0.1]}}
