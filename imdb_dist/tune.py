@@ -384,6 +384,7 @@ def _plot_trials(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metric = _objective(cfg.tune)
     finished = [row for row in rows if row[metric] is not None]
@@ -402,6 +403,7 @@ def _plot_trials(rows: list[dict[str, Any]], cfg: Config, path: Path) -> None:
             alpha=1.0 if row is best else 0.6,
             label=f"{label} ({row['status']})",
         )
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("fold" if cfg.tune.folds else "epoch")
     ax.set_ylabel(cfg.tune.metric + (" (each fold's model)" if cfg.tune.folds else ""))
     ax.set_title(f"imdb-dist tune: {len(rows)} trials, best bold")
