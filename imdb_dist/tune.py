@@ -75,6 +75,11 @@ def tune(cfg: Config) -> Path:
     rundir.check_writable(out)
     _check_same_sweep(cfg, out)
     base = _trial_base(cfg)
+    # Read the data once here: a missing or malformed source is one error line
+    # and exit 2 now, not the same failure in every trial.
+    from imdb_dist.data.sources import load_reviews
+
+    load_reviews(base.data, "train")
     from ray import tune as ray_tune
 
     from imdb_dist.launch import connect

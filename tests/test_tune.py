@@ -85,6 +85,15 @@ def test_a_directory_holding_another_sweep_or_other_files_is_refused(data, tmp_p
     assert "holds a sweep of a different config (sections tune differ)" in err and err.count("\n") == 1
 
 
+def test_missing_data_is_one_error_line_and_exit_2_before_any_trial(data, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    config = sweep_config(tmp_path / "tune.yaml", tmp_path / "nowhere", out, {"space": {LR: {"choice": [0.01]}}})
+    assert main(["tune", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "nowhere" in err, err
+    assert not out.exists()
+
+
 def test_the_shipped_sweep_preset_has_a_valid_space() -> None:
     from imdb_dist.config import check_space
 
