@@ -287,17 +287,7 @@ def with_values(config: Config, values: dict[str, Any]) -> Config:
     """``config`` with dotted keys set to ``values``, type- and range-checked like ``--set``."""
     raw = to_dict(config)
     for key, value in values.items():
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part not in node:
-                raise ConfigError(".".join(parts[: i + 1]), "unknown key")
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is not a section")
-        if parts[-1] not in node:
-            raise ConfigError(key, "unknown key")
-        node[parts[-1]] = value
+        _set(raw, key, value)
     return _build(Config, raw, prefix="")
 
 
@@ -374,6 +364,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text  # not a YAML scalar: keep the string and let the type check judge.
+    _set(raw, key, value)
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` in the nested mapping ``raw``; :func:`_build` then judges names, types and ranges."""
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
