@@ -88,8 +88,13 @@ class ModelConfig:
     kernel_size: int = 5
     pool_size: int = 4
     lstm_units: int = 70
+    # A deep ensemble: this many networks of these layers, trained side by
+    # side from their own initialisations, served as the mean of their
+    # probabilities (costs members x the compute; see imdb_dist.model).
+    members: int = 1
 
     def __post_init__(self) -> None:
+        _check_range("model.members", self.members, 1, 64)
         for name in ("embedding_dim", "conv_filters", "kernel_size", "pool_size", "lstm_units"):
             _check_range(f"model.{name}", getattr(self, name), 1, 100_000)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)

@@ -22,6 +22,7 @@ import tf_keras as keras
 
 from imdb_dist.data.pipeline import encode_padded
 from imdb_dist.errors import InputError, RunError, write_failure
+from imdb_dist.model import ensemble_score
 
 SIGNATURE = "serving_default"
 METADATA = Path("assets.extra") / "imdb_dist.json"
@@ -37,7 +38,7 @@ class _Serving(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     def serve(self, text: tf.Tensor) -> dict[str, tf.Tensor]:
         tokens = encode_padded(self.vectorizer, text, self.max_len)
-        return {"score": self.model(tokens, training=False)}
+        return {"score": ensemble_score(self.model(tokens, training=False))}
 
 
 def _remove_leftovers(model_root: Path) -> None:

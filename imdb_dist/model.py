@@ -4,10 +4,22 @@ Embedding → Dropout (imdb_dist.dropout.FastDropout) → Conv1D(relu) → MaxPo
 The caller builds it inside a strategy scope and a dtype policy; the output
 layer is pinned to float32 so the sigmoid and the loss stay stable under
 mixed precision.
+
+With ``model.members = K > 1`` the model holds K such networks side by side
+over the same tokens (a deep ensemble in one graph, so checkpoints, resume,
+distribution and export treat it as one model). Its output is then the K
+members' probabilities, ``[batch, K]``: binary cross-entropy against the
+label averages the K members' own losses, so each member is trained
+independently (as if alone, from its own initialisation and dropout masks)
+rather than jointly through the average, which lets members lean on each
+other. The ensemble's prediction is the mean of the members'
+probabilities (:func:`ensemble_score`), which the accuracy metric and the
+export use.
 """
 
 from __future__ import annotations
 
+import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist.aggregation import Adam
@@ -31,21 +43,54 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
     """The sentiment model over pre-padded token ids of any length ``>= min_length(cfg)``.
 
     Args:
-        cfg: layer sizes.
+        cfg: layer sizes and the number of ensemble members.
         vocab_size: number of token ids, padding (0) and unknown (1) included.
 
     Returns:
-        An uncompiled model mapping int ids ``[batch, length]`` to the
-        probability of a positive review, float32 ``[batch, 1]``.
+        An uncompiled model mapping int ids ``[batch, length]`` to each
+        member's probability of a positive review, float32
+        ``[batch, cfg.members]`` (``[batch, 1]`` for one network; see
+        :func:`ensemble_score`).
     """
     tokens = keras.Input(shape=(None,), dtype="int64", name="tokens")
-    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(tokens)
-    x = FastDropout(cfg.dropout, name="dropout")(x)
-    x = keras.layers.Conv1D(cfg.conv_filters, cfg.kernel_size, activation="relu", name="conv")(x)
-    x = keras.layers.MaxPooling1D(cfg.pool_size, name="pool")(x)
-    x = keras.layers.LSTM(cfg.lstm_units, name="lstm", **CUDNN_LSTM_ARGS)(x)
-    score = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="score")(x)
-    return keras.Model(tokens, score, name="imdb_cnn_lstm")
+    if cfg.members == 1:
+        return keras.Model(tokens, _network(cfg, vocab_size, tokens, ""), name="imdb_cnn_lstm")
+    scores = [_network(cfg, vocab_size, tokens, f"m{i}_") for i in range(cfg.members)]
+    members = keras.layers.Concatenate(dtype="float32", name="members")(scores)
+    return keras.Model(tokens, members, name="imdb_cnn_lstm_ensemble")
+
+
+def _network(cfg: ModelConfig, vocab_size: int, tokens: keras.KerasTensor, prefix: str) -> keras.KerasTensor:
+    # Each member's dropout layer gets its own seed, so members draw
+    # different masks at the same step (the first keeps the single network's).
+    member = int(prefix[1:-1]) if prefix else 0
+    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name=f"{prefix}embedding")(tokens)
+    x = FastDropout(cfg.dropout, seed=member or None, name=f"{prefix}dropout")(x)
+    x = keras.layers.Conv1D(cfg.conv_filters, cfg.kernel_size, activation="relu", name=f"{prefix}conv")(x)
+    x = keras.layers.MaxPooling1D(cfg.pool_size, name=f"{prefix}pool")(x)
+    x = keras.layers.LSTM(cfg.lstm_units, name=f"{prefix}lstm", **CUDNN_LSTM_ARGS)(x)
+    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=f"{prefix}score")(x)
+
+
+def ensemble_score(members: tf.Tensor) -> tf.Tensor:
+    """The model's prediction from its output: the mean of the members' probabilities, ``[batch, 1]``."""
+    return tf.reduce_mean(members, axis=-1, keepdims=True)
+
+
+def members_crossentropy(labels: tf.Tensor, members: tf.Tensor) -> tf.Tensor:
+    """Per example, the mean over members of each member's binary cross-entropy.
+
+    Shapes are normalised here because Keras may squeeze a ``[batch, 1]``
+    prediction against ``[batch]`` labels before calling a loss.
+    """
+    labels = tf.reshape(tf.cast(labels, members.dtype), [-1, 1])
+    members = tf.reshape(members, [tf.shape(labels)[0], -1])
+    return keras.losses.binary_crossentropy(labels, members)
+
+
+def ensemble_accuracy(labels: tf.Tensor, members: tf.Tensor) -> tf.Tensor:
+    """Binary accuracy of :func:`ensemble_score` (per example, for ``MeanMetricWrapper``)."""
+    return keras.metrics.binary_accuracy(labels, ensemble_score(members))
 
 
 def min_length(cfg: ModelConfig) -> int:
@@ -56,7 +101,7 @@ def min_length(cfg: ModelConfig) -> int:
 def compile_model(
     model: keras.Model, learning_rate: float, decay_steps: int = 0, *, dense_sparse_gradients: bool = False
 ) -> None:
-    """Adam + binary cross-entropy, tracking accuracy.
+    """Adam + binary cross-entropy (each member's, averaged), tracking the ensemble's accuracy.
 
     ``decay_steps > 0`` decays the learning rate to 0 along a cosine over
     that many optimizer steps. The schedule reads the optimizer's step
@@ -71,6 +116,8 @@ def compile_model(
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     model.compile(
         optimizer=Adam(rate, dense_sparse_gradients=dense_sparse_gradients),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        loss=members_crossentropy,
+        # The ensemble's accuracy (for one network, Keras' binary accuracy);
+        # the loss stays the members' mean loss (see the module docstring).
+        metrics=[keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy")],
     )

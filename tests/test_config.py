@@ -178,6 +178,8 @@ def test_wrong_type_is_refused(tmp_path, text, key):
         ("train.epochs=0", "train.epochs"),
         ("train.steps_per_execution=0", "train.steps_per_execution"),
         ("model.lstm_units=0", "model.lstm_units"),
+        ("model.members=0", "model.members"),
+        ("model.members=65", "model.members"),
         ("run.checkpoint_steps=-1", "run.checkpoint_steps"),
         ("run.output_dir=' '", "run.output_dir"),
         ("data.folds=1", "data.folds"),
@@ -193,6 +195,7 @@ def test_impossible_value_is_refused(override, key):
 @pytest.mark.parametrize(
     "overrides",
     [
+        ["model.members=64"],
         ["data.validation_fraction=0.5"],
         ["model.dropout=0.0"],
         ["data.max_len=8", "model.kernel_size=3", "model.pool_size=2"],

@@ -39,6 +39,19 @@ def test_export_scores_raw_strings_like_the_model(parts, tmp_path: Path) -> None
     assert served.metadata == {"seed": 1}
 
 
+def test_an_ensemble_exports_as_one_model_serving_the_mean_of_its_members(tmp_path: Path) -> None:
+    vectorizer = pipeline.make_vectorizer(40)
+    pipeline.adapt_vectorizer(vectorizer, ["superb charming film", "dreadful tedious plot", "the film"])
+    cfg = ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4, members=3)
+    model = build_model(cfg, 40)
+    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})
+    scores = score_texts(load_model(tmp_path / "model"), TEXTS)
+    members = model(pipeline.encode_padded(vectorizer, tf.constant(TEXTS), 16)).numpy()
+    assert members.shape == (len(TEXTS), 3)
+    np.testing.assert_allclose(scores, members.mean(axis=1), rtol=1e-5, atol=1e-6)
+    assert scores.shape == (len(TEXTS),)
+
+
 def test_signature_takes_strings_and_returns_float32_probabilities(parts, tmp_path: Path) -> None:
     vectorizer, model = parts
     export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})

@@ -24,9 +24,9 @@ from imdb_dist.distribute import (
     resolve_precision,
     worker_index,
 )
-from imdb_dist.dropout import FastDropout
+from imdb_dist.dropout import FastDropout, key_on_step
 from imdb_dist.errors import ConfigError
-from imdb_dist.model import CUDNN_LSTM_ARGS, build_model, compile_model, min_length
+from imdb_dist.model import CUDNN_LSTM_ARGS, build_model, compile_model, members_crossentropy, min_length
 
 VOCAB = 50
 CFG = ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4)
@@ -97,6 +97,74 @@ def test_model_layers_in_order():
     assert lstm.units == CFG.lstm_units
     assert dense.units == 1 and dense.get_config()["activation"] == "sigmoid"
     assert embedding.mask_zero is False  # a left-padded mask would disqualify cuDNN
+
+
+ENSEMBLE = dataclasses.replace(CFG, members=3)
+
+
+def test_an_ensemble_holds_members_copies_of_the_layers_in_order_and_outputs_each_probability():
+    model = build_model(ENSEMBLE, VOCAB)
+    for i in range(3):
+        kinds = [
+            type(model.get_layer(f"m{i}_{name}")) for name in ("embedding", "dropout", "conv", "pool", "lstm", "score")
+        ]
+        assert kinds == [
+            keras.layers.Embedding,
+            FastDropout,
+            keras.layers.Conv1D,
+            keras.layers.MaxPooling1D,
+            keras.layers.LSTM,
+            keras.layers.Dense,
+        ]
+    one = build_model(CFG, VOCAB)
+    assert len(model.trainable_weights) == 3 * len(one.trainable_weights)
+    out = model(_batch(n=4)[0], training=False)
+    assert out.shape == (4, 3) and out.dtype == tf.float32
+    # Members start from their own initialisations: different predictions.
+    assert len({tuple(np.round(out.numpy()[:, i], 6)) for i in range(3)}) == 3
+
+
+def test_ensemble_loss_is_the_members_mean_loss_and_accuracy_is_the_mean_probabilitys():
+    model = build_model(ENSEMBLE, VOCAB)
+    compile_model(model, 0.01)
+    x, y = _batch(n=16, length=12, seed=3)
+    members = model(x, training=False).numpy()
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    bce = keras.losses.BinaryCrossentropy()
+    np.testing.assert_allclose(loss, np.mean([float(bce(y[:, None], members[:, i : i + 1])) for i in range(3)]), rtol=1e-5)
+    assert accuracy == pytest.approx(np.mean((members.mean(axis=1) > 0.5) == y))
+
+
+def test_ensemble_members_are_trained_independently():
+    """A member's gradient comes from its own loss only: members do not learn through the average."""
+    model = build_model(ENSEMBLE, VOCAB)
+    compile_model(model, 0.01)
+    x, y = _batch(n=8, seed=4)
+    with tf.GradientTape() as tape:
+        members = model(x, training=False)
+        loss = tf.reduce_mean(members_crossentropy(y, members))
+    grads = tape.gradient(loss, model.trainable_weights)
+    for i in range(3):
+        alone = keras.Model(model.input, model.get_layer(f"m{i}_score").output)
+        with tf.GradientTape() as tape:
+            own = tf.reduce_mean(keras.losses.binary_crossentropy(y[:, None], alone(x, training=False)))
+        own_grads = dict(zip([w.name for w in alone.trainable_weights], tape.gradient(own, alone.trainable_weights)))
+        for weight, grad in zip(model.trainable_weights, grads):
+            if weight.name in own_grads:  # 1/3: the loss is the mean over the three members
+                np.testing.assert_allclose(
+                    tf.convert_to_tensor(grad).numpy() * 3,
+                    tf.convert_to_tensor(own_grads[weight.name]).numpy(),
+                    atol=1e-6,
+                )
+
+
+def test_ensemble_members_draw_different_dropout_masks_at_one_step():
+    model = build_model(dataclasses.replace(ENSEMBLE, dropout=0.5), VOCAB)
+    step = tf.Variable(7, dtype=tf.int64)
+    key_on_step(model, step, 1337)
+    ones = tf.ones([2, 12, CFG.embedding_dim])
+    masks = [model.get_layer(f"m{i}_dropout")(ones, training=True).numpy() for i in range(3)]
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
 
 
 def test_lstm_config_is_cudnn_eligible():
