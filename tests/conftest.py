@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Ray resolves 127.0.0.1 to the host's address on Linux unless its single-machine
 # mode is on; keep every test cluster (and the TF_CONFIG it writes) on loopback.
@@ -181,3 +182,19 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     data = write_aclimdb(root / "data", {"train": 100, "test": 20})
     return run(load_config(None, tiny_overrides(data, root / "run")))
+
+
+def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None = None, **train) -> Path:
+    """A tiny-model sweep config: the TINY settings, generated data, this tune (and ray) section."""
+    raw: dict = {}
+    for item in [*TINY, "data.source=aclimdb", "data.validation_fraction=0.2", f"data.path={data}",
+                 f"run.output_dir={out}", "train.epochs=2"]:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    raw["train"].update(train)
+    raw["tune"] = tune
+    if ray:
+        raw["ray"] = ray
+    path.write_text(yaml.safe_dump(raw))
+    return path

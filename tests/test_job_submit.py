@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, installed_script, write_aclimdb
+from conftest import REPO, TINY, installed_script, sweep_config, write_aclimdb
 
 from imdb_dist import rundir
 
@@ -86,3 +87,32 @@ def test_ray_job_submit_trains_and_exports(head, tmp_path: Path) -> None:
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["workers"] == 2 and report["replicas"] == 2
     assert (run_dir / rundir.MODEL / "1" / "saved_model.pb").is_file()
+
+
+def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tmp_path: Path) -> None:
+    """job/tune.py on a `ray start` cluster, each trial a 2-worker Ray Train run (tune.workers_per_trial)."""
+    address, env = head
+    data = write_aclimdb(tmp_path / "data", {"train": 60})
+    out = tmp_path / "sweep"  # absolute: the job runs in a temporary copy of the working directory
+    grid = [0.01, 0.03]
+    config = sweep_config(
+        tmp_path / "tune.yaml", data, out,
+        {"space": {"train.learning_rate": {"grid": grid}}, "trials": 1, "early_stop": False, "workers_per_trial": 2},
+        # Two workers of half a CPU each: one trial's Train run fits on the 2-CPU head beside the trial.
+        ray={"resources_per_worker": {"CPU": 0.5}},
+    )
+    proc = subprocess.run(
+        [installed_script("ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env", "job/runtime_env.yaml", "--", sys.executable, "job/tune.py", "--config", str(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with (out / "results.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(float(row["train.learning_rate"]) for row in rows) == grid
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == "2"
+        report = json.loads((Path(row["run_dir"]) / rundir.REPORT).read_text())
+        assert report["workers"] == 2 and report["replicas"] == 2
+        assert report["validation"]["accuracy"] == pytest.approx(float(row["val_accuracy"]), abs=1e-6)
+    assert (out / "best.yaml").is_file()

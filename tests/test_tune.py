@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, TINY, write_aclimdb
+from conftest import REPO, sweep_config, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -21,20 +20,6 @@ from imdb_dist.cli import main
 from imdb_dist.config import load_config
 
 LR = "train.learning_rate"
-
-
-def sweep_config(path: Path, data: Path, out: Path, tune: dict, **train) -> Path:
-    """A tiny-model sweep config: the TINY settings, generated data, this tune section."""
-    raw: dict = {}
-    for item in [*TINY, "data.source=aclimdb", "data.validation_fraction=0.2", f"data.path={data}",
-                 f"run.output_dir={out}", "train.epochs=2"]:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
-    raw["train"].update(train)
-    raw["tune"] = tune
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 @pytest.fixture(scope="module")
