@@ -75,6 +75,14 @@ def test_accuracy_refuses_a_single_fold(data: Path) -> None:
     assert proc.returncode == 2 and "--folds must be 0" in proc.stderr
 
 
+def test_serving_times_one_network_against_the_presets_ensemble(data: Path) -> None:
+    out = bench("bench.serving", "--data", str(data), "--preset", "job/configs/best.yaml", "--reviews", "40",
+                "--rounds", "1")
+    rates = out["reviews_per_s_median"]
+    assert set(rates) == {"1", "3"} and all(v > 0 for v in rates.values())
+    assert out["ensemble_cost"] == pytest.approx(rates["1"] / rates["3"])
+
+
 def test_seed_baseline_runs_on_its_own(data: Path) -> None:
     out = bench("bench.seed", "--data", str(data), "--max-len", "32", "--epochs", "1")
     assert len(out["val_accuracy"]) == 1 and out["examples_per_s"][0] > 0
