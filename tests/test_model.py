@@ -131,7 +131,8 @@ def test_ensemble_loss_is_the_members_mean_loss_and_accuracy_is_the_mean_probabi
     members = model(x, training=False).numpy()
     loss, accuracy = model.evaluate(x, y, verbose=0)
     bce = keras.losses.BinaryCrossentropy()
-    np.testing.assert_allclose(loss, np.mean([float(bce(y[:, None], members[:, i : i + 1])) for i in range(3)]), rtol=1e-5)
+    each = [float(bce(y[:, None], members[:, i : i + 1])) for i in range(3)]
+    np.testing.assert_allclose(loss, np.mean(each), rtol=1e-5)
     assert accuracy == pytest.approx(np.mean((members.mean(axis=1) > 0.5) == y))
 
 
