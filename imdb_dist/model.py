@@ -54,17 +54,18 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> keras.Model:
     """
     tokens = keras.Input(shape=(None,), dtype="int64", name="tokens")
     if cfg.members == 1:
-        return keras.Model(tokens, _network(cfg, vocab_size, tokens, ""), name="imdb_cnn_lstm")
-    scores = [_network(cfg, vocab_size, tokens, f"m{i}_") for i in range(cfg.members)]
+        return keras.Model(tokens, _network(cfg, vocab_size, tokens, None), name="imdb_cnn_lstm")
+    scores = [_network(cfg, vocab_size, tokens, i) for i in range(cfg.members)]
     members = keras.layers.Concatenate(dtype="float32", name="members")(scores)
     return keras.Model(tokens, members, name="imdb_cnn_lstm_ensemble")
 
 
-def _network(cfg: ModelConfig, vocab_size: int, tokens: keras.KerasTensor, prefix: str) -> keras.KerasTensor:
-    # Each member's dropout layer gets its own seed, so members draw
-    # different masks at the same step (the first keeps the single network's).
-    member = int(prefix[1:-1]) if prefix else 0
+def _network(cfg: ModelConfig, vocab_size: int, tokens: keras.KerasTensor, member: int | None) -> keras.KerasTensor:
+    """One network over ``tokens``; ``member`` (ensembles only) prefixes its layer names ``m<i>_``."""
+    prefix = "" if member is None else f"m{member}_"
     x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, name=f"{prefix}embedding")(tokens)
+    # Each member's dropout layer gets its own seed, so members draw
+    # different masks at the same step (member 0 keeps the single network's).
     x = FastDropout(cfg.dropout, seed=member or None, name=f"{prefix}dropout")(x)
     x = keras.layers.Conv1D(cfg.conv_filters, cfg.kernel_size, activation="relu", name=f"{prefix}conv")(x)
     x = keras.layers.MaxPooling1D(cfg.pool_size, name=f"{prefix}pool")(x)

@@ -121,9 +121,16 @@ def stop_inside_epoch_two(args: list[str], out: Path, signum: int) -> str:
     pytest.fail(f"{signal.Signals(signum).name} never landed inside epoch 2")
 
 
-@pytest.mark.parametrize("execution", [1, 4], ids=["steps_per_execution=1", "steps_per_execution=4"])
-def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(data, tmp_path_factory, execution):
-    extra = (f"train.steps_per_execution={execution}",)
+@pytest.mark.parametrize(
+    ("execution", "members"),
+    [(1, 1), (4, 1), (1, 2)],
+    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2"],
+)
+def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
+    data, tmp_path_factory, execution, members
+):
+    # An ensemble (model.members) checkpoints and resumes as one model: every member's weights exact.
+    extra = (f"train.steps_per_execution={execution}",) + (("model.members=2",) if members > 1 else ())
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigterm") / "run"
     args = _args(data, out, *extra)
@@ -132,6 +139,7 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(d
     assert stopped and _saved_position(out) == (1, int(stopped[1])), err[-2000:]  # the step it stopped at
     assert int(stopped[1]) % execution == 0  # stops land where an execution ends
     _finish(_train(*args))
+    assert json.loads((out / rundir.REPORT).read_text())["config"]["model"]["members"] == members
     assert_same_run(out, reference)
 
 
