@@ -36,7 +36,7 @@ from bench.timing import emit
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import DataConfig, load_config
-from imdb_dist.data.sources import load_reviews
+from imdb_dist.data.sources import load_training_splits
 from imdb_dist.train import run
 
 
@@ -60,7 +60,7 @@ def run_preset(preset: str, data: str, out: Path, overrides: list[str]) -> dict:
 
 
 def seed_style(data: DataConfig, max_len: int, epochs: int) -> dict:
-    train, val = load_reviews(data, "train"), load_reviews(data, "validation")
+    train, val = load_training_splits(data)
     outcome = seed.train_seed(train, val, max_len=max_len, epochs=epochs)
     return {
         "curve": list(zip(outcome["epoch_wall_s"], outcome["val_accuracy"], strict=True)),

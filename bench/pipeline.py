@@ -19,7 +19,7 @@ from bench.throughput import imdb_dist_runner
 from bench.timing import emit, median
 from imdb_dist.config import load_config
 from imdb_dist.data import pipeline
-from imdb_dist.data.sources import load_reviews
+from imdb_dist.data.sources import load_training_splits
 from imdb_dist.model import min_length
 
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.path={args.data}", *args.overrides])
-    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    train, val = load_training_splits(cfg.data)
     rates = pipeline_rates(cfg, train, args.passes)
     epoch, _ = imdb_dist_runner(cfg, train, val)
     epoch()  # warm-up

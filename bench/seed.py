@@ -17,7 +17,7 @@ import tf_keras as keras
 
 from bench.timing import TrainTimer, emit
 from imdb_dist.config import DataConfig
-from imdb_dist.data.sources import Reviews, load_reviews
+from imdb_dist.data.sources import Reviews, load_training_splits
 
 BATCH = 30
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     cfg = DataConfig(source="aclimdb", path=args.data)
-    train, val = load_reviews(cfg, "train"), load_reviews(cfg, "validation")
+    train, val = load_training_splits(cfg)
     result = train_seed(train, val, max_len=args.max_len, epochs=args.epochs)
     emit({"benchmark": "seed", "max_len": args.max_len, **result})
 

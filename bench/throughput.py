@@ -23,7 +23,7 @@ from bench import seed
 from bench.timing import TrainTimer, emit, median
 from imdb_dist.config import Config, load_config
 from imdb_dist.data import pipeline
-from imdb_dist.data.sources import Reviews, load_reviews
+from imdb_dist.data.sources import Reviews, load_training_splits
 from imdb_dist.distribute import precision_policy, resolve_precision
 from imdb_dist.model import build_model, compile_model, min_length
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.path={args.data}", f"data.max_len={args.max_len}", *args.overrides])
-    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    train, val = load_training_splits(cfg.data)
     result = measure(train, val, cfg, args.rounds)
     emit({
         "benchmark": "throughput",

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from imdb_dist import rundir, storage
 from imdb_dist.config import Config, config_from_dict, to_dict
-from imdb_dist.data.sources import load_reviews
+from imdb_dist.data.sources import load_training_splits
 from imdb_dist.errors import ConfigError, DataError, InputError, RunError
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
 
@@ -165,7 +165,7 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
         log.info("reusing the prepared data in %s", target)
         rundir.begin(run_dir, cfg)
         return target
-    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    train, val = load_training_splits(cfg.data)
     if len(train) < cfg.train.batch_size:
         raise DataError(
             f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"

@@ -67,6 +67,10 @@ def native_startup_filtered() -> Iterator[None]:
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow and tf_keras and probe the devices, without their native start-up lines."""
+    # tf.keras then resolves to tf_keras, which this project uses, instead of
+    # TensorFlow importing Keras 3 (and matplotlib with it) at start-up: 1.5 s
+    # of every run here. Ray workers get the same setting (launch.WORKER_ENV).
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     with native_startup_filtered():
         import tensorflow as tf
         import tf_keras  # noqa: F401 - its import loads TensorFlow's libraries a second time

@@ -28,7 +28,7 @@ from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
-from imdb_dist.data.sources import Reviews, load_reviews
+from imdb_dist.data.sources import Reviews, load_training_splits
 from imdb_dist.distribute import (
     is_chief,
     make_strategy,
@@ -41,8 +41,9 @@ from imdb_dist.errors import ConfigError, DataError
 from imdb_dist.evaluate import metrics, score_texts
 from imdb_dist.export import export_model, load_model
 from imdb_dist.interrupt import StopRequest
-from imdb_dist.loop import Schedule, TrainingLoop, build_metrics
+from imdb_dist.loop import Schedule, TrainingLoop, build_metrics, build_optimizer
 from imdb_dist.model import build_model, compile_model, min_length
+from imdb_dist.timings import Timings, since_process_start
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class TrainingData:
 
 def in_memory_data(cfg: Config) -> TrainingData:
     """Read the configured source now (raising DataError on bad data)."""
-    train, val = load_reviews(cfg.data, "train"), load_reviews(cfg.data, "validation")
+    train, val = load_training_splits(cfg.data)
 
     def train_examples(num_workers: int, index: int) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices((train.texts, train.labels)).shard(num_workers, index)
@@ -143,28 +144,36 @@ def run(
             last good checkpoint is kept); ``Interrupted`` after a stop request.
     """
     started = time.perf_counter()
+    timings = Timings()
+    startup = since_process_start()
+    if startup is not None:
+        timings.add("start-up", startup)  # interpreter, imports, config
     if storage.is_uri(cfg.run.output_dir):
         raise ConfigError(
             "run.output_dir",
             f"{cfg.run.output_dir}: imdb-dist train writes to a local or mounted path; "
             "for cloud storage use imdb-dist launch with ray.storage_path set to the URI",
         )
-    worker = _start_worker(cfg)
+    with timings.phase("strategy"):
+        worker = _start_worker(cfg)
     run_dir = Path(cfg.run.output_dir)
     if prepared is not None:
         # The launcher has checked and opened the run dir before starting the
         # workers: deciding again here would race with the other workers.
-        data = prepared_data(prepared)
+        with timings.phase("data"):
+            data = prepared_data(prepared)
         _check_sizes(cfg, data)
     else:
         if _already_complete(cfg, run_dir):
             return run_dir
         # Read and check the data before creating anything: bad data leaves no run dir.
-        data = in_memory_data(cfg)
+        with timings.phase("data"):
+            data = in_memory_data(cfg)
         _check_sizes(cfg, data)
         if worker.chief:
             rundir.begin(run_dir, cfg)
-    vectorizer = _vectorizer(cfg, run_dir, data, worker)
+    with timings.phase("vocabulary"):
+        vectorizer = _vectorizer(cfg, run_dir, data, worker)
     model = _train(
         cfg,
         worker,
@@ -175,9 +184,10 @@ def run(
         callbacks=list(extra_callbacks),
         after_save=after_checkpoint,
         stop=stop,
+        timings=timings,
     )
     if worker.chief:
-        _finish(cfg, worker, run_dir, vectorizer, model, data.val_reviews(), time.perf_counter() - started)
+        _finish(cfg, worker, run_dir, vectorizer, model, data.val_reviews(), timings, time.perf_counter() - started)
     return run_dir
 
 
@@ -259,27 +269,14 @@ def _train(
     callbacks: list[keras.callbacks.Callback],
     after_save: Callable[[dict[str, Any]], None] | None,
     stop: StopRequest | None,
+    timings: Timings,
 ) -> keras.Model:
     """Build the model under the strategy, restore the last checkpoint if any, and train to the end."""
     steps = steps_per_epoch(cfg, data, worker)
-    with worker.strategy.scope(), precision_policy(worker.precision):
-        model = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
-        decay_steps = steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0
-        compile_model(
-            model,
-            cfg.train.learning_rate,
-            decay_steps=decay_steps,
-            dense_sparse_gradients=_dense_embedding_gradient(cfg, worker, vectorizer.vocabulary_size()),
-        )
-    build_metrics(model, tf.zeros([1, 1], tf.int32))
-    # Masks keyed on (train.seed, optimizer step, replica): restored with the step counter.
-    key_on_step(model, model.optimizer.iterations, cfg.train.seed)
-    state = ResumeState(model, early_stopping=bool(cfg.train.early_stopping_patience))
-    checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
-    if checkpointer.restore():
-        epoch, step = state.position()
-        done = int(model.optimizer.iterations.numpy())
-        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, done)
+    with timings.phase("tokenize"):
+        epoch_data = _epoch_data(cfg, worker, vectorizer, data, steps)
+    with timings.phase("build"):
+        model, state, checkpointer = _build(cfg, worker, vectorizer.vocabulary_size(), steps, checkpoints)
     schedule = Schedule(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps,
@@ -298,15 +295,42 @@ def _train(
     TrainingLoop(
         model,
         schedule=schedule,
-        epoch_data=_epoch_data(cfg, worker, vectorizer, data, steps),
+        epoch_data=epoch_data,
         validation=_validation(cfg, vectorizer, data),
         state=state,
         checkpointer=checkpointer,
         callbacks=callback_list,
         after_save=after_save,
         stop=stop or StopRequest(),
+        timings=timings,
     ).run()
     return model
+
+
+def _build(
+    cfg: Config, worker: Worker, vocab: int, steps: int, checkpoints: Path
+) -> tuple[keras.Model, ResumeState, Checkpointer]:
+    """The compiled model under the strategy, restored from the last checkpoint if there is one."""
+    with worker.strategy.scope(), precision_policy(worker.precision):
+        model = build_model(cfg.model, vocab_size=vocab)
+        decay_steps = steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0
+        compile_model(
+            model,
+            cfg.train.learning_rate,
+            decay_steps=decay_steps,
+            dense_sparse_gradients=_dense_embedding_gradient(cfg, worker, vocab),
+        )
+    build_metrics(model, tf.zeros([1, 1], tf.int32))
+    build_optimizer(model)
+    # Masks keyed on (train.seed, optimizer step, replica): restored with the step counter.
+    key_on_step(model, model.optimizer.iterations, cfg.train.seed)
+    state = ResumeState(model, early_stopping=bool(cfg.train.early_stopping_patience))
+    checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
+    if checkpointer.restore():
+        epoch, step = state.position()
+        done = int(model.optimizer.iterations.numpy())
+        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, done)
+    return model, state, checkpointer
 
 
 def _dense_embedding_gradient(cfg: Config, worker: Worker, vocab: int) -> bool:
@@ -425,9 +449,52 @@ def _finish(
     vectorizer: keras.layers.TextVectorization,
     model: keras.Model,
     val_set: Reviews,
+    timings: Timings,
     wall_s: float,
 ) -> None:
     """Export a float32 copy of the model, score the validation split with it, write the report."""
+    with timings.phase("export"):
+        export = _export(cfg, run_dir, vectorizer, model)
+    with timings.phase("score"):
+        # Scored through the export itself: the report describes what users will serve.
+        validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
+    with timings.phase("curves"):
+        records = read_metrics(run_dir / rundir.METRICS)
+        plot_curves(records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
+    process_s = since_process_start()
+    report = {
+        "validation": validation,
+        "epochs": len(records),
+        "stopped_early": len(records) < cfg.train.epochs,
+        "optimizer_steps": int(model.optimizer.iterations.numpy()),
+        "examples_per_s_median": statistics.median(r["examples_per_s"] for r in records) if records else None,
+        "wall_s": wall_s,
+        # Seconds per phase of this process (a resumed run: of the resuming
+        # process), and from its start to the report.
+        "timings": {"phases_s": dict(timings.seconds), "process_s": process_s},
+        "strategy": type(worker.strategy).__name__,
+        "workers": worker.num_workers,
+        "replicas": worker.replicas,
+        "precision": worker.precision,
+        "config": to_dict(cfg),
+        "versions": {"imdb_dist": __version__, "tensorflow": tf.__version__, "python": platform.python_version()},
+    }
+    rundir.write_json(run_dir / rundir.REPORT, report)
+    log.info(
+        "time: %s%s",
+        timings.summary(),
+        f"; {process_s:.1f} s from process start to the report" if process_s is not None else "",
+    )
+    log.info(
+        "done: validation accuracy %.4f auc %.4f (n=%d); model at %s",
+        validation["accuracy"],
+        validation["auc"],
+        validation["n"],
+        export,
+    )
+
+
+def _export(cfg: Config, run_dir: Path, vectorizer: keras.layers.TextVectorization, model: keras.Model) -> Path:
     # A fresh float32 model outside any strategy: the export then holds plain
     # variables and serves at full speed on CPUs, whatever the training policy.
     serving = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
@@ -440,30 +507,4 @@ def _finish(
         "seed": cfg.data.seed,
         "imdb_dist_version": __version__,
     }
-    export = export_model(run_dir / rundir.MODEL, vectorizer, serving, cfg.data.max_len, metadata)
-    # Scored through the export itself: the report describes what users will serve.
-    validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
-    records = read_metrics(run_dir / rundir.METRICS)
-    plot_curves(records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
-    report = {
-        "validation": validation,
-        "epochs": len(records),
-        "stopped_early": len(records) < cfg.train.epochs,
-        "optimizer_steps": int(model.optimizer.iterations.numpy()),
-        "examples_per_s_median": statistics.median(r["examples_per_s"] for r in records) if records else None,
-        "wall_s": wall_s,
-        "strategy": type(worker.strategy).__name__,
-        "workers": worker.num_workers,
-        "replicas": worker.replicas,
-        "precision": worker.precision,
-        "config": to_dict(cfg),
-        "versions": {"imdb_dist": __version__, "tensorflow": tf.__version__, "python": platform.python_version()},
-    }
-    rundir.write_json(run_dir / rundir.REPORT, report)
-    log.info(
-        "done: validation accuracy %.4f auc %.4f (n=%d); model at %s",
-        validation["accuracy"],
-        validation["auc"],
-        validation["n"],
-        export,
-    )
+    return export_model(run_dir / rundir.MODEL, vectorizer, serving, cfg.data.max_len, metadata)

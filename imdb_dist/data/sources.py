@@ -65,30 +65,46 @@ def load_reviews(cfg: DataConfig, split: str) -> Reviews:
 
     The validation part is a fixed fraction drawn with ``data.seed``, or with
     ``data.folds`` one fold of a seeded k-fold partition; the two never
-    overlap and together hold every training review.
+    overlap and together hold every training review. For both parts, call
+    :func:`load_training_splits`: it reads the source once.
 
     Raises:
         DataError: the source, or the split in it, is missing or malformed.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    if split == "test":
+        return _read_source(cfg, "test")
+    train, val = _partition(cfg, _read_source(cfg, "train"))
+    return train if split == "train" else val
+
+
+def load_training_splits(cfg: DataConfig) -> tuple[Reviews, Reviews]:
+    """``(train, validation)`` as :func:`load_reviews` gives them, from one read of the source.
+
+    Raises:
+        DataError: the source, or its train split, is missing or malformed.
+    """
+    return _partition(cfg, _read_source(cfg, "train"))
+
+
+def _read_source(cfg: DataConfig, raw_split: str) -> Reviews:
     source, path = resolve_source(cfg)
-    raw_split = "test" if split == "test" else "train"
     if source == "aclimdb":
         if not path:
             raise DataError("data.source aclimdb needs data.path (a directory or .tar.gz)")
-        reviews = read_aclimdb(path, raw_split)
-    elif source == "tfds":
-        reviews = _read_tfds(path, raw_split)
-    else:
-        reviews = _read_keras(path, raw_split, cfg.vocab_size)
-    if split == "test":
-        return reviews
+        return read_aclimdb(path, raw_split)
+    if source == "tfds":
+        return _read_tfds(path, raw_split)
+    return _read_keras(path, raw_split, cfg.vocab_size)
+
+
+def _partition(cfg: DataConfig, reviews: Reviews) -> tuple[Reviews, Reviews]:
     if cfg.folds:
         train_idx, val_idx = fold_indices(len(reviews), cfg.folds, cfg.fold, cfg.seed)
     else:
         train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed)
-    return subset(reviews, train_idx if split == "train" else val_idx)
+    return subset(reviews, train_idx), subset(reviews, val_idx)
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
