@@ -29,8 +29,7 @@ def pipeline_rates(cfg, train, passes: int) -> list[float]:
     The first pass includes tokenizing every review (done once per run); the
     later ones are the planned epochs ``fit`` sees from then on.
     """
-    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    pipeline.adapt_vectorizer(vectorizer, train.texts)
+    tokenizer = pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size)
     bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
     pool = pipeline.pool_size(cfg.train.batch_size, cfg.data.max_len) if bucketed else None
     rates = []
@@ -39,7 +38,7 @@ def pipeline_rates(cfg, train, passes: int) -> list[float]:
         start = time.perf_counter()
         if encoded is None:
             encoded = pipeline.encode_examples(
-                tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), vectorizer, cfg.data.max_len
+                tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, cfg.data.max_len
             )
         plan = pipeline.epoch_plan(
             encoded.lengths, batch_size=cfg.train.batch_size, seed=cfg.data.seed, epoch=epoch, pool=pool

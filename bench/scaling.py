@@ -190,12 +190,11 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
     cfg = DataConfig(source="aclimdb", path=args.data, max_len=args.max_len, vocab_size=VOCAB)
     train = load_reviews(cfg, "train")
-    vectorizer = pipeline.make_vectorizer(VOCAB)
-    pipeline.adapt_vectorizer(vectorizer, train.texts)
+    tokenizer = pipeline.fit_tokenizer(train.texts, VOCAB)
     import tensorflow as tf
 
     encoded = pipeline.encode_examples(
-        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), vectorizer, args.max_len
+        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, args.max_len
     )
     # The widths the training plan really pads to (bucketed, as imdb-dist trains).
     plan = pipeline.epoch_plan(
@@ -233,10 +232,10 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         dense = tf.gather(encoded.tokens, index).to_tensor(default_value=0, shape=[None, length])
         arrays[f"x{worker}"] = pipeline.pre_pad(dense).numpy().reshape(args.batches, args.batch, length)
         arrays[f"y{worker}"] = tf.gather(encoded.labels, index).numpy().reshape(args.batches, args.batch)
-    np.savez(path, vocab=vectorizer.vocabulary_size(), **arrays)
+    np.savez(path, vocab=tokenizer.vocabulary_size(), **arrays)
     return {
         "length": length,
-        "vocab": vectorizer.vocabulary_size(),
+        "vocab": tokenizer.vocabulary_size(),
         "bucketed_width_mean": float(np.mean(widths)),
         "bucketed_width_median": float(np.median(widths)),
         "embedding_rows_per_step_mean": float(np.mean(rows)),

@@ -2,7 +2,7 @@
 
 Exports a preset's model twice, with ``model.members`` 1 and K (the
 preset's, or ``--members``), each as the real serving SavedModel (the
-vectorizer and the network, raw strings in), and times scoring the same
+tokenizer and the network, raw strings in), and times scoring the same
 reviews through each, alternating rounds so both see the same machine
 load. Scoring cost does not depend on the weights, so the networks are
 not trained; the vocabulary is adapted on the reviews, so the token ids
@@ -41,15 +41,14 @@ def main() -> None:
     if members < 2:
         parser.error("compare against an ensemble: --members K with K >= 2, or a preset with model.members >= 2")
     texts = load_reviews(cfg.data, "train").texts
-    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    pipeline.adapt_vectorizer(vectorizer, texts)
+    tokenizer = pipeline.fit_tokenizer(texts, cfg.data.vocab_size)
     sample = texts[: args.reviews]
     seconds: dict[int, list[float]] = {1: [], members: []}
     with tempfile.TemporaryDirectory(prefix="imdb-dist-serving-") as tmp:
         served = {}
         for k in seconds:
-            model = build_model(dataclasses.replace(cfg.model, members=k), vectorizer.vocabulary_size())
-            served[k] = load_model(export_model(Path(tmp) / str(k), vectorizer, model, cfg.data.max_len, {}))
+            model = build_model(dataclasses.replace(cfg.model, members=k), tokenizer.vocabulary_size())
+            served[k] = load_model(export_model(Path(tmp) / str(k), tokenizer, model, cfg.data.max_len, {}))
             score_texts(served[k], sample[:256])  # warm-up: trace the signature once
         for _ in range(args.rounds):
             for k in seconds:

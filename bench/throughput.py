@@ -32,22 +32,21 @@ EpochRunner = Callable[[], float]  # trains one epoch, returns its training seco
 
 def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> tuple[EpochRunner, Callable[[], float]]:
     """One training epoch at a time of imdb-dist's own pipeline and model, as ``run`` builds them."""
-    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    pipeline.adapt_vectorizer(vectorizer, train.texts)
+    tokenizer = pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size)
     bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
     options = {"min_len": min_length(cfg.model), "bucket_width": cfg.data.bucket_width if bucketed else None}
     # The training path of imdb_dist.train: tokenized once, one planned epoch at a time.
     encoded = pipeline.encode_examples(
-        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), vectorizer, cfg.data.max_len
+        tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, cfg.data.max_len
     )
     pool = pipeline.pool_size(cfg.train.batch_size, cfg.data.max_len) if options["bucket_width"] else None
     val_ds = pipeline.batch_examples(
-        tf.data.Dataset.from_tensor_slices((val.texts, val.labels)), vectorizer,
+        tf.data.Dataset.from_tensor_slices((val.texts, val.labels)), tokenizer,
         max_len=cfg.data.max_len, batch_size=cfg.train.batch_size,
     )
     keras.utils.set_random_seed(cfg.train.seed)
     with precision_policy(resolve_precision(cfg.train.mixed_precision)):
-        model = build_model(cfg.model, vectorizer.vocabulary_size())
+        model = build_model(cfg.model, tokenizer.vocabulary_size())
         compile_model(model, cfg.train.learning_rate)
     epochs = iter(range(1_000_000))
 

@@ -1,6 +1,6 @@
 """Exporting and loading the serving model (TF-Serving layout ``model/<version>/``).
 
-The export is one SavedModel holding the vectorizer and the network, so it
+The export is one SavedModel holding the tokenizer and the network, so it
 scores raw review text with no Python of ours: signature ``serving_default``
 takes ``text`` (string ``[None]``) and returns ``score`` (float32
 ``[None, 1]``, the probability that the review is positive).
@@ -20,7 +20,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist.data.pipeline import encode_padded
+from imdb_dist.data.pipeline import Tokenizer, encode_padded
 from imdb_dist.errors import InputError, RunError, write_failure
 from imdb_dist.model import ensemble_score
 
@@ -29,24 +29,24 @@ METADATA = Path("assets.extra") / "imdb_dist.json"
 
 
 class _Serving(tf.Module):
-    """What the SavedModel holds: the vectorizer, the network's variables and the ``serve`` function.
+    """What the SavedModel holds: the tokenizer's table, the network's variables and ``serve``.
 
     The Keras model itself is left out of the tracked state (only its
-    variables are saved): given a Keras model, ``tf.saved_model.save`` also
+    variables are saved): given a Keras object, ``tf.saved_model.save`` also
     traces and serializes every layer's call functions for Keras to reload,
-    which more than doubled the export's time (measured: 7.1 s against
-    2.7 s for the seed network) and the load's, and serves no one: the
-    export is loaded with ``tf.saved_model.load`` and called through its signature.
+    which more than doubled the export's time here (7.1 s against 2.7 s for
+    the seed network) and the load's, and serves no one: the export is
+    loaded with ``tf.saved_model.load`` and called through its signature.
     """
 
-    def __init__(self, vectorizer: keras.layers.TextVectorization, model: keras.Model, max_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, model: keras.Model, max_len: int) -> None:
         super().__init__(name="imdb_dist")
-        self.vectorizer = vectorizer
+        self.tokenizer = tokenizer
         self.network_variables = list(model.weights)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
         def serve(text: tf.Tensor) -> dict[str, tf.Tensor]:
-            tokens = encode_padded(vectorizer, text, max_len)
+            tokens = encode_padded(tokenizer, text, max_len)
             return {"score": ensemble_score(model(tokens, training=False))}
 
         self.serve = serve
@@ -66,7 +66,7 @@ def _remove_leftovers(model_root: Path) -> None:
 
 def export_model(
     model_root: Path,
-    vectorizer: keras.layers.TextVectorization,
+    tokenizer: Tokenizer,
     model: keras.Model,
     max_len: int,
     metadata: dict[str, Any],
@@ -77,7 +77,7 @@ def export_model(
     The SavedModel is written to a hidden sibling and renamed into place,
     so a crash leaves either the previous export or none, never a part.
     """
-    module = _Serving(vectorizer, model, max_len)
+    module = _Serving(tokenizer, model, max_len)
     model_root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(model_root)
     target = model_root / str(version)

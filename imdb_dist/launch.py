@@ -171,10 +171,8 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
             f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
         )
     rundir.begin(run_dir, cfg)
-    # Adapted once, here, so every replica shares the same token ids.
-    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    pipeline.adapt_vectorizer(vectorizer, train.texts)
-    rundir.write_vocab(run_dir, pipeline.vocabulary(vectorizer))
+    # Fitted once, here, so every replica shares the same token ids.
+    rundir.write_vocab(run_dir, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
     shards.write_prepared(
         target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
     )

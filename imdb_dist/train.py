@@ -28,6 +28,7 @@ from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
+from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.sources import Reviews, load_training_splits
 from imdb_dist.distribute import (
     is_chief,
@@ -172,13 +173,14 @@ def run(
         _check_sizes(cfg, data)
         if worker.chief:
             rundir.begin(run_dir, cfg)
-    with timings.phase("vocabulary"):
-        vectorizer = _vectorizer(cfg, run_dir, data, worker)
+    with timings.phase("tokenize"):
+        tokenizer, encoded = _tokenize(cfg, run_dir, data, worker)
     model = _train(
         cfg,
         worker,
         run_dir,
-        vectorizer,
+        tokenizer,
+        encoded,
         data,
         checkpoints=backup_dir or run_dir / rundir.CHECKPOINTS,
         callbacks=list(extra_callbacks),
@@ -187,7 +189,7 @@ def run(
         timings=timings,
     )
     if worker.chief:
-        _finish(cfg, worker, run_dir, vectorizer, model, data.val_reviews(), timings, time.perf_counter() - started)
+        _finish(cfg, worker, run_dir, tokenizer, model, data.val_reviews(), timings, time.perf_counter() - started)
     return run_dir
 
 
@@ -242,27 +244,33 @@ def _check_sizes(cfg: Config, data: TrainingData) -> None:
     log.info("data: %d training and %d validation reviews", data.n_train, data.n_val)
 
 
-def _vectorizer(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) -> keras.layers.TextVectorization:
-    """Reuse the run's saved vocabulary when resuming, else adapt on the training split.
+def _tokenize(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) -> tuple[Tokenizer, pipeline.Encoded]:
+    """The run's tokenizer and this worker's training examples as token ids.
 
-    ``adapt`` is deterministic (tokens sorted by count, then by value), so every
-    worker derives the same token ids from the same data without talking to the others.
+    The tokenizer reuses the run's saved vocabulary when resuming (and under
+    ``imdb_dist.launch``, which fits it once before starting the workers),
+    else it is fitted on the training split. The worker's reviews are split
+    into words once; a lone worker counts its vocabulary on those very words.
+    Fitting is deterministic (:func:`imdb_dist.data.pipeline.fit_vocabulary`),
+    so workers fitting alone derive the same token ids without talking.
     """
-    saved = rundir.read_vocab(run_dir)
-    if saved is not None:
-        return pipeline.make_vectorizer(cfg.data.vocab_size, saved)
-    vectorizer = pipeline.make_vectorizer(cfg.data.vocab_size)
-    vectorizer.adapt(data.train_texts().batch(1024))
-    if worker.chief:
-        rundir.write_vocab(run_dir, pipeline.vocabulary(vectorizer))
-    return vectorizer
+    mine = pipeline.split_examples(data.train_examples(worker.num_workers, worker.index))
+    vocabulary = rundir.read_vocab(run_dir)
+    if vocabulary is None:
+        words = mine.words if worker.num_workers == 1 else pipeline.words_of(data.train_texts())
+        vocabulary = pipeline.fit_vocabulary(words, cfg.data.vocab_size)
+        if worker.chief:
+            rundir.write_vocab(run_dir, vocabulary)
+    tokenizer = Tokenizer(vocabulary, cfg.data.vocab_size)
+    return tokenizer, pipeline.encode_words(mine, tokenizer, cfg.data.max_len)
 
 
 def _train(
     cfg: Config,
     worker: Worker,
     run_dir: Path,
-    vectorizer: keras.layers.TextVectorization,
+    tokenizer: Tokenizer,
+    encoded: pipeline.Encoded,
     data: TrainingData,
     *,
     checkpoints: Path,
@@ -273,10 +281,9 @@ def _train(
 ) -> keras.Model:
     """Build the model under the strategy, restore the last checkpoint if any, and train to the end."""
     steps = steps_per_epoch(cfg, data, worker)
-    with timings.phase("tokenize"):
-        epoch_data = _epoch_data(cfg, worker, vectorizer, data, steps)
+    epoch_data = _epoch_data(cfg, worker, encoded, steps)
     with timings.phase("build"):
-        model, state, checkpointer = _build(cfg, worker, vectorizer.vocabulary_size(), steps, checkpoints)
+        model, state, checkpointer = _build(cfg, worker, tokenizer.vocabulary_size(), steps, checkpoints)
     schedule = Schedule(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps,
@@ -296,7 +303,7 @@ def _train(
         model,
         schedule=schedule,
         epoch_data=epoch_data,
-        validation=_validation(cfg, vectorizer, data),
+        validation=_validation(cfg, tokenizer, data),
         state=state,
         checkpointer=checkpointer,
         callbacks=callback_list,
@@ -358,17 +365,12 @@ def steps_per_epoch(cfg: Config, data: TrainingData, worker: Worker) -> int:
     return max(math.ceil(size / per_worker) for size in data.worker_sizes(worker.num_workers))
 
 
-def _epoch_data(
-    cfg: Config, worker: Worker, vectorizer: keras.layers.TextVectorization, data: TrainingData, steps: int
-) -> Callable[[int, int], Any]:
+def _epoch_data(cfg: Config, worker: Worker, encoded: pipeline.Encoded, steps: int) -> Callable[[int, int], Any]:
     """``(epoch, first_step)`` → this worker's batches of that epoch from that step on, distributed.
 
-    The worker's examples are tokenized once, here; each epoch is then a
-    plan over them (:func:`imdb_dist.data.pipeline.epoch_plan`).
+    The worker's examples were tokenized once (``encoded``); each epoch is
+    then a plan over them (:func:`imdb_dist.data.pipeline.epoch_plan`).
     """
-    encoded = pipeline.encode_examples(
-        data.train_examples(worker.num_workers, worker.index), vectorizer, cfg.data.max_len
-    )
     per_worker = cfg.train.batch_size // worker.num_workers
     local_replicas = worker.replicas // worker.num_workers
     bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
@@ -408,11 +410,11 @@ def _epoch_data(
     return epoch_data
 
 
-def _validation(cfg: Config, vectorizer: keras.layers.TextVectorization, data: TrainingData) -> tf.data.Dataset:
+def _validation(cfg: Config, tokenizer: Tokenizer, data: TrainingData) -> tf.data.Dataset:
     # Global batches of reviews padded to max_len, as the export serves them;
     # Keras splits each batch across replicas and workers.
     val = pipeline.batch_examples(
-        data.val_examples(), vectorizer, max_len=cfg.data.max_len, batch_size=cfg.train.batch_size
+        data.val_examples(), tokenizer, max_len=cfg.data.max_len, batch_size=cfg.train.batch_size
     )
     shard_by_data = tf.data.Options()
     shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -446,7 +448,7 @@ def _finish(
     cfg: Config,
     worker: Worker,
     run_dir: Path,
-    vectorizer: keras.layers.TextVectorization,
+    tokenizer: Tokenizer,
     model: keras.Model,
     val_set: Reviews,
     timings: Timings,
@@ -454,7 +456,7 @@ def _finish(
 ) -> None:
     """Export a float32 copy of the model, score the validation split with it, write the report."""
     with timings.phase("export"):
-        export = _export(cfg, run_dir, vectorizer, model)
+        export = _export(cfg, run_dir, tokenizer, model)
     with timings.phase("score"):
         # Scored through the export itself: the report describes what users will serve.
         validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
@@ -494,10 +496,10 @@ def _finish(
     )
 
 
-def _export(cfg: Config, run_dir: Path, vectorizer: keras.layers.TextVectorization, model: keras.Model) -> Path:
+def _export(cfg: Config, run_dir: Path, tokenizer: Tokenizer, model: keras.Model) -> Path:
     # A fresh float32 model outside any strategy: the export then holds plain
     # variables and serves at full speed on CPUs, whatever the training policy.
-    serving = build_model(cfg.model, vocab_size=vectorizer.vocabulary_size())
+    serving = build_model(cfg.model, vocab_size=tokenizer.vocabulary_size())
     serving.set_weights(model.get_weights())
     metadata = {
         "max_len": cfg.data.max_len,
@@ -507,4 +509,4 @@ def _export(cfg: Config, run_dir: Path, vectorizer: keras.layers.TextVectorizati
         "seed": cfg.data.seed,
         "imdb_dist_version": __version__,
     }
-    return export_model(run_dir / rundir.MODEL, vectorizer, serving, cfg.data.max_len, metadata)
+    return export_model(run_dir / rundir.MODEL, tokenizer, serving, cfg.data.max_len, metadata)

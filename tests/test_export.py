@@ -21,40 +21,38 @@ TEXTS = ["superb and charming film", "", "   ", "dreadful<br />tedious plot", "Ã
 
 @pytest.fixture
 def parts():
-    vectorizer = pipeline.make_vectorizer(40)
-    pipeline.adapt_vectorizer(vectorizer, ["superb charming film", "dreadful tedious plot", "the film"])
+    tokenizer = pipeline.fit_tokenizer(["superb charming film", "dreadful tedious plot", "the film"], 40)
     model = build_model(ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4), 40)
-    return vectorizer, model
+    return tokenizer, model
 
 
 def test_export_scores_raw_strings_like_the_model(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={"seed": 1})
+    tokenizer, model = parts
+    export = export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={"seed": 1})
     served = load_model(tmp_path / "model")
     assert served.path == export == tmp_path / "model" / "1"
     scores = score_texts(served, TEXTS)
-    expected = model(pipeline.encode_padded(vectorizer, tf.constant(TEXTS), 16)).numpy()[:, 0]
+    expected = model(pipeline.encode_padded(tokenizer, tf.constant(TEXTS), 16)).numpy()[:, 0]
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert scores.dtype == np.float32 and scores.shape == (len(TEXTS),)
     assert served.metadata == {"seed": 1}
 
 
 def test_an_ensemble_exports_as_one_model_serving_the_mean_of_its_members(tmp_path: Path) -> None:
-    vectorizer = pipeline.make_vectorizer(40)
-    pipeline.adapt_vectorizer(vectorizer, ["superb charming film", "dreadful tedious plot", "the film"])
+    tokenizer = pipeline.fit_tokenizer(["superb charming film", "dreadful tedious plot", "the film"], 40)
     cfg = ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4, members=3)
     model = build_model(cfg, 40)
-    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})
+    export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={})
     scores = score_texts(load_model(tmp_path / "model"), TEXTS)
-    members = model(pipeline.encode_padded(vectorizer, tf.constant(TEXTS), 16)).numpy()
+    members = model(pipeline.encode_padded(tokenizer, tf.constant(TEXTS), 16)).numpy()
     assert members.shape == (len(TEXTS), 3)
     np.testing.assert_allclose(scores, members.mean(axis=1), rtol=1e-5, atol=1e-6)
     assert scores.shape == (len(TEXTS),)
 
 
 def test_signature_takes_strings_and_returns_float32_probabilities(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})
+    tokenizer, model = parts
+    export = export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={})
     signature = tf.saved_model.load(str(export)).signatures["serving_default"]
     (spec,) = signature.structured_input_signature[1].values()
     assert spec.dtype == tf.string and spec.shape.as_list() == [None]
@@ -64,17 +62,17 @@ def test_signature_takes_strings_and_returns_float32_probabilities(parts, tmp_pa
 
 
 def test_re_export_replaces_the_version_and_leaves_no_temporaries(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={"n": 1})
-    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={"n": 2})
+    tokenizer, model = parts
+    export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={"n": 1})
+    export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={"n": 2})
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["1"]
     assert load_model(tmp_path / "model").metadata == {"n": 2}
 
 
 def test_the_highest_version_is_served(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={}, version=1)
-    export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={}, version=3)
+    tokenizer, model = parts
+    export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={}, version=1)
+    export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={}, version=3)
     (tmp_path / "model" / "10").mkdir()  # a version dir without a SavedModel is not a version
     assert find_export(tmp_path / "model") == tmp_path / "model" / "3"
 
@@ -106,14 +104,14 @@ def test_a_foreign_saved_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_export_with_corrupt_metadata_is_refused(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={})
+    tokenizer, model = parts
+    export = export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={})
     (export / METADATA).write_text("{not json")
     with pytest.raises(InputError, match="unreadable"):
         load_model(export)
 
 
 def test_export_metadata_lives_beside_the_saved_model(parts, tmp_path: Path) -> None:
-    vectorizer, model = parts
-    export = export_model(tmp_path / "model", vectorizer, model, max_len=16, metadata={"max_len": 16})
+    tokenizer, model = parts
+    export = export_model(tmp_path / "model", tokenizer, model, max_len=16, metadata={"max_len": 16})
     assert (export / METADATA).is_file()

@@ -221,26 +221,26 @@ def test_a_full_disk_for_the_small_run_files_is_one_line_and_leaves_no_temporary
 
 
 def _toy_export_parts(embedding_rows: int = 10):
-    from imdb_dist.data.pipeline import make_vectorizer
+    from imdb_dist.data.pipeline import Tokenizer
 
     model = keras.Sequential([keras.Input((None,), dtype="int64"), keras.layers.Embedding(embedding_rows, 4)])
-    return make_vectorizer(10, ["good", "bad"]), model
+    return Tokenizer(["good", "bad"], 10), model
 
 
 def test_export_removes_the_leftovers_of_a_killed_export(tmp_path: Path):
     root = tmp_path / "model"
     for leftover in (".1.tmp-4242", ".1.old-4242"):
         (root / leftover / "variables").mkdir(parents=True)
-    vectorizer, model = _toy_export_parts()
-    export_model(root, vectorizer, model, 8, {"seed": 1})
+    tokenizer, model = _toy_export_parts()
+    export_model(root, tokenizer, model, 8, {"seed": 1})
     assert sorted(p.name for p in root.iterdir()) == ["1"]
 
 
 def test_an_export_interrupted_by_any_exception_leaves_no_staging_directory(tmp_path: Path):
     root = tmp_path / "model"
-    vectorizer, model = _toy_export_parts()
+    tokenizer, model = _toy_export_parts()
     with pytest.raises(TypeError):
-        export_model(root, vectorizer, model, 8, {"not json": {1, 2}})  # fails after the SavedModel is written
+        export_model(root, tokenizer, model, 8, {"not json": {1, 2}})  # fails after the SavedModel is written
     assert list(root.iterdir()) == []
 
 
@@ -253,11 +253,11 @@ from pathlib import Path
 from test_faults import _toy_export_parts
 from imdb_dist.errors import RunError
 from imdb_dist.export import export_model
-vectorizer, model = _toy_export_parts(embedding_rows=20_000)  # 320 KB of variables
+tokenizer, model = _toy_export_parts(embedding_rows=20_000)  # 320 KB of variables
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 try:
-    export_model(Path({str(tmp_path / "model")!r}), vectorizer, model, 8, {{"seed": 1}})
+    export_model(Path({str(tmp_path / "model")!r}), tokenizer, model, 8, {{"seed": 1}})
 except RunError as exc:
     print(exc)
 """

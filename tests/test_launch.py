@@ -87,8 +87,11 @@ class FailOnce(keras.callbacks.Callback):
 
 
 def exported_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    """The exported network's variables (the tokenizer's table left out), by checkpoint key."""
     reader = tf.train.load_checkpoint(str(run_dir / rundir.MODEL / "1" / "variables" / "variables"))
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith("model/")}
+    network = [key for key in reader.get_variable_to_shape_map() if key.startswith("network_variables/")]
+    assert network, "the export holds no network variables under the expected key"
+    return {key: reader.get_tensor(key) for key in network}
 
 
 @pytest.fixture(scope="module")
@@ -228,15 +231,14 @@ def test_a_cluster_the_launcher_starts_listens_on_loopback_only() -> None:
     assert where["nodes"] == ["127.0.0.1"]
 
 
-def test_every_worker_adapting_alone_gets_the_same_vocabulary(tmp_path: Path) -> None:
-    """Without a shared vocab file, workers adapt independently: that must be deterministic."""
+def test_every_worker_fitting_alone_gets_the_same_vocabulary(tmp_path: Path) -> None:
+    """Without a shared vocab file, workers fit it independently: that must be deterministic."""
     data = write_aclimdb(tmp_path / "data", {"train": 30})
     script = (
         "import sys, json; sys.path.insert(0, 'tests');"
         "from imdb_dist.data import pipeline; from imdb_dist.data.sources import read_aclimdb;"
         f"texts = read_aclimdb({str(data)!r}, 'train').texts;"
-        "v = pipeline.make_vectorizer(40); pipeline.adapt_vectorizer(v, texts);"
-        "print(json.dumps(pipeline.vocabulary(v)))"
+        "print(json.dumps(pipeline.fit_tokenizer(texts, 40).vocabulary))"
     )
     vocabularies = [
         subprocess.run(

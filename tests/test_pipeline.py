@@ -16,23 +16,26 @@ import random
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, fake_review
 
 from imdb_dist.data.pipeline import (
-    adapt_vectorizer,
+    Tokenizer,
     batch_examples,
     batch_width,
     encode,
     encode_examples,
     encode_padded,
+    encode_words,
     epoch_plan,
-    make_vectorizer,
+    fit_tokenizer,
+    fit_vocabulary,
     plan_dataset,
     pool_size,
     pre_pad,
+    split_examples,
     split_for_replicas,
     standardize,
-    vocabulary,
 )
 
 VOCAB_SIZE = 50
@@ -66,15 +69,13 @@ def _texts(n: int, *, seed: int, min_words: int, max_words: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def vectorizer():
-    v = make_vectorizer(VOCAB_SIZE)
-    adapt_vectorizer(v, _texts(60, seed=1, min_words=6, max_words=40))
-    return v
+def tokenizer():
+    return fit_tokenizer(_texts(60, seed=1, min_words=6, max_words=40), VOCAB_SIZE)
 
 
-def _direct(vectorizer, texts: list[str], max_len: int) -> list[tuple[int, ...]]:
+def _direct(tokenizer, texts: list[str], max_len: int) -> list[tuple[int, ...]]:
     """Each text encoded on its own (eagerly), as tuples of ids."""
-    return [tuple(int(i) for i in encode(vectorizer, tf.constant([t]), max_len)[0].numpy()) for t in texts]
+    return [tuple(int(i) for i in encode(tokenizer, tf.constant([t]), max_len)[0].numpy()) for t in texts]
 
 
 def _rows(dataset) -> list[tuple[tuple[int, ...], int, np.ndarray]]:
@@ -133,13 +134,12 @@ def test_standardize_in_dataset_map_matches_eager():
     assert _std_in_map(texts) == eager
 
 
-# --------------------------------------------------------------------------- vectorizer
+# --------------------------------------------------------------------------- tokenizer
 
 
-def test_vectorizer_maps_known_words_to_ids_from_2_unknown_to_1_padding_to_0():
-    v = make_vectorizer(VOCAB_SIZE)
-    adapt_vectorizer(v, ["superb superb superb film", "superb film dreadful", "film"])
-    vocab = vocabulary(v)
+def test_tokenizer_maps_known_words_to_ids_from_2_unknown_to_1_padding_to_0():
+    v = fit_tokenizer(["superb superb superb film", "superb film dreadful", "film"], VOCAB_SIZE)
+    vocab = v.vocabulary
     assert vocab == ["superb", "film", "dreadful"]  # most frequent first, no special tokens
     ids = encode_padded(v, tf.constant(["Superb FILM zzzunknown dreadful"]), 6).numpy()
     assert ids.tolist() == [[0, 0, 2, 3, 1, 4]]
@@ -148,19 +148,45 @@ def test_vectorizer_maps_known_words_to_ids_from_2_unknown_to_1_padding_to_0():
         assert encode(v, tf.constant([word]), 4).to_list() == [[rank + 2]]
 
 
-def test_vectorizer_ids_stay_below_vocab_size(vectorizer):
+@pytest.mark.parametrize("vocab_size", [VOCAB_SIZE, 12])
+def test_the_tokenizer_gives_text_vectorizations_vocabulary_and_ids(vocab_size):
+    # The Keras layer the seed used, with our standardization: same
+    # vocabulary (ties included: many words share a count here, and a cap
+    # of 12 cuts through them) and the same ids, known and unknown.
+    texts = _texts(60, seed=1, min_words=0, max_words=40)
+    layer = keras.layers.TextVectorization(
+        max_tokens=vocab_size, standardize=standardize, split="whitespace", output_mode="int", ragged=True
+    )
+    layer.adapt(tf.data.Dataset.from_tensor_slices(texts).batch(7))
+    ours = fit_tokenizer(texts, vocab_size)
+    assert ours.vocabulary == layer.get_vocabulary(include_special_tokens=False)
+    unseen = _texts(30, seed=9, min_words=0, max_words=60) + ["zzz never seen", ""]
+    assert ours(tf.constant(unseen)).to_list() == layer(tf.constant(unseen)).to_list()
+
+
+def test_counting_split_words_gives_the_vocabulary_of_the_texts(tokenizer):
+    texts = _texts(60, seed=1, min_words=6, max_words=40)
+    words = split_examples(tf.data.Dataset.from_tensor_slices((texts, [i % 2 for i in range(60)])))
+    assert fit_vocabulary(words.words, VOCAB_SIZE) == tokenizer.vocabulary
+    assert words.labels.numpy().tolist() == [i % 2 for i in range(60)]
+    encoded = encode_words(words, tokenizer, 24)
+    assert [tuple(row) for row in encoded.tokens.to_list()] == _direct(tokenizer, texts, 24)
+
+
+def test_tokenizer_ids_stay_below_vocab_size(tokenizer):
     texts = _texts(20, seed=5, min_words=6, max_words=50)
-    ids = encode(vectorizer, tf.constant(texts), 100).flat_values.numpy()
+    ids = encode(tokenizer, tf.constant(texts), 100).flat_values.numpy()
     assert ids.min() >= 1 and ids.max() < VOCAB_SIZE
-    assert len(vocabulary(vectorizer)) == VOCAB_SIZE - 2  # capped: padding and unknown take two ids
-    assert set(WORDS) <= set(vocabulary(vectorizer))  # the frequent words all made it
+    assert len(tokenizer.vocabulary) == VOCAB_SIZE - 2  # capped: padding and unknown take two ids
+    assert tokenizer.vocabulary_size() == VOCAB_SIZE
+    assert set(WORDS) <= set(tokenizer.vocabulary)  # the frequent words all made it
 
 
-def test_encode_keeps_the_last_max_len_tokens(vectorizer):
+def test_encode_keeps_the_last_max_len_tokens(tokenizer):
     words = ["superb", "film", "dreadful", "plot", "camera", "music", "ending"]
-    full = encode(vectorizer, tf.constant([" ".join(words)]), 100)[0].numpy().tolist()
+    full = encode(tokenizer, tf.constant([" ".join(words)]), 100)[0].numpy().tolist()
     assert len(full) == 7 and 1 not in full
-    cut = encode(vectorizer, tf.constant([" ".join(words), "superb film"]), 3).to_list()
+    cut = encode(tokenizer, tf.constant([" ".join(words), "superb film"]), 3).to_list()
     assert cut[0] == full[-3:]  # pre-truncation: the end of the review survives
     assert cut[1] == full[:2]  # shorter rows are untouched
 
@@ -212,13 +238,13 @@ def test_pre_pad_inside_dataset_map_matches_eager():
 # --------------------------------------------------------------------------- encode_padded
 
 
-def test_encode_padded_gives_front_padded_fixed_width_rows(vectorizer):
+def test_encode_padded_gives_front_padded_fixed_width_rows(tokenizer):
     max_len = 8
     texts = ["superb film", "", " ".join(["film", "plot", "actor", "scene", "superb"] * 3), "dreadful!"]
-    out = encode_padded(vectorizer, tf.constant(texts), max_len).numpy()
+    out = encode_padded(tokenizer, tf.constant(texts), max_len).numpy()
     assert out.shape == (4, max_len)
-    direct = _direct(vectorizer, texts, max_len)
-    full = _direct(vectorizer, texts, 1000)
+    direct = _direct(tokenizer, texts, max_len)
+    full = _direct(tokenizer, texts, 1000)
     for row, ids, all_ids in zip(out, direct, full):
         _assert_front_padded(row)
         assert tuple(row[row != 0]) == ids
@@ -227,39 +253,39 @@ def test_encode_padded_gives_front_padded_fixed_width_rows(vectorizer):
     assert np.all(out[2] != 0)  # long text fills the row
 
 
-def test_encode_padded_all_short_batch_is_still_max_len_wide(vectorizer):
-    out = encode_padded(vectorizer, tf.constant(["superb", ""]), 10).numpy()
+def test_encode_padded_all_short_batch_is_still_max_len_wide(tokenizer):
+    out = encode_padded(tokenizer, tf.constant(["superb", ""]), 10).numpy()
     assert out.shape == (2, 10)
     assert out[0, :-1].tolist() == [0] * 9 and out[0, -1] >= 2
 
 
-def test_encode_padded_inside_dataset_map_matches_eager(vectorizer):
+def test_encode_padded_inside_dataset_map_matches_eager(tokenizer):
     texts = _texts(9, seed=11, min_words=0, max_words=25) + [""]
-    eager = encode_padded(vectorizer, tf.constant(texts), 16).numpy()
-    ds = tf.data.Dataset.from_tensor_slices(texts).batch(4).map(lambda t: encode_padded(vectorizer, t, 16))
+    eager = encode_padded(tokenizer, tf.constant(texts), 16).numpy()
+    ds = tf.data.Dataset.from_tensor_slices(texts).batch(4).map(lambda t: encode_padded(tokenizer, t, 16))
     mapped = np.concatenate(list(ds.as_numpy_iterator()))
     np.testing.assert_array_equal(mapped, eager)
 
 
-def test_saved_vocabulary_rebuilds_an_identical_vectorizer(vectorizer):
-    saved = json.loads(json.dumps(vocabulary(vectorizer)))  # as written to / read from disk
+def test_saved_vocabulary_rebuilds_an_identical_tokenizer(tokenizer):
+    saved = json.loads(json.dumps(tokenizer.vocabulary))  # as written to / read from disk
     assert "" not in saved and "[UNK]" not in saved
-    rebuilt = make_vectorizer(VOCAB_SIZE, saved)
-    assert rebuilt.get_vocabulary() == vectorizer.get_vocabulary()
+    rebuilt = Tokenizer(saved, VOCAB_SIZE)
+    assert rebuilt.vocabulary == tokenizer.vocabulary
     texts = _texts(12, seed=4, min_words=0, max_words=30) + ["never seen words here", ""]
     np.testing.assert_array_equal(
         encode_padded(rebuilt, tf.constant(texts), 32).numpy(),
-        encode_padded(vectorizer, tf.constant(texts), 32).numpy(),
+        encode_padded(tokenizer, tf.constant(texts), 32).numpy(),
     )
 
 
-def test_a_10_mb_review_is_cut_to_its_last_max_len_tokens(vectorizer):
-    known = sorted(set(vectorizer.get_vocabulary()[2:]))[:3]
+def test_a_10_mb_review_is_cut_to_its_last_max_len_tokens(tokenizer):
+    known = sorted(set(tokenizer.vocabulary))[:3]
     ending = " ".join(known)
     huge = " ".join(["unseenword"] * 1_500_000) + " " + ending
     assert len(huge.encode()) > 10_000_000
-    ids = encode_padded(vectorizer, tf.constant([huge]), 5).numpy()[0]
-    expected = [vectorizer.get_vocabulary().index(word) for word in known]
+    ids = encode_padded(tokenizer, tf.constant([huge]), 5).numpy()[0]
+    expected = [tokenizer.vocabulary.index(word) + 2 for word in known]
     assert ids.tolist() == [1, 1, *expected]  # two unknown words, then the last three
 
 
@@ -286,44 +312,44 @@ def test_batch_width_max_len_not_a_multiple_of_width():
 # --------------------------------------------------------------------------- training epochs
 
 
-def _training(vectorizer, texts, *, max_len=64, batch_size=6, min_len=1, bucket_width=None, seed=5, epoch=0):
+def _training(tokenizer, texts, *, max_len=64, batch_size=6, min_len=1, bucket_width=None, seed=5, epoch=0):
     """One planned epoch over ``texts`` (labels are the indices), as a dataset."""
     encoded = encode_examples(
-        tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), vectorizer, max_len
+        tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), tokenizer, max_len
     )
     pool = pool_size(batch_size, max_len) if bucket_width is not None else None
     plan = epoch_plan(encoded.lengths, batch_size=batch_size, seed=seed, epoch=epoch, pool=pool)
     return plan_dataset(encoded, plan, max_len=max_len, min_len=min_len, bucket_width=bucket_width)
 
 
-def test_encode_examples_keeps_every_example_in_order_with_its_direct_ids(vectorizer):
+def test_encode_examples_keeps_every_example_in_order_with_its_direct_ids(tokenizer):
     texts = _texts(300, seed=2, min_words=0, max_words=40) + [""]
-    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), vectorizer, 24)
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), tokenizer, 24)
     assert len(encoded) == len(texts)
-    assert [tuple(row) for row in encoded.tokens.to_list()] == _direct(vectorizer, texts, 24)
+    assert [tuple(row) for row in encoded.tokens.to_list()] == _direct(tokenizer, texts, 24)
     assert encoded.labels.numpy().tolist() == list(range(len(texts)))
-    assert encoded.lengths.tolist() == [len(ids) for ids in _direct(vectorizer, texts, 24)]
+    assert encoded.lengths.tolist() == [len(ids) for ids in _direct(tokenizer, texts, 24)]
 
 
-def test_an_unbucketed_epoch_is_max_len_wide_pre_padded_and_holds_every_example_once(vectorizer):
+def test_an_unbucketed_epoch_is_max_len_wide_pre_padded_and_holds_every_example_once(tokenizer):
     texts = _texts(23, seed=2, min_words=1, max_words=40) + [""]
-    ds = _training(vectorizer, texts, max_len=24, batch_size=5)
+    ds = _training(tokenizer, texts, max_len=24, batch_size=5)
     shapes = [x.shape for x, _ in ds.as_numpy_iterator()]
     assert all(shape[1] == 24 for shape in shapes)
     assert sorted(shape[0] for shape in shapes) == [4, 5, 5, 5, 5]
     rows = _rows(ds)
     for _, _, row in rows:
         _assert_front_padded(row)
-    direct = _direct(vectorizer, texts, 24)
+    direct = _direct(tokenizer, texts, 24)
     assert sorted(y for _, y, _ in rows) == list(range(len(texts)))
     assert all(ids == direct[y] for ids, y, _ in rows)
 
 
 @pytest.mark.parametrize(("width", "min_len"), [(12, 8), (8, 20)], ids=["min-len-below-width", "min-len-above-width"])
-def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(vectorizer, width, min_len):
+def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(tokenizer, width, min_len):
     max_len = 64
     texts = _texts(70, seed=3, min_words=0, max_words=90) + ["", "superb"]
-    ds = _training(vectorizer, texts, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width)
+    ds = _training(tokenizer, texts, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width)
     widths, spans, longest = [], [], []
     for x, y in ds.as_numpy_iterator():
         assert x.shape[0] == y.shape[0] <= 6
@@ -342,14 +368,14 @@ def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(
     spans.sort()
     assert all(low_max <= high_min for (_, low_max), (high_min, _) in zip(spans, spans[1:]))
     got = collections.Counter((ids, y) for ids, y, _ in _rows(ds))
-    assert got == collections.Counter(zip(_direct(vectorizer, texts, max_len), range(len(texts))))
+    assert got == collections.Counter(zip(_direct(tokenizer, texts, max_len), range(len(texts))))
 
 
-def test_bucketing_keeps_short_reviews_narrow(vectorizer):
+def test_bucketing_keeps_short_reviews_narrow(tokenizer):
     texts = _texts(40, seed=6, min_words=2, max_words=10)
-    bucketed = _training(vectorizer, texts, max_len=200, batch_size=8, bucket_width=16)
+    bucketed = _training(tokenizer, texts, max_len=200, batch_size=8, bucket_width=16)
     assert {x.shape[1] for x, _ in bucketed.as_numpy_iterator()} == {16}
-    unbucketed = _training(vectorizer, texts, max_len=200, batch_size=8)
+    unbucketed = _training(tokenizer, texts, max_len=200, batch_size=8)
     assert {x.shape[1] for x, _ in unbucketed.as_numpy_iterator()} == {200}
 
 
@@ -400,9 +426,9 @@ def test_bucketed_workers_train_on_batches_of_the_same_length_rank_at_each_step(
     assert plans[0][0].tolist() != plans[1][0].tolist()
 
 
-def test_a_resumed_epoch_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(vectorizer):
+def test_a_resumed_epoch_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(tokenizer):
     texts = _texts(60, seed=11, min_words=1, max_words=60)
-    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(60)))), vectorizer, 32)
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(60)))), tokenizer, 32)
     plan = epoch_plan(encoded.lengths, batch_size=4, seed=3, epoch=2, pool=pool_size(4, 32))
     whole = list(plan_dataset(encoded, plan, max_len=32, bucket_width=8).as_numpy_iterator())
     # A resume builds the plan again from (seed, epoch) and starts at the saved step.
@@ -422,18 +448,18 @@ def test_split_for_replicas_gives_each_replica_a_part_and_pads_to_the_steps():
         split_for_replicas(batches, replicas=1, steps=2)
 
 
-def test_an_empty_padding_batch_is_min_len_wide_with_no_labels(vectorizer):
+def test_an_empty_padding_batch_is_min_len_wide_with_no_labels(tokenizer):
     texts = _texts(5, seed=1, min_words=3, max_words=10)
-    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, [0, 1, 0, 1, 0])), vectorizer, 32)
+    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, [0, 1, 0, 1, 0])), tokenizer, 32)
     plan = split_for_replicas([np.arange(5)], replicas=1, steps=2)
     (_, _), (x, y) = plan_dataset(encoded, plan, max_len=32, min_len=6, bucket_width=8).as_numpy_iterator()
     assert x.shape == (0, 6) and y.shape == (0,)
 
 
-def test_evaluation_batches_are_in_order_and_padded_like_the_export(vectorizer):
+def test_evaluation_batches_are_in_order_and_padded_like_the_export(tokenizer):
     texts = _texts(15, seed=9, min_words=1, max_words=60)
     examples = tf.data.Dataset.from_tensor_slices((texts, list(range(15))))
-    ds = batch_examples(examples, vectorizer, max_len=32, batch_size=4)
+    ds = batch_examples(examples, tokenizer, max_len=32, batch_size=4)
     x = np.concatenate([batch for batch, _ in ds.as_numpy_iterator()])
     assert [y for _, y, _ in _rows(ds)] == list(range(15))
-    assert np.array_equal(x, encode_padded(vectorizer, tf.constant(texts), 32).numpy())
+    assert np.array_equal(x, encode_padded(tokenizer, tf.constant(texts), 32).numpy())

@@ -33,9 +33,11 @@ STEPS = 200
 
 
 def model_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    """The exported network's variables (the vectorizer's tables left out), by checkpoint key."""
+    """The exported network's variables (the tokenizer's table left out), by checkpoint key."""
     reader = tf.train.load_checkpoint(str(run_dir / rundir.MODEL / "1" / "variables" / "variables"))
-    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if key.startswith("model/")}
+    network = [key for key in reader.get_variable_to_shape_map() if key.startswith("network_variables/")]
+    assert network, "the export holds no network variables under the expected key"
+    return {key: reader.get_tensor(key) for key in network}
 
 
 def assert_same_run(resumed: Path, uninterrupted: Path) -> None:

@@ -65,14 +65,14 @@ def test_three_workers_train_on_every_review_once_per_epoch_in_equally_many_step
     reviews = Reviews([f"w{i} " * (1 + i % 9) for i in range(n)], np.zeros(n, np.int32))
     shards.write_prepared(tmp_path / "data", {"train": reviews}, num_shards=num_shards, meta={})
     files = shards.split_files(tmp_path / "data", "train")
-    vectorizer = pipeline.make_vectorizer(50, [f"w{i}" for i in range(48)])
+    tokenizer = pipeline.Tokenizer([f"w{i}" for i in range(48)], 50)
     sizes = shards.worker_sizes(n, len(files), 3)
     steps = max(-(-size // per_worker_batch) for size in sizes)  # what train.steps_per_epoch computes
     for epoch in (0, 1):
         trained = []
         for worker in range(3):
             texts = [t for t, _ in shards.examples(files, 3, worker).as_numpy_iterator()]
-            encoded = pipeline.encode_examples(shards.examples(files, 3, worker), vectorizer, 16)
+            encoded = pipeline.encode_examples(shards.examples(files, 3, worker), tokenizer, 16)
             plan = pipeline.epoch_plan(encoded.lengths, batch_size=per_worker_batch, seed=1, epoch=epoch, worker=worker)
             batches = pipeline.split_for_replicas(plan, 1, steps)
             assert len(batches) == steps  # every worker runs the same number of steps

@@ -62,7 +62,7 @@ def test_the_report_says_where_the_time_went(trained_run: Path) -> None:
     timings = json.loads((trained_run / rundir.REPORT).read_text())["timings"]
     phases = timings["phases_s"]
     assert set(phases) == {
-        "start-up", "strategy", "data", "vocabulary", "tokenize", "build",
+        "start-up", "strategy", "data", "tokenize", "build",
         "first_step", "steps", "validation", "checkpoints", "export", "score", "curves",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in phases.values())

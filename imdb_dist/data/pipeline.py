@@ -1,8 +1,10 @@
 """The tf.data input pipeline: tokenize, plan each epoch, pre-pad, prefetch.
 
-Training (:func:`encode_examples`, :func:`epoch_plan`, :func:`plan_dataset`)::
+Training (:func:`split_examples`, :func:`fit_vocabulary`, :func:`encode_words`,
+:func:`epoch_plan`, :func:`plan_dataset`)::
 
-    (text, label) ─► batch ─► vectorize (parallel) ─► one ragged id matrix (once)
+    (text, label) ─► batch ─► standardize, split (parallel) ─► words (once)
+    words ─► count: vocabulary ─► look up the last max_len words ─► one ragged id matrix
     epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches ─► shared length-rank order
             ─► gather rows, pre-pad to the batch's width ─► prefetch
 
@@ -30,16 +32,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 
 # Characters that are neither letters, digits nor whitespace (Unicode-aware,
 # so non-English reviews keep their words). Apostrophes are dropped, not
 # split on, so "don't" (or "don’t") stays one token.
 _PUNCTUATION = r"[^\pL\pN\s]+"
 _LINE_BREAK = r"<br\s*/?>"
-# Texts per vectorizer call: batching the string ops is several times faster
-# than calling the layer once per review.
+# Texts per tokenizer call: batching the string ops is several times faster
+# than calling them once per review.
 _ENCODE_BATCH = 256
+# Ids 0 (padding) and 1 (unknown word) come before the vocabulary's.
+_SPECIAL_IDS = 2
 # Tokens sorted together when bucketing (pool of max_len-wide rows): 16,384
 # reviews at 400 tokens, 52 MB of int64 ids; bounded in tokens so a large
 # max_len does not grow the pool's memory.
@@ -56,37 +59,79 @@ def standardize(texts: tf.Tensor) -> tf.Tensor:
     return tf.strings.regex_replace(texts, _PUNCTUATION, " ")
 
 
-def make_vectorizer(vocab_size: int, vocabulary: Sequence[str] | None = None) -> keras.layers.TextVectorization:
-    """A TextVectorization layer that emits ragged token ids (0 = padding, 1 = unknown).
+class Tokenizer(tf.Module):
+    """Raw review text to ragged token ids: :func:`standardize`, split on whitespace, look up.
 
-    Args:
-        vocab_size: total ids, including padding and the unknown token.
-        vocabulary: a saved vocabulary (without the two special tokens) to
-            reuse; otherwise call :func:`adapt_vectorizer`.
+    Id 0 is padding, 1 an unknown word and ``2 + i`` the vocabulary's ``i``-th
+    token: the ids Keras' ``TextVectorization`` gives for the same vocabulary
+    (tested). Its own class rather than that layer because training splits
+    the reviews into words once and both counts and looks them up
+    (:func:`fit_vocabulary`, :meth:`ids`), where the layer standardizes the
+    text again for each; and an export holding a Keras layer makes
+    ``tf.saved_model.save`` trace the layer's functions for Keras to reload.
+    The lookup table is a ``tf.lookup.StaticHashTable``, saved with the export.
     """
-    return keras.layers.TextVectorization(
-        max_tokens=vocab_size,
-        standardize=standardize,
-        split="whitespace",
-        output_mode="int",
-        ragged=True,
-        vocabulary=list(vocabulary) if vocabulary is not None else None,
-    )
+
+    def __init__(self, vocabulary: Sequence[str], vocab_size: int) -> None:
+        """``vocabulary``: the tokens, most frequent first, without padding and unknown; cut to ``vocab_size - 2``."""
+        super().__init__(name="tokenizer")
+        tokens = list(vocabulary)[: max(0, vocab_size - _SPECIAL_IDS)]
+        # A numpy array is not tracked by tf.Module: the table below is what the export saves.
+        self._tokens = np.array(tokens, dtype=object)
+        keys = tf.constant(tokens, dtype=tf.string, shape=[len(tokens)])
+        values = tf.range(_SPECIAL_IDS, _SPECIAL_IDS + len(tokens), dtype=tf.int64)
+        self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), default_value=1)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """The tokens with ids 2, 3, ...: most frequent first."""
+        return self._tokens.tolist()
+
+    def vocabulary_size(self) -> int:
+        """Ids in use, padding and unknown included (the embedding's rows)."""
+        return len(self._tokens) + _SPECIAL_IDS
+
+    def ids(self, words: tf.RaggedTensor) -> tf.RaggedTensor:
+        """Token ids of already split words (:func:`split_words`)."""
+        return tf.ragged.map_flat_values(self.table.lookup, words)
+
+    def __call__(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        return self.ids(split_words(texts))
 
 
-def adapt_vectorizer(vectorizer: keras.layers.TextVectorization, texts: Sequence[str]) -> None:
-    """Build the vocabulary from ``texts`` (the training split only: no leakage)."""
-    vectorizer.adapt(tf.data.Dataset.from_tensor_slices(list(texts)).batch(1024))
+def split_words(texts: tf.Tensor) -> tf.RaggedTensor:
+    """A batch of raw texts as ragged words: standardized, split on runs of whitespace."""
+    return tf.strings.split(standardize(texts))
 
 
-def vocabulary(vectorizer: keras.layers.TextVectorization) -> list[str]:
-    """The learned tokens, most frequent first, without padding and unknown."""
-    return vectorizer.get_vocabulary(include_special_tokens=False)
+def fit_vocabulary(words: tf.RaggedTensor, vocab_size: int) -> list[str]:
+    """The ``vocab_size - 2`` most frequent words (the training split's only: no leakage).
+
+    Ties are broken as Keras' ``TextVectorization.adapt`` breaks them (the
+    greater token first, bytewise), so the vocabulary is deterministic and
+    the same as that layer's.
+    """
+    tokens, _, counts = tf.unique_with_counts(words.flat_values)
+    tokens, counts = tokens.numpy(), counts.numpy()
+    order = np.lexsort((tokens, counts))[::-1][: max(0, vocab_size - _SPECIAL_IDS)]
+    return [token.decode("utf-8") for token in tokens[order]]
 
 
-def encode(vectorizer: keras.layers.TextVectorization, texts: tf.Tensor, max_len: int) -> tf.RaggedTensor:
+def fit_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A tokenizer whose vocabulary is fitted on ``texts``."""
+    return Tokenizer(fit_vocabulary(words_of(tf.data.Dataset.from_tensor_slices(list(texts))), vocab_size), vocab_size)
+
+
+def words_of(texts: tf.data.Dataset) -> tf.RaggedTensor:
+    """Every text's words, in order, split in parallel batches."""
+    batches = texts.batch(_ENCODE_BATCH).map(split_words, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    parts = list(batches)
+    return tf.concat(parts, axis=0) if parts else tf.ragged.constant([], dtype=tf.string, ragged_rank=1)
+
+
+def encode(tokenizer: Tokenizer, texts: tf.Tensor, max_len: int) -> tf.RaggedTensor:
     """Token ids of a batch of texts, each cut to its *last* ``max_len`` tokens."""
-    return vectorizer(texts)[:, -max_len:]
+    return tokenizer(texts)[:, -max_len:]
 
 
 def pre_pad(post_padded: tf.Tensor) -> tf.Tensor:
@@ -102,9 +147,9 @@ def pre_pad(post_padded: tf.Tensor) -> tf.Tensor:
     return tf.where(source >= 0, gathered, tf.zeros_like(gathered))
 
 
-def encode_padded(vectorizer: keras.layers.TextVectorization, texts: tf.Tensor, max_len: int) -> tf.Tensor:
+def encode_padded(tokenizer: Tokenizer, texts: tf.Tensor, max_len: int) -> tf.Tensor:
     """Raw texts to a dense ``[batch, max_len]`` pre-padded id matrix (the serving path)."""
-    ragged = encode(vectorizer, texts, max_len)
+    ragged = encode(tokenizer, texts, max_len)
     return pre_pad(ragged.to_tensor(default_value=0, shape=[None, max_len]))
 
 
@@ -123,7 +168,7 @@ def batch_width(longest: tf.Tensor, width: int, min_len: int, max_len: int) -> t
 
 
 def batch_examples(
-    examples: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, *, max_len: int, batch_size: int
+    examples: tf.data.Dataset, tokenizer: Tokenizer, *, max_len: int, batch_size: int
 ) -> tf.data.Dataset:
     """Evaluation batches ``(token_ids [batch, max_len], label [batch])``, in input order, cached.
 
@@ -132,7 +177,7 @@ def batch_examples(
     """
     return (
         examples.batch(batch_size)
-        .map(lambda t, y: (encode_padded(vectorizer, t, max_len), y), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(lambda t, y: (encode_padded(tokenizer, t, max_len), y), num_parallel_calls=tf.data.AUTOTUNE)
         .cache()
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -150,22 +195,37 @@ class Encoded:
         return len(self.lengths)
 
 
-def encode_examples(
-    examples: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, max_len: int
-) -> Encoded:
+def encode_examples(examples: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -> Encoded:
     """Tokenize every ``(text, label)`` example (in parallel batches) into one ragged id matrix."""
+    return encode_words(split_examples(examples), tokenizer, max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Words:
+    """Examples split into words (:func:`split_words`), before any vocabulary exists."""
+
+    words: tf.RaggedTensor  # string [n, None]
+    labels: tf.Tensor  # int32 [n]
+
+
+def split_examples(examples: tf.data.Dataset) -> Words:
+    """Every ``(text, label)`` example's words, in order, split in parallel batches."""
     batches = examples.batch(_ENCODE_BATCH).map(
-        lambda t, y: (encode(vectorizer, t, max_len), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE
+        lambda t, y: (split_words(t), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    tokens, labels = [], []
-    for ids, y in batches:
-        tokens.append(ids)
+    words, labels = [], []
+    for w, y in batches:
+        words.append(w)
         labels.append(y)
-    if not tokens:
-        empty = tf.ragged.constant([], dtype=tf.int64, ragged_rank=1)
-        return Encoded(empty, tf.zeros([0], tf.int32), np.zeros(0, np.int64))
-    ragged = tf.concat(tokens, axis=0)
-    return Encoded(ragged, tf.concat(labels, axis=0), ragged.row_lengths().numpy())
+    if not words:
+        return Words(tf.ragged.constant([], dtype=tf.string, ragged_rank=1), tf.zeros([0], tf.int32))
+    return Words(tf.concat(words, axis=0), tf.concat(labels, axis=0))
+
+
+def encode_words(words: Words, tokenizer: Tokenizer, max_len: int) -> Encoded:
+    """The ids of each example's last ``max_len`` words (cut first: fewer lookups)."""
+    ids = tokenizer.ids(words.words[:, -max_len:])
+    return Encoded(ids, words.labels, ids.row_lengths().numpy())
 
 
 def pool_size(batch_size: int, max_len: int) -> int:
