@@ -83,6 +83,25 @@ def test_serving_times_one_network_against_the_presets_ensemble(data: Path) -> N
     assert out["ensemble_cost"] == pytest.approx(rates["1"] / rates["3"])
 
 
+def test_coldstart_times_whole_processes_phase_by_phase_against_the_seeds_first_epoch(data: Path) -> None:
+    out = bench("bench.coldstart", "--data", str(data), "--rounds", "1", *sets())
+    medians = out["median"]
+    assert set(medians) == {"current", "steady", "seed"}
+    current = medians["current"]
+    # Timed from outside, the process outlasts the phases it timed inside.
+    assert current["process_wall_s"] >= sum(current["phases_s"].values()) - 0.05
+    assert {"start-up", "data", "tokenize", "first_step", "steps", "export", "score"} <= set(current["phases_s"])
+    assert len(out["runs"]["steady"][0]["epoch_examples_per_s"]) == 2  # one epoch more than the config
+    assert out["first_epoch_over_seed_first_epoch"] == pytest.approx(
+        current["first_epoch_examples_per_s"] / medians["seed"]["first_epoch_examples_per_s"]
+    )
+    steady = medians["steady"]
+    assert out["first_epoch_over_steady_state"] == pytest.approx(
+        steady["first_epoch_examples_per_s"] / steady["last_epoch_examples_per_s"]
+    )
+    assert all(0.0 <= m["val_accuracy"] <= 1.0 for m in medians.values())
+
+
 def test_seed_baseline_runs_on_its_own(data: Path) -> None:
     out = bench("bench.seed", "--data", str(data), "--max-len", "32", "--epochs", "1")
     assert len(out["val_accuracy"]) == 1 and out["examples_per_s"][0] > 0

@@ -1,0 +1,175 @@
+"""Time to accuracy from a cold start: the whole ``imdb-dist train`` process, phase by phase, against the seed.
+
+Most IMDB jobs are one or two epochs, so what a user waits for is the
+process: importing TensorFlow, reading the archive, the vocabulary, tracing
+the step, the first epoch, exporting and scoring. Each round runs, as fresh
+processes that each get a fresh, empty HOME (no cache from an earlier run):
+
+- ``current``: ``imdb-dist train --config CONFIG`` (this tree): wall time
+  from before the process starts to its exit, the exported model's
+  validation accuracy, ``report.json``'s seconds per phase, and the first
+  epoch's training examples/s;
+- ``steady`` (unless ``--no-steady``): the same config with one more epoch:
+  its first epoch against its last, the first epoch's speed against the
+  steady state;
+- ``seed``: ``python -m bench.seed --epochs 1`` at the config's ``max_len``:
+  the seed-style script's first epoch (plain Keras, as users write it);
+- ``baseline`` (with ``--baseline REV``): ``current`` at a git revision,
+  checked out in a temporary worktree.
+
+The variants alternate round by round so machine noise hits them alike;
+medians and the ratios of medians are reported.
+
+    python -m bench.coldstart --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --config job/configs/fast.yaml --rounds 3 [--baseline 01eda5e] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.timing import emit, median
+from imdb_dist.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fresh_env(tree: Path, home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("MPLCONFIGDIR", "XDG_CACHE_HOME")}
+    # This tree's imdb_dist and bench, ahead of any installed copy; nothing cached under HOME.
+    return {**env, "HOME": str(home), "PYTHONPATH": str(tree)}
+
+
+def run_imdb_dist(tree: Path, config: Path, sets: list[str], out: Path, home: Path) -> dict[str, Any]:
+    """One ``imdb-dist train`` process, timed from outside; what its run directory says."""
+    command = [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(config)]
+    command += [arg for item in [*sets, f"run.output_dir={out}"] for arg in ("--set", item)]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=tree, env=_fresh_env(tree, home), check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "process_wall_s": wall,
+        "val_accuracy": report["validation"]["accuracy"],
+        "epoch_examples_per_s": [r["examples_per_s"] for r in records],
+        # Absent from revisions before the report had them.
+        "phases_s": report.get("timings", {}).get("phases_s", {}),
+    }
+
+
+def run_seed(data: str, max_len: int, home: Path) -> dict[str, Any]:
+    """The seed-style script, one epoch, in its own process."""
+    command = [sys.executable, "-m", "bench.seed", "--data", data, "--max-len", str(max_len), "--epochs", "1"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=_fresh_env(REPO, home), check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    return {
+        "process_wall_s": wall,
+        "val_accuracy": result["val_accuracy"][0],
+        "epoch_examples_per_s": result["examples_per_s"],
+    }
+
+
+def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians per variant, and the ratios the README quotes."""
+    medians: dict[str, dict[str, Any]] = {}
+    for name, runs in results.items():
+        medians[name] = {
+            "process_wall_s": median([r["process_wall_s"] for r in runs]),
+            "val_accuracy": median([r["val_accuracy"] for r in runs]),
+            "first_epoch_examples_per_s": median([r["epoch_examples_per_s"][0] for r in runs]),
+        }
+        phases = [r.get("phases_s", {}) for r in runs]
+        if all(phases):
+            medians[name]["phases_s"] = {key: median([p[key] for p in phases]) for key in phases[0]}
+        if name == "steady":
+            medians[name]["last_epoch_examples_per_s"] = median([r["epoch_examples_per_s"][-1] for r in runs])
+    summary: dict[str, Any] = {"median": medians}
+    current = medians["current"]
+    if "seed" in medians:
+        summary["first_epoch_over_seed_first_epoch"] = (
+            current["first_epoch_examples_per_s"] / medians["seed"]["first_epoch_examples_per_s"]
+        )
+    if "steady" in medians:
+        steady = medians["steady"]
+        summary["first_epoch_over_steady_state"] = (
+            steady["first_epoch_examples_per_s"] / steady["last_epoch_examples_per_s"]
+        )
+    if "baseline" in medians:
+        summary["process_wall_baseline_over_current"] = (
+            medians["baseline"]["process_wall_s"] / current["process_wall_s"]
+        )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser.add_argument("--config", type=Path, default=Path("job/configs/fast.yaml"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", help="also time this git revision's imdb-dist, side by side")
+    parser.add_argument("--no-seed", action="store_true", help="skip the seed-style script")
+    parser.add_argument("--no-steady", action="store_true", help="skip the run with one more epoch")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", type=Path, help="also write the JSON result here")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    data = str(Path(args.data).resolve())
+    config = args.config.resolve()
+    cfg = load_config(config, [f"data.path={data}", *args.overrides])
+    sets = [f"data.path={data}", *args.overrides]
+    with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        base = scratch / "baseline-tree"
+        if args.baseline:
+            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
+                           capture_output=True)
+        try:
+            variants: dict[str, Any] = {
+                "current": lambda out, home: run_imdb_dist(REPO, config, sets, out, home),
+            }
+            if not args.no_steady:
+                more = [*sets, f"train.epochs={cfg.train.epochs + 1}"]
+                variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
+            if not args.no_seed:
+                variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
+            if args.baseline:
+                variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
+            results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+            for round_ in range(args.rounds):
+                for name, variant in variants.items():
+                    home = scratch / f"home-{name}-{round_}"
+                    home.mkdir()
+                    results[name].append(variant(scratch / f"{name}-{round_}", home))
+                    print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    summary = {
+        "benchmark": "coldstart",
+        "config": str(args.config),
+        "overrides": args.overrides,
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "cpus": os.cpu_count(),
+        **summarize(results),
+        "runs": results,
+    }
+    emit(summary)
+    if args.output:
+        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
