@@ -81,10 +81,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     import_tensorflow_quietly()
+    from imdb_dist.timings import since_process_start
     from imdb_dist.train import run
 
     with stop_on_signals() as stop:
-        run(cfg, stop=stop)
+        run(cfg, stop=stop, startup_s=since_process_start())
     return 0
 
 

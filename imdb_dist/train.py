@@ -123,6 +123,7 @@ def run(
     after_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     stop: StopRequest | None = None,
+    startup_s: float | None = None,
 ) -> Path:
     """Train, export and evaluate as ``cfg`` says; return the run directory.
 
@@ -138,6 +139,10 @@ def run(
         stop: a signal-driven stop request (``imdb_dist.interrupt``): when it
             is set during training, checkpoint after the current step and raise
             ``Interrupted``.
+        startup_s: seconds from the process's start to this call, when the
+            process exists for this run (``imdb-dist train``): the report's
+            ``start-up`` phase. A process that runs several jobs (a bench, a
+            tune trial, a Ray worker) has no start-up of its own to report.
 
     Raises:
         InputError: bad config, data or output directory (nothing is written).
@@ -146,9 +151,8 @@ def run(
     """
     started = time.perf_counter()
     timings = Timings()
-    startup = since_process_start()
-    if startup is not None:
-        timings.add("start-up", startup)  # interpreter, imports, config
+    if startup_s is not None:
+        timings.add("start-up", startup_s)  # interpreter, imports, config
     if storage.is_uri(cfg.run.output_dir):
         raise ConfigError(
             "run.output_dir",

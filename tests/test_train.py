@@ -61,14 +61,16 @@ def test_the_logged_validation_is_the_exported_models_validation(trained_run: Pa
 def test_the_report_says_where_the_time_went(trained_run: Path) -> None:
     timings = json.loads((trained_run / rundir.REPORT).read_text())["timings"]
     phases = timings["phases_s"]
+    # Called in process, as benches and tune trials call it: no start-up phase of its own
+    # (the CLI reports one: tests/test_bench.py's coldstart test).
     assert set(phases) == {
-        "start-up", "strategy", "data", "tokenize", "build",
+        "strategy", "data", "tokenize", "build",
         "first_step", "steps", "validation", "checkpoints", "export", "score", "curves",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["steps"] > 0 and phases["export"] > 0
     # The test process started before this run: its whole life covers the phases.
-    assert timings["process_s"] >= sum(phases.values()) - 0.05
+    assert timings["process_s"] >= sum(phases.values())
 
 
 def test_run_learns_the_generated_sentiment(trained_run: Path) -> None:

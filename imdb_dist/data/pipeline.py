@@ -123,10 +123,8 @@ def fit_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
 
 
 def words_of(texts: tf.data.Dataset) -> tf.RaggedTensor:
-    """Every text's words, in order, split in parallel batches."""
-    batches = texts.batch(_ENCODE_BATCH).map(split_words, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    parts = list(batches)
-    return tf.concat(parts, axis=0) if parts else tf.ragged.constant([], dtype=tf.string, ragged_rank=1)
+    """Every text's words, in order, split in parallel batches (:func:`split_examples` without labels)."""
+    return split_examples(texts.map(lambda text: (text, 0))).words
 
 
 def encode(tokenizer: Tokenizer, texts: tf.Tensor, max_len: int) -> tf.RaggedTensor:
