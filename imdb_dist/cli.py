@@ -79,13 +79,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from imdb_dist.data.sources import read_ahead
+
     cfg = load_config(args.config, args.overrides)
+    # The archive is read on a second core while TensorFlow loads.
+    reading = read_ahead(cfg.data)
     import_tensorflow_quietly()
     from imdb_dist.timings import since_process_start
     from imdb_dist.train import run
 
     with stop_on_signals() as stop:
-        run(cfg, stop=stop, startup_s=since_process_start())
+        run(cfg, stop=stop, startup_s=since_process_start(), reading=reading)
     return 0
 
 

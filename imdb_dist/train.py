@@ -29,7 +29,7 @@ from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, shards
 from imdb_dist.data.pipeline import Tokenizer
-from imdb_dist.data.sources import Reviews, load_training_splits
+from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits
 from imdb_dist.distribute import (
     is_chief,
     make_strategy,
@@ -79,9 +79,9 @@ class TrainingData:
     train_texts: Callable[[], tf.data.Dataset]
 
 
-def in_memory_data(cfg: Config) -> TrainingData:
-    """Read the configured source now (raising DataError on bad data)."""
-    train, val = load_training_splits(cfg.data)
+def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -> TrainingData:
+    """The ``(train, validation)`` reviews given, else the configured source's, read now (DataError on bad data)."""
+    train, val = splits if splits is not None else load_training_splits(cfg.data)
 
     def train_examples(num_workers: int, index: int) -> tf.data.Dataset:
         return tf.data.Dataset.from_tensor_slices((train.texts, train.labels)).shard(num_workers, index)
@@ -124,6 +124,7 @@ def run(
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     stop: StopRequest | None = None,
     startup_s: float | None = None,
+    reading: ReadAhead | None = None,
 ) -> Path:
     """Train, export and evaluate as ``cfg`` says; return the run directory.
 
@@ -143,6 +144,9 @@ def run(
             process exists for this run (``imdb-dist train``): the report's
             ``start-up`` phase. A process that runs several jobs (a bench, a
             tune trial, a Ray worker) has no start-up of its own to report.
+        reading: the training splits, already being read
+            (:func:`imdb_dist.data.sources.read_ahead`), instead of reading
+            the configured source here.
 
     Raises:
         InputError: bad config, data or output directory (nothing is written).
@@ -173,7 +177,7 @@ def run(
             return run_dir
         # Read and check the data before creating anything: bad data leaves no run dir.
         with timings.phase("data"):
-            data = in_memory_data(cfg)
+            data = in_memory_data(cfg, reading.result() if reading is not None else None)
         _check_sizes(cfg, data)
         if worker.chief:
             rundir.begin(run_dir, cfg)

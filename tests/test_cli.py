@@ -225,6 +225,25 @@ def test_the_console_script_exits_2_with_one_line_and_no_traceback(tmp_path: Pat
     assert "pwned" not in proc.stdout
 
 
+def test_bad_data_read_while_tensorflow_loads_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    """A fresh ``imdb-dist train`` reads the archive in a child process: its error is still one line, exit 2."""
+    out = tmp_path / "run"
+    data = _corrupt_tarball(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "train", *sets(tiny_overrides(data, out))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    import re
+
+    *logged, error = proc.stderr.strip().splitlines()
+    assert all(re.match(OUR_LOG_LINE, line) for line in logged), logged  # no traceback, no native noise
+    assert error.startswith("error: ") and "corrupt or truncated" in error and "bad.tar.gz" in error
+    assert not out.exists()
+
+
 def test_the_ray_job_entrypoint_runs_launch() -> None:
     from conftest import REPO
 

@@ -382,3 +382,81 @@ def test_tfds_source_gives_texts_labels_and_the_seeded_split():
     assert all(isinstance(t, str) for t in train.texts + validation.texts)
     assert set(np.unique(np.concatenate([train.labels, test.labels]))) <= {0, 1}
     assert train.labels.dtype == np.int32
+
+
+# read_ahead runs in a fresh interpreter: it forks only while its process has
+# one thread and no TensorFlow, which the test process cannot promise.
+_READ_AHEAD = """
+import json, multiprocessing, os, signal, sys
+from imdb_dist.config import DataConfig
+from imdb_dist.data.sources import read_ahead
+folds = int(sys.argv[2])
+cfg = DataConfig(source="aclimdb", path=sys.argv[1], folds=folds, fold=1 if folds else 0)
+reading = read_ahead(cfg)
+children = [p.name for p in multiprocessing.active_children()]
+if sys.argv[3] == "kill":
+    os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+try:
+    train, val = reading.result()
+except Exception as exc:
+    print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+else:
+    print(json.dumps({"background": reading.in_background, "children": children, "tf": "tensorflow" in sys.modules,
+                      "train": [train.texts, train.labels.tolist()], "val": [val.texts, val.labels.tolist()]}))
+"""
+
+
+def _read_ahead_in_a_fresh_process(path: Path, folds: int = 0, then: str = "") -> dict:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_AHEAD, str(path), str(folds), then], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("folds", [0, 5])
+def test_read_ahead_reads_in_a_child_process_what_load_training_splits_reads(aclimdb, folds):
+    from imdb_dist.data.sources import load_training_splits
+
+    path = make_tarball(aclimdb({"train": 30}), aclimdb().parent / "aclImdb.tar.gz")
+    got = _read_ahead_in_a_fresh_process(path, folds)
+    assert got["background"] and got["children"] == ["imdb-dist-read"] and not got["tf"]
+    train, val = load_training_splits(data_config(path, folds=folds, fold=1 if folds else 0))
+    assert got["train"] == [train.texts, train.labels.tolist()]
+    assert got["val"] == [val.texts, val.labels.tolist()]
+
+
+def test_read_ahead_raises_the_childs_data_error_in_the_parent(aclimdb, tmp_path):
+    good = make_tarball(aclimdb({"train": 30}), tmp_path / "good.tar.gz").read_bytes()
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(good[: len(good) // 2])
+    got = _read_ahead_in_a_fresh_process(bad)
+    assert got["error"] == "DataError"
+    assert str(bad) in got["message"] and "corrupt or truncated" in got["message"]
+
+
+def test_read_ahead_says_so_when_its_child_dies(tmp_path):
+    import os
+
+    # A FIFO nobody writes to: the child blocks opening it until it is killed.
+    fifo = tmp_path / "data.tar.gz"
+    os.mkfifo(fifo)
+    got = _read_ahead_in_a_fresh_process(fifo, then="kill")
+    assert got["error"] == "RuntimeError" and "died" in got["message"] and "-9" in got["message"]
+
+
+def test_read_ahead_does_not_fork_once_tensorflow_is_loaded(aclimdb):
+    import tensorflow  # noqa: F401  (its runtime threads make fork unsafe)
+
+    from imdb_dist.data.sources import load_training_splits, read_ahead
+
+    cfg = data_config(aclimdb({"train": 10}))
+    reading = read_ahead(cfg)
+    assert not reading.in_background
+    train, val = reading.result()
+    expected_train, expected_val = load_training_splits(cfg)
+    assert (train.texts, val.texts) == (expected_train.texts, expected_val.texts)
