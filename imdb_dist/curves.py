@@ -14,16 +14,17 @@ def plot_curves(records: list[dict[str, Any]], steps: list[dict[str, Any]], path
     Without step points (a run from before they were logged) the x axis is
     the epoch.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # batch jobs have no display
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global figure registry and no GUI
+    # backend, so it draws in a batch job and off the main thread (training
+    # draws while it exports).
+    from matplotlib.figure import Figure
 
     # Each epoch ends at its last logged step; validation is drawn there.
     ends = {r["epoch"]: r["step"] for r in steps}
     by_step = bool(steps) and all(r["epoch"] in ends for r in records)
     x_val = [ends[r["epoch"]] for r in records] if by_step else [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         if by_step:
             points = [(r["step"], r[metric]) for r in steps if metric in r]
@@ -44,5 +45,4 @@ def plot_curves(records: list[dict[str, Any]], steps: list[dict[str, Any]], path
     fig.tight_layout()
     staging = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(staging, dpi=100)
-    plt.close(fig)
     staging.replace(path)

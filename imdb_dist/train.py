@@ -8,6 +8,7 @@ on the chief only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -258,15 +259,19 @@ def _tokenize(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) ->
     The tokenizer reuses the run's saved vocabulary when resuming (and under
     ``imdb_dist.launch``, which fits it once before starting the workers),
     else it is fitted on the training split. The worker's reviews are split
-    into words once; a lone worker counts its vocabulary on those very words.
+    into words once; a lone worker counts its vocabulary as it splits them.
     Fitting is deterministic (:func:`imdb_dist.data.pipeline.fit_vocabulary`),
     so workers fitting alone derive the same token ids without talking.
     """
-    mine = pipeline.split_examples(data.train_examples(worker.num_workers, worker.index))
     vocabulary = rundir.read_vocab(run_dir)
+    alone = worker.num_workers == 1
+    mine = pipeline.split_examples(
+        data.train_examples(worker.num_workers, worker.index), count=vocabulary is None and alone
+    )
     if vocabulary is None:
-        words = mine.words if worker.num_workers == 1 else pipeline.words_of(data.train_texts())
-        vocabulary = pipeline.fit_vocabulary(words, cfg.data.vocab_size)
+        counts = mine.counts if alone else pipeline.count_words(data.train_texts())
+        assert counts is not None
+        vocabulary = pipeline.fit_vocabulary(counts, cfg.data.vocab_size)
         if worker.chief:
             rundir.write_vocab(run_dir, vocabulary)
     tokenizer = Tokenizer(vocabulary, cfg.data.vocab_size)
@@ -462,15 +467,21 @@ def _finish(
     timings: Timings,
     wall_s: float,
 ) -> None:
-    """Export a float32 copy of the model, score the validation split with it, write the report."""
-    with timings.phase("export"):
-        export = _export(cfg, run_dir, tokenizer, model)
-    with timings.phase("score"):
-        # Scored through the export itself: the report describes what users will serve.
-        validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
-    with timings.phase("curves"):
-        records = read_metrics(run_dir / rundir.METRICS)
-        plot_curves(records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
+    """Export a float32 copy of the model, score the validation split with it, draw the curves, write the report."""
+    records = read_metrics(run_dir / rundir.METRICS)
+    # The metrics files are complete: the curves are drawn in a thread while
+    # the export is written and scored (matplotlib's import and drawing take
+    # about a second, mostly while TensorFlow's kernels run without the GIL).
+    # The curves phase is the wait left after scoring.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="curves") as pool:
+        curves = pool.submit(plot_curves, records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
+        with timings.phase("export"):
+            export = _export(cfg, run_dir, tokenizer, model)
+        with timings.phase("score"):
+            # Scored through the export itself: the report describes what users will serve.
+            validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
+        with timings.phase("curves"):
+            curves.result()
     process_s = since_process_start()
     report = {
         "validation": validation,

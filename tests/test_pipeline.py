@@ -35,6 +35,7 @@ from imdb_dist.data.pipeline import (
     pre_pad,
     split_examples,
     split_for_replicas,
+    split_words,
     standardize,
 )
 
@@ -166,11 +167,24 @@ def test_the_tokenizer_gives_text_vectorizations_vocabulary_and_ids(vocab_size):
 
 def test_counting_split_words_gives_the_vocabulary_of_the_texts(tokenizer):
     texts = _texts(60, seed=1, min_words=6, max_words=40)
-    words = split_examples(tf.data.Dataset.from_tensor_slices((texts, [i % 2 for i in range(60)])))
-    assert fit_vocabulary(words.words, VOCAB_SIZE) == tokenizer.vocabulary
+    words = split_examples(tf.data.Dataset.from_tensor_slices((texts, [i % 2 for i in range(60)])), count=True)
+    assert fit_vocabulary(words.counts, VOCAB_SIZE) == tokenizer.vocabulary
     assert words.labels.numpy().tolist() == [i % 2 for i in range(60)]
     encoded = encode_words(words, tokenizer, 24)
     assert [tuple(row) for row in encoded.tokens.to_list()] == _direct(tokenizer, texts, 24)
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 700])
+def test_word_counts_summed_over_batches_are_the_counts_of_all_words(n):
+    # 256 texts per batch: no batch, one, a full one, one past it, several.
+    texts = _texts(n, seed=3, min_words=0, max_words=30)
+    examples = tf.data.Dataset.from_tensor_slices((tf.constant(texts, tf.string), tf.ones([n], tf.int32)))
+    words = split_examples(examples, count=True)
+    flat = split_words(tf.constant(texts, tf.string)).flat_values.numpy().tolist()
+    counted = dict(zip(words.counts.tokens.tolist(), words.counts.counts.tolist(), strict=True))
+    assert counted == collections.Counter(flat)
+    assert len(set(words.counts.tokens.tolist())) == len(words.counts.tokens)  # each word once
+    assert split_examples(examples).counts is None  # only when asked
 
 
 def test_tokenizer_ids_stay_below_vocab_size(tokenizer):

@@ -3,8 +3,8 @@
 Training (:func:`split_examples`, :func:`fit_vocabulary`, :func:`encode_words`,
 :func:`epoch_plan`, :func:`plan_dataset`)::
 
-    (text, label) ─► batch ─► standardize, split (parallel) ─► words (once)
-    words ─► count: vocabulary ─► look up the last max_len words ─► one ragged id matrix
+    (text, label) ─► batch ─► standardize, split, count (parallel) ─► words (once), word counts
+    word counts ─► vocabulary;  words ─► look up the last max_len words ─► one ragged id matrix
     epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches ─► shared length-rank order
             ─► gather rows, pre-pad to the batch's width ─► prefetch
 
@@ -104,27 +104,36 @@ def split_words(texts: tf.Tensor) -> tf.RaggedTensor:
     return tf.strings.split(standardize(texts))
 
 
-def fit_vocabulary(words: tf.RaggedTensor, vocab_size: int) -> list[str]:
-    """The ``vocab_size - 2`` most frequent words (the training split's only: no leakage).
+@dataclasses.dataclass(frozen=True)
+class WordCounts:
+    """Each distinct word of some texts and how often it occurs in them (in no particular order)."""
+
+    tokens: np.ndarray  # bytes, distinct
+    counts: np.ndarray  # int64, same length
+
+
+def fit_vocabulary(counts: WordCounts, vocab_size: int) -> list[str]:
+    """The ``vocab_size - 2`` most frequent words (count the training split's only: no leakage).
 
     Ties are broken as Keras' ``TextVectorization.adapt`` breaks them (the
-    greater token first, bytewise), so the vocabulary is deterministic and
-    the same as that layer's.
+    greater token first, bytewise), so the vocabulary is deterministic, the
+    same whatever order the counts come in, and the same as that layer's.
     """
-    tokens, _, counts = tf.unique_with_counts(words.flat_values)
-    tokens, counts = tokens.numpy(), counts.numpy()
-    order = np.lexsort((tokens, counts))[::-1][: max(0, vocab_size - _SPECIAL_IDS)]
-    return [token.decode("utf-8") for token in tokens[order]]
+    order = np.lexsort((counts.tokens, counts.counts))[::-1][: max(0, vocab_size - _SPECIAL_IDS)]
+    return [token.decode("utf-8") for token in counts.tokens[order]]
 
 
 def fit_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     """A tokenizer whose vocabulary is fitted on ``texts``."""
-    return Tokenizer(fit_vocabulary(words_of(tf.data.Dataset.from_tensor_slices(list(texts))), vocab_size), vocab_size)
+    counts = count_words(tf.data.Dataset.from_tensor_slices(list(texts)))
+    return Tokenizer(fit_vocabulary(counts, vocab_size), vocab_size)
 
 
-def words_of(texts: tf.data.Dataset) -> tf.RaggedTensor:
-    """Every text's words, in order, split in parallel batches (:func:`split_examples` without labels)."""
-    return split_examples(texts.map(lambda text: (text, 0))).words
+def count_words(texts: tf.data.Dataset) -> WordCounts:
+    """How often each word occurs in ``texts``, counted in parallel batches (:func:`split_examples`)."""
+    counts = split_examples(texts.map(lambda text: (text, 0)), count=True).counts
+    assert counts is not None
+    return counts
 
 
 def encode(tokenizer: Tokenizer, texts: tf.Tensor, max_len: int) -> tf.RaggedTensor:
@@ -204,20 +213,39 @@ class Words:
 
     words: tf.RaggedTensor  # string [n, None]
     labels: tf.Tensor  # int32 [n]
+    counts: WordCounts | None = None  # over all examples, when split_examples was asked to count
 
 
-def split_examples(examples: tf.data.Dataset) -> Words:
-    """Every ``(text, label)`` example's words, in order, split in parallel batches."""
-    batches = examples.batch(_ENCODE_BATCH).map(
-        lambda t, y: (split_words(t), tf.cast(y, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    words, labels = [], []
-    for w, y in batches:
-        words.append(w)
-        labels.append(y)
-    if not words:
-        return Words(tf.ragged.constant([], dtype=tf.string, ragged_rank=1), tf.zeros([0], tf.int32))
-    return Words(tf.concat(words, axis=0), tf.concat(labels, axis=0))
+def split_examples(examples: tf.data.Dataset, *, count: bool = False) -> Words:
+    """Every ``(text, label)`` example's words, in order, split in parallel batches.
+
+    With ``count``, each batch's words are also counted as it is split (in
+    parallel, like the split), and the batches' counts summed: less time than
+    counting all the words in one pass afterwards (measured on the training
+    reviews, 2 cores: docs/BENCHMARKS.md).
+    """
+
+    def split(texts: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        words = split_words(texts)
+        if not count:
+            return words, tf.cast(labels, tf.int32)
+        tokens, _, counts = tf.unique_with_counts(words.flat_values, out_idx=tf.int64)
+        return words, tf.cast(labels, tf.int32), tokens, counts
+
+    batches = examples.batch(_ENCODE_BATCH).map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    parts: list[list[tf.Tensor]] = [[], [], [], []]
+    for batch in batches:
+        for part, value in zip(parts, batch):
+            part.append(value)
+    if not parts[0]:
+        empty = WordCounts(np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64)) if count else None
+        return Words(tf.ragged.constant([], dtype=tf.string, ragged_rank=1), tf.zeros([0], tf.int32), empty)
+    words = Words(tf.concat(parts[0], axis=0), tf.concat(parts[1], axis=0))
+    if not count:
+        return words
+    tokens, index = tf.unique(tf.concat(parts[2], axis=0))
+    totals = tf.math.unsorted_segment_sum(tf.concat(parts[3], axis=0), index, tf.size(tokens))
+    return dataclasses.replace(words, counts=WordCounts(tokens.numpy(), totals.numpy()))
 
 
 def encode_words(words: Words, tokenizer: Tokenizer, max_len: int) -> Encoded:
