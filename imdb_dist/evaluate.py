@@ -12,9 +12,12 @@ import tf_keras as keras
 from imdb_dist.export import ServedModel
 
 THRESHOLD = 0.5
+# Reviews per call of the served model: large enough that the LSTM's
+# step-by-step loop runs over few batches on a CPU.
+SCORE_BATCH = 256
 
 
-def score_texts(model: ServedModel, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def score_texts(model: ServedModel, texts: Sequence[str], batch_size: int = SCORE_BATCH) -> np.ndarray:
     """Probability of a positive review for each text, float32 ``[n]``."""
     scores = [
         model.score(tf.constant(list(texts[i : i + batch_size]), dtype=tf.string)).numpy()[:, 0]

@@ -40,7 +40,7 @@ from imdb_dist.distribute import (
 )
 from imdb_dist.dropout import key_on_step
 from imdb_dist.errors import ConfigError, DataError
-from imdb_dist.evaluate import metrics, score_texts
+from imdb_dist.evaluate import SCORE_BATCH, metrics, score_texts
 from imdb_dist.export import export_model, load_model
 from imdb_dist.interrupt import StopRequest
 from imdb_dist.loop import Schedule, TrainingLoop, build_metrics, build_optimizer
@@ -424,10 +424,12 @@ def _epoch_data(cfg: Config, worker: Worker, encoded: pipeline.Encoded, steps: i
 
 
 def _validation(cfg: Config, tokenizer: Tokenizer, data: TrainingData) -> tf.data.Dataset:
-    # Global batches of reviews padded to max_len, as the export serves them;
-    # Keras splits each batch across replicas and workers.
+    # Global batches of reviews padded to max_len, as the export serves them
+    # and in batches as large as its scoring's (the LSTM's time loop costs per
+    # batch: best.yaml's batch of 32 would take 8x the loops); Keras splits
+    # each batch across replicas and workers.
     val = pipeline.batch_examples(
-        data.val_examples(), tokenizer, max_len=cfg.data.max_len, batch_size=cfg.train.batch_size
+        data.val_examples(), tokenizer, max_len=cfg.data.max_len, batch_size=max(cfg.train.batch_size, SCORE_BATCH)
     )
     shard_by_data = tf.data.Options()
     shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
