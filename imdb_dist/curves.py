@@ -14,9 +14,8 @@ def plot_curves(records: list[dict[str, Any]], steps: list[dict[str, Any]], path
     Without step points (a run from before they were logged) the x axis is
     the epoch.
     """
-    # A bare Figure, not pyplot: no global figure registry and no GUI
-    # backend, so it draws in a batch job and off the main thread (training
-    # draws while it exports).
+    # A bare Figure, not pyplot: no global figure registry to leak into and
+    # no GUI backend to pick, so it draws in any batch job or thread.
     from matplotlib.figure import Figure
 
     # Each epoch ends at its last logged step; validation is drawn there.
