@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
 from imdb_dist.errors import ConfigError, RunError
 from imdb_dist.launch import launch
+from imdb_dist.model import build_model
 
 pytestmark = pytest.mark.ray
 # Callbacks defined here travel to the Ray workers by value, not by module name.
@@ -122,10 +124,11 @@ def events(path: Path) -> list[tuple[int, int, int, str, str]]:
     return [(int(pid), int(rank), int(epoch), event, loss) for pid, rank, epoch, event, loss in rows]
 
 
-def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("members", [1, 2], ids=["one-network", "ensemble-of-2"])
+def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: Path, members: int) -> None:
     log, threads = tmp_path / "events.txt", tmp_path / "threads.txt"
-    run_dir = launch(ray_config(tmp_path), worker_callbacks=[RecordEpochs(str(log)), RecordThreads(str(threads))]
-                     ).local_path()
+    cfg = ray_config(tmp_path, f"model.members={members}")
+    run_dir = launch(cfg, worker_callbacks=[RecordEpochs(str(log)), RecordThreads(str(threads))]).local_path()
     assert run_dir == tmp_path / "storage" / "job"
     # Each worker was given 1 CPU (ray.resources_per_worker): one thread per pool, not one per core.
     assert sorted(threads.read_text().splitlines()) == ["0 1 1", "1 1 1"]
@@ -145,6 +148,14 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: 
     assert not list(storage.rglob("workertemp*")), "a non-chief worker wrote into the run directory"
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2]
     assert sorted(p.name for p in run_dir.glob("checkpoint_*"))  # handed to Ray Train
+    # The export holds every member's network, and the members are distinct networks, not copies.
+    vocab_size = len(rundir.read_vocab(run_dir)) + 2  # padding and unknown
+    one_network = build_model(dataclasses.replace(cfg.model, members=1), vocab_size=vocab_size)
+    exported = list(exported_weights(run_dir).values())
+    assert len(exported) == members * len(one_network.weights)
+    embeddings = [w for w in exported if w.shape == one_network.weights[0].shape]
+    assert len(embeddings) == members
+    assert all(not np.array_equal(a, b) for i, a in enumerate(embeddings) for b in embeddings[i + 1 :])
 
 
 def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Path) -> None:
