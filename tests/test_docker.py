@@ -280,7 +280,7 @@ def test_entrypoint_is_the_imdb_dist_console_script():
     (entrypoint,) = [json.loads(ins.value) for ins in FINAL if ins.keyword == "ENTRYPOINT"]
     (cmd,) = [json.loads(ins.value) for ins in FINAL if ins.keyword == "CMD"]
     assert entrypoint == ["imdb-dist"]
-    assert PYPROJECT["project"]["scripts"]["imdb-dist"] == "imdb_dist.cli:main"
+    assert PYPROJECT["project"]["scripts"]["imdb-dist"] == "imdb_dist.cli:console_main"
     assert cmd == ["--help"]
 
 
