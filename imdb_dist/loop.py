@@ -118,7 +118,9 @@ class TrainingLoop:
             execution: a checkpoint, then :class:`Interrupted`.
         timings: where the loop's time goes: ``first_step`` (tracing and
             compiling the step, and running it), ``steps`` (the other
-            training steps), ``validation`` and ``checkpoints``.
+            training steps), ``plan`` (each epoch's batch plan and its
+            dataset), ``callbacks`` (metrics lines, step points,
+            TensorBoard), ``validation`` and ``checkpoints``.
     """
 
     model: keras.Model
@@ -144,12 +146,14 @@ class TrainingLoop:
         # share): meet before the clock starts, or the first step's all-reduce
         # absorbs the wait and the early worker's first epoch reads slower.
         _barrier(self.model.distribute_strategy)
-        self.callbacks.on_train_begin()
+        with self.timings.phase("callbacks"):
+            self.callbacks.on_train_begin()
         self.stop.deferring = True
         try:
             while not bool(self.state.stopped.numpy()) and self.state.position()[0] < self.schedule.epochs:
                 self._epoch(train)
-            self.callbacks.on_train_end()
+            with self.timings.phase("callbacks"):
+                self.callbacks.on_train_end()
         finally:
             self.stop.deferring = False
         if self.schedule.patience:
@@ -168,7 +172,8 @@ class TrainingLoop:
         self.state.step.assign(0)
         # The metrics line first, then the checkpoint: a crash in between
         # re-runs the epoch, and its stale line is dropped then.
-        self.callbacks.on_epoch_end(epoch, logs)
+        with self.timings.phase("callbacks"):
+            self.callbacks.on_epoch_end(epoch, logs)
         self._save(f"end of epoch {epoch + 1}", {"epoch": epoch + 1, **logs})
         if self.stop.requested:
             last = epoch + 1 >= self.schedule.epochs or bool(self.state.stopped.numpy())
@@ -181,8 +186,10 @@ class TrainingLoop:
         steps, every = self.schedule.steps_per_epoch, self.schedule.checkpoint_steps
         if step == 0:
             self.model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
-        self.callbacks.on_epoch_begin(epoch)
-        iterator = iter(self.epoch_data(epoch, step))
+        with self.timings.phase("callbacks"):
+            self.callbacks.on_epoch_begin(epoch)
+        with self.timings.phase("plan"):
+            iterator = iter(self.epoch_data(epoch, step))
         # The optimizer step, counted here: reading the variable every step would sync on it.
         done = int(self.model.optimizer.iterations.numpy())
         while step < steps:
@@ -190,12 +197,14 @@ class TrainingLoop:
             if every:
                 # Land exactly on every checkpoint_steps-th optimizer step.
                 count = min(count, every - done % every)
-            self.callbacks.on_train_batch_begin(step)
+            with self.timings.phase("callbacks"):
+                self.callbacks.on_train_batch_begin(step)
             with self.timings.phase("steps" if "first_step" in self.timings.seconds else "first_step"):
                 logs = {name: float(value) for name, value in train(iterator, count).items()}
             step += count
             done += count
-            self.callbacks.on_train_batch_end(step - 1, logs)
+            with self.timings.phase("callbacks"):
+                self.callbacks.on_train_batch_end(step - 1, logs)
             periodic = every and done % every == 0 and step < steps
             if periodic or self.stop.requested:
                 where = f"epoch {epoch + 1} step {step}"

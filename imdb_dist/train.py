@@ -303,14 +303,15 @@ def _train(
         checkpoint_steps=cfg.run.checkpoint_steps,
         patience=cfg.train.early_stopping_patience,
     )
-    callback_list = keras.callbacks.CallbackList(
-        [*_callbacks(cfg, worker, run_dir, steps), *callbacks],
-        add_progbar=worker.chief and sys.stdout.isatty(),
-        model=model,
-        verbose=1,
-        epochs=cfg.train.epochs,
-        steps=steps,
-    )
+    with timings.phase("callbacks"):
+        callback_list = keras.callbacks.CallbackList(
+            [*_callbacks(cfg, worker, run_dir, steps), *callbacks],
+            add_progbar=worker.chief and sys.stdout.isatty(),
+            model=model,
+            verbose=1,
+            epochs=cfg.train.epochs,
+            steps=steps,
+        )
     TrainingLoop(
         model,
         schedule=schedule,

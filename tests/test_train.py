@@ -64,7 +64,7 @@ def test_the_report_says_where_the_time_went(trained_run: Path) -> None:
     # Called in process, as benches and tune trials call it: no start-up phase of its own
     # (the CLI reports one: tests/test_bench.py's coldstart test).
     assert set(phases) == {
-        "strategy", "data", "tokenize", "build",
+        "strategy", "data", "tokenize", "build", "callbacks", "plan",
         "first_step", "steps", "validation", "checkpoints", "export", "score", "curves",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in phases.values())
