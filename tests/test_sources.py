@@ -396,6 +396,8 @@ reading = read_ahead(cfg)
 children = [p.name for p in multiprocessing.active_children()]
 if sys.argv[3] == "kill":
     os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+if sys.argv[3] == "die":
+    os._exit(0)  # killed before asking: no exit handler reaps the reader
 try:
     train, val = reading.result()
 except Exception as exc:
@@ -422,7 +424,8 @@ def _read_ahead_in_a_fresh_process(path: Path, folds: int = 0, then: str = "") -
 def test_read_ahead_reads_in_a_child_process_what_load_training_splits_reads(aclimdb, folds):
     from imdb_dist.data.sources import load_training_splits
 
-    path = make_tarball(aclimdb({"train": 30}), aclimdb().parent / "aclImdb.tar.gz")
+    base = aclimdb({"train": 30})
+    path = make_tarball(base, base.parent.parent / "aclImdb.tar.gz")
     got = _read_ahead_in_a_fresh_process(path, folds)
     assert got["background"] and got["children"] == ["imdb-dist-read"] and not got["tf"]
     train, val = load_training_splits(data_config(path, folds=folds, fold=1 if folds else 0))
@@ -460,3 +463,19 @@ def test_read_ahead_does_not_fork_once_tensorflow_is_loaded(aclimdb):
     train, val = reading.result()
     expected_train, expected_val = load_training_splits(cfg)
     assert (train.texts, val.texts) == (expected_train.texts, expected_val.texts)
+
+
+def test_a_reader_whose_parent_died_exits_by_itself(aclimdb, tmp_path):
+    # Its result (a 2 MB review among them) is far bigger than a pipe's buffer.
+    base = aclimdb({"train": 10})
+    (base / "train" / "pos" / "999_9.txt").write_text("great " * 350_000, encoding="utf-8")
+    import subprocess
+    import sys
+
+    # subprocess.run waits for every holder of the stderr pipe: the orphaned reader too.
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_AHEAD, str(make_tarball(base, tmp_path / "a.tar.gz")), "0", "die"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0
+    assert proc.stderr == ""  # no BrokenPipeError traceback from the reader

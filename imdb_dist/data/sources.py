@@ -104,7 +104,9 @@ class ReadAhead:
             self._receive, send = context.Pipe(duplex=False)
             # A daemon: a parent that exits before asking (say, the run was
             # already complete) takes the reader down with it.
-            self._process = context.Process(target=_read_into, args=(cfg, send), name="imdb-dist-read", daemon=True)
+            self._process = context.Process(
+                target=_read_into, args=(cfg, send, self._receive), name="imdb-dist-read", daemon=True
+            )
             self._process.start()
             send.close()
 
@@ -132,15 +134,24 @@ class ReadAhead:
         return value
 
 
-def _read_into(cfg: DataConfig, send: multiprocessing.connection.Connection) -> None:
+def _read_into(
+    cfg: DataConfig, send: multiprocessing.connection.Connection, receive: multiprocessing.connection.Connection
+) -> None:
     # Ctrl-C is the parent's to handle; it reaps this daemon on its way out.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The fork copied the parent's end too: holding it, a send bigger than the
+    # pipe's buffer would wait forever for a parent that was killed.
+    receive.close()
     try:
         result: tuple[bool, object] = (True, load_training_splits(cfg))
     except DataError as exc:
         result = (False, exc)
-    send.send(result)
-    send.close()
+    try:
+        send.send(result)
+    except BrokenPipeError:
+        pass  # the parent is gone (killed before it asked): nobody to tell
+    finally:
+        send.close()
 
 
 def read_ahead(cfg: DataConfig) -> ReadAhead:
