@@ -54,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="score a labeled split with an exported model; prints JSON")
     evaluate.add_argument("--model", required=True, help=_MODEL_HELP)
-    evaluate.add_argument("--data", required=True, help="aclImdb directory or .tar.gz (or a tfds data_dir)")
+    evaluate.add_argument(
+        "--data",
+        help="aclImdb directory or .tar.gz (or a tfds data_dir); default $IMDB_DATA, else the official "
+        "archive, downloaded once and verified",
+    )
     evaluate.add_argument("--split", default="test", choices=("test", "train", "validation"))
-    evaluate.add_argument("--source", default="aclimdb", choices=("aclimdb", "tfds", "keras"))
+    evaluate.add_argument("--source", default="auto", choices=("auto", "aclimdb", "download", "tfds", "keras"))
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", help="score raw reviews; prints one JSON line per review")

@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
-from pathlib import Path
+import urllib.parse
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
 from imdb_dist.errors import ConfigError
 
-Source = Literal["auto", "aclimdb", "tfds", "keras"]
+Source = Literal["auto", "aclimdb", "download", "tfds", "keras"]
 Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
 Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 Schedule = Literal["constant", "cosine"]
 EmbeddingGradient = Literal["auto", "dense", "sparse"]
+
+# The Large Movie Review Dataset v1.0 as its authors publish it (84,125,825
+# bytes): what data.source download (and auto without a data path) fetches.
+# The sha256 is the one TensorFlow Datasets publishes for this URL in
+# tensorflow_datasets/datasets/imdb_reviews/checksums.tsv. Kept here, not in
+# imdb_dist.data.download, because the config must not import data modules.
+OFFICIAL_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+OFFICIAL_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# file:// serves a local mirror (an air-gapped cluster's shared disk, tests).
+_URL_SCHEMES = ("http://", "https://", "file://")
 
 
 def _check_range(
@@ -50,8 +63,14 @@ class DataConfig:
     """Where the reviews come from and how they are encoded."""
 
     source: Source = "auto"
-    # aclimdb: directory or .tar.gz; tfds: data_dir; keras: an imdb.npz path.
+    # aclimdb: directory or .tar.gz; tfds: data_dir; keras: an imdb.npz path;
+    # download: the cache directory (default: $IMDB_DIST_CACHE, else
+    # $XDG_CACHE_HOME/imdb-dist, else ~/.cache/imdb-dist).
     path: str | None = None
+    # download: the aclImdb archive to fetch and the sha256 it must have; a
+    # file that does not match is never cached (imdb_dist.data.download).
+    url: str = OFFICIAL_URL
+    sha256: str = OFFICIAL_SHA256
     validation_fraction: float = 0.1
     # k-fold cross-validation: with folds >= 2 the validation reviews are fold
     # `fold` (0-based) of a seeded partition into `folds` parts, and
@@ -76,6 +95,13 @@ class DataConfig:
         _check_range("data.vocab_size", self.vocab_size, 3, 1_000_000)
         _check_range("data.max_len", self.max_len, 8, 10_000)
         _check_range("data.bucket_width", self.bucket_width, 8, 10_000)
+        if not _SHA256.fullmatch(self.sha256):
+            raise ConfigError("data.sha256", f"{self.sha256!r} is not a sha256 (64 hexadecimal digits)")
+        if not self.url.lower().startswith(_URL_SCHEMES):
+            raise ConfigError("data.url", f"{self.url!r} must start with {', '.join(_URL_SCHEMES)}")
+        # The cache keeps the file under the last part of the URL's path.
+        if PurePosixPath(urllib.parse.urlsplit(self.url).path).name in ("", ".", ".."):
+            raise ConfigError("data.url", f"{self.url!r} names no file (its path must end in a file name)")
 
 
 @dataclasses.dataclass(frozen=True)

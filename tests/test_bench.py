@@ -107,6 +107,7 @@ def test_seed_baseline_runs_on_its_own(data: Path) -> None:
     assert len(out["val_accuracy"]) == 1 and out["examples_per_s"][0] > 0
 
 
+@pytest.mark.no_gpu
 def test_gpu_benchmark_says_not_measured_without_a_gpu_and_runs_its_code_on_cpu() -> None:
     import tensorflow as tf
 

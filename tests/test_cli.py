@@ -182,6 +182,14 @@ def test_evaluate_on_a_source_with_only_a_test_split(trained_run: Path, tmp_path
     assert result["accuracy"] >= 0.8
 
 
+def test_evaluate_without_data_reads_imdb_data(trained_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """No --data: the source is auto, as in training ($IMDB_DATA here; else the verified download)."""
+    data = write_aclimdb(tmp_path / "data", {"test": 12}, seed=3)
+    monkeypatch.setenv("IMDB_DATA", str(data))
+    assert main(["evaluate", "--model", str(trained_run / rundir.MODEL)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 24
+
+
 def test_evaluate_validation_reproduces_the_runs_split(trained_run: Path, capsys) -> None:
     data = load_data_path(trained_run)
     assert main(["evaluate", "--model", str(trained_run / rundir.MODEL), "--data", data, "--split", "validation"]) == 0

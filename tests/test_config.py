@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from imdb_dist.config import (
+    OFFICIAL_SHA256,
+    OFFICIAL_URL,
     Config,
     DataConfig,
     DistributionConfig,
@@ -40,6 +42,8 @@ def test_defaults_load_with_no_file():
     assert cfg == Config()
     assert cfg.data.source == "auto"
     assert cfg.data.path is None
+    assert cfg.data.url == OFFICIAL_URL
+    assert cfg.data.sha256 == OFFICIAL_SHA256
     assert cfg.train.epochs == 2
     assert cfg.train.learning_rate == 0.001
     assert cfg.distribution.devices == ()
@@ -101,6 +105,10 @@ run:
         ("train.mixed_precision=mixed_float16", "train", "mixed_precision", "mixed_float16"),
         ("train.lr_schedule=cosine", "train", "lr_schedule", "cosine"),
         ("data.source=keras", "data", "source", "keras"),
+        ("data.source=download", "data", "source", "download"),
+        ("data.url=https://mirror.example/d/aclImdb_v1.tar.gz", "data", "url", "https://mirror.example/d/aclImdb_v1.tar.gz"),
+        ("data.url=file:///srv/aclImdb_v1.tar.gz", "data", "url", "file:///srv/aclImdb_v1.tar.gz"),
+        ("data.sha256=" + "AB" * 32, "data", "sha256", "AB" * 32),  # sha256 tools print either case
         (" train.epochs = 4 ", "train", "epochs", 4),
     ],
 )
@@ -185,6 +193,15 @@ def test_wrong_type_is_refused(tmp_path, text, key):
         ("data.folds=1", "data.folds"),
         ("data.folds=-5", "data.folds"),
         ("data.fold=1", "data.fold"),  # a fold without folds
+        ("data.sha256=" + "a" * 63, "data.sha256"),
+        ("data.sha256=" + "a" * 65, "data.sha256"),
+        ("data.sha256=" + "g" * 64, "data.sha256"),
+        ("data.sha256=", "data.sha256"),
+        ("data.url=ftp://host/aclImdb_v1.tar.gz", "data.url"),
+        ("data.url=ai.stanford.edu/aclImdb_v1.tar.gz", "data.url"),
+        ("data.url=/data/aclImdb_v1.tar.gz", "data.url"),
+        ("data.url=https://host/", "data.url"),  # no file name to cache it under
+        ("data.url=https://host/a/..", "data.url"),
     ],
 )
 def test_impossible_value_is_refused(override, key):

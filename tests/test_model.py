@@ -268,6 +268,7 @@ def test_precision_policy_restores_the_previous_policy_after_an_exception(name):
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+@pytest.mark.no_gpu
 def test_resolve_precision_auto_is_float32_without_a_gpu():
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is present: auto resolves to mixed_float16 there")
@@ -279,6 +280,7 @@ def test_resolve_precision_passes_explicit_names_through(name):
     assert resolve_precision(name) == name
 
 
+@pytest.mark.no_gpu
 def test_resolve_precision_refuses_mixed_float16_without_a_gpu():
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU is present: mixed_float16 is allowed there")

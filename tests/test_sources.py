@@ -331,9 +331,13 @@ def test_unknown_split_is_refused(aclimdb, split):
         ("auto", "/cfg/aclImdb", None, ("aclimdb", "/cfg/aclImdb")),
         ("auto", "/cfg/aclImdb", "/env/aclImdb", ("aclimdb", "/cfg/aclImdb")),
         ("auto", None, "/env/aclImdb", ("aclimdb", "/env/aclImdb")),
-        ("auto", None, None, ("tfds", None)),
-        ("auto", None, "", ("tfds", None)),
+        # Neither a data path nor $IMDB_DATA: the official archive, downloaded into the default cache.
+        ("auto", None, None, ("download", None)),
+        ("auto", None, "", ("download", None)),
         ("aclimdb", None, "/env/aclImdb", ("aclimdb", "/env/aclImdb")),
+        # download: data.path is the cache directory, and $IMDB_DATA (an aclImdb source) is not one.
+        ("download", None, "/env/aclImdb", ("download", None)),
+        ("download", "/cache", None, ("download", "/cache")),
         ("tfds", None, "/env/aclImdb", ("tfds", None)),
         ("tfds", "/tfds/dir", None, ("tfds", "/tfds/dir")),
         ("keras", "/k/imdb.npz", "/env/aclImdb", ("keras", "/k/imdb.npz")),

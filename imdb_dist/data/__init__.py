@@ -1,1 +1,2 @@
-"""Data: sources of labeled reviews (:mod:`.sources`) and the tf.data pipeline (:mod:`.pipeline`)."""
+"""Data: sources of labeled reviews (:mod:`.sources`), the verified download of the official archive
+(:mod:`.download`) and the tf.data pipeline (:mod:`.pipeline`)."""

@@ -2,7 +2,9 @@
 
 Every source ends as the same :class:`Reviews`: raw review strings and 0/1
 labels, in a deterministic order, so the seeded validation split and the
-vocabulary are the same on every run and on every worker.
+vocabulary are the same on every run and on every worker. The ``download``
+source is the official aclImdb archive, fetched and verified by
+:mod:`imdb_dist.data.download`, then read like any aclImdb tarball.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import BinaryIO
 
 import numpy as np
 
 from imdb_dist.config import DataConfig
+from imdb_dist.data.download import fetch
 from imdb_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -55,14 +59,17 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str | None]:
     """Return ``(source, path)`` with ``auto`` resolved.
 
     ``auto`` uses ``data.path``, else ``$IMDB_DATA``, as an aclImdb directory
-    or tarball, and falls back to TensorFlow Datasets' ``imdb_reviews``.
+    or tarball, and without either downloads the archive at ``data.url``
+    into the default cache (``download``). An explicit ``download`` takes
+    ``data.path`` as its cache directory. TensorFlow Datasets'
+    ``imdb_reviews`` is only read when ``data.source`` says ``tfds``.
     """
     path = cfg.path or os.environ.get(ENV_PATH) or None
     if cfg.source == "aclimdb":
         return "aclimdb", path
     if cfg.source != "auto":
         return cfg.source, cfg.path
-    return ("aclimdb", path) if path else ("tfds", None)
+    return ("aclimdb", path) if path else ("download", None)
 
 
 def load_reviews(cfg: DataConfig, split: str) -> Reviews:
@@ -137,8 +144,11 @@ class ReadAhead:
 def _read_into(
     cfg: DataConfig, send: multiprocessing.connection.Connection, receive: multiprocessing.connection.Connection
 ) -> None:
-    # Ctrl-C is the parent's to handle; it reaps this daemon on its way out.
+    # Ctrl-C is the parent's to handle. The parent reaps this daemon on its
+    # way out with SIGTERM: leave through the finally blocks then, so that a
+    # download in progress removes its temporary file.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     # The fork copied the parent's end too: holding it, a send bigger than the
     # pipe's buffer would wait forever for a parent that was killed.
     receive.close()
@@ -154,19 +164,29 @@ def _read_into(
         send.close()
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def read_ahead(cfg: DataConfig) -> ReadAhead:
     """Start reading the training splits in a child process, while this one goes on loading.
 
     ``imdb-dist train`` calls this before it imports TensorFlow: decompressing
-    and parsing the archive (about 2 s here) then runs on a second core
-    during the import (about 5 s) instead of after it. Forking is only safe
-    while this process has a single thread and no TensorFlow runtime, and
-    only the aclImdb reader needs neither; otherwise nothing starts and
+    and parsing the archive (about 2 s here), and for ``download`` first
+    fetching or verifying it, then runs on a second core during the import
+    (about 5 s) instead of after it. Forking is only safe while this process
+    has a single thread and no TensorFlow runtime, and only the aclImdb
+    reader and the download need neither; otherwise nothing starts and
     :meth:`ReadAhead.result` reads in this process.
     """
     source, _ = resolve_source(cfg)
     forkable = threading.active_count() == 1 and "tensorflow" not in sys.modules
-    if source != "aclimdb" or not forkable or "fork" not in multiprocessing.get_all_start_methods():
+    # On macOS urllib looks up the system proxy settings through an API that
+    # crashes a forked child (CPython documents it: gh-105912), so there the
+    # download runs in this process.
+    if source == "download" and sys.platform == "darwin":
+        forkable = False
+    if source not in ("aclimdb", "download") or not forkable or "fork" not in multiprocessing.get_all_start_methods():
         return ReadAhead(cfg)
     return ReadAhead(cfg, multiprocessing.get_context("fork"))
 
@@ -175,8 +195,14 @@ def _read_source(cfg: DataConfig, raw_split: str) -> Reviews:
     source, path = resolve_source(cfg)
     if source == "aclimdb":
         if not path:
-            raise DataError("data.source aclimdb needs data.path (a directory or .tar.gz)")
+            raise DataError(
+                "data.source aclimdb needs data.path or $IMDB_DATA (an aclImdb directory or .tar.gz); "
+                "data.source auto or download fetches the official archive instead"
+            )
         return read_aclimdb(path, raw_split)
+    if source == "download":
+        # Both splits come from the one archive; a second call finds it cached.
+        return read_aclimdb(fetch(cfg.url, cfg.sha256, Path(path) if path else None), raw_split)
     if source == "tfds":
         return _read_tfds(path, raw_split)
     return _read_keras(path, raw_split, cfg.vocab_size)
