@@ -36,9 +36,14 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head() -> Iterator[tuple[str, dict[str, str]]]:
-    """A `ray start --head --block` cluster in its own process group; stopped by that group only."""
+    """A `ray start --head --block` cluster in its own process group, shared by this module's jobs.
+
+    Stopped by that group only: SIGTERM, then SIGKILL for what is left after
+    a few seconds (measured: the GCS server, raylet and workers of a
+    `ray start --block` outlive SIGTERM to the group for a minute and more).
+    """
     ray = installed_script("ray")
     dashboard = free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live here
@@ -60,7 +65,7 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
         yield address, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 5
         while group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(1)
         if group_alive(proc.pid):
