@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY, write_aclimdb
 
+# Each test runs a benchmark script in a process of its own (TensorFlow's import included).
+pytestmark = pytest.mark.timeout(300)
 
 
 def bench(*args: str) -> dict:
@@ -145,6 +147,7 @@ def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(600)  # four imdb-dist launch processes, each with its own Ray cluster
 def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path) -> None:
     out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
                 "--rounds", "1", "--variants", "1,pair,2-dense")

@@ -43,7 +43,7 @@ def run_pytest(tmp_path: Path, source: str, *args: str, strict: bool) -> subproc
     if strict:
         env["IMDB_DIST_STRICT"] = "1"
     command = [sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path),
-               "-p", "conftest", "-p", "no:cacheprovider", "-rA", *args, str(tmp_path / "test_generated.py")]
+               "-p", "conftest", "-p", "no:cacheprovider", "-n", "0", "-rA", *args, str(tmp_path / "test_generated.py")]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
 

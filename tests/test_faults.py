@@ -29,6 +29,9 @@ from imdb_dist.export import export_model
 from imdb_dist.interrupt import Interrupted, stop_on_signals
 from imdb_dist.train import run
 
+# Most tests run real imdb-dist processes, some of them twice (stopped, then resumed).
+pytestmark = pytest.mark.timeout(300)
+
 STEPS = 10  # 100 generated reviews per class, 20% held out: ceil(160 / batch 16)
 
 

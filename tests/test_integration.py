@@ -12,7 +12,7 @@ from conftest import REPO, installed_script
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def imdb_dist(*args: str) -> subprocess.CompletedProcess:

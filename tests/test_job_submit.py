@@ -20,7 +20,9 @@ from conftest import REPO, TINY, installed_script, sweep_config, write_aclimdb
 
 from imdb_dist import rundir
 
-pytestmark = pytest.mark.ray
+# Each job is a Ray Train run of its own (the sweep: two), beside a `ray start` head.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -56,11 +58,15 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
+    # Ready means a job can be submitted: the dashboard answers `ray job list`
+    # before the node's job agent has registered, and a submission then fails
+    # with "No available agent to submit job" (seen on a loaded machine).
+    probe = [ray, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"]
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        deadline = time.monotonic() + 180
+        while subprocess.run(probe, env=env, capture_output=True).returncode:
             assert proc.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the Ray dashboard did not come up"
+            assert time.monotonic() < deadline, "the Ray job server did not come up"
             time.sleep(2)
         yield address, env
     finally:

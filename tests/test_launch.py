@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from imdb_dist.errors import ConfigError, RunError
 from imdb_dist.launch import launch
 from imdb_dist.model import build_model
 
-pytestmark = pytest.mark.ray
+# Each test is one or more Ray Train runs (tens of seconds each) on the module's cluster.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 # Callbacks defined here travel to the Ray workers by value, not by module name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -124,11 +126,35 @@ def events(path: Path) -> list[tuple[int, int, int, str, str]]:
     return [(int(pid), int(rank), int(epoch), event, loss) for pid, rank, epoch, event, loss in rows]
 
 
+# An uninterrupted run that a killed one is compared with: its checkpoints
+# every 3 steps and the retry it is allowed do not change what it trains.
+UNINTERRUPTED = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory) -> Callable[[int], tuple[Path, Path]]:
+    """``uninterrupted(members)``: ``(root, run_dir)`` of a 2-worker run, launched once per member count.
+
+    The sync test reads it; the kill test holds a killed run to it.
+    """
+    runs: dict[int, tuple[Path, Path]] = {}
+
+    def get(members: int) -> tuple[Path, Path]:
+        if members not in runs:
+            root = tmp_path_factory.mktemp(f"uninterrupted-{members}")
+            cfg = ray_config(root, f"model.members={members}", *UNINTERRUPTED)
+            callbacks = [RecordEpochs(str(root / "events.txt")), RecordThreads(str(root / "threads.txt"))]
+            runs[members] = root, launch(cfg, worker_callbacks=callbacks).local_path()
+        return runs[members]
+
+    return get
+
+
 @pytest.mark.parametrize("members", [1, 2], ids=["one-network", "ensemble-of-2"])
-def test_two_workers_train_in_sync_and_only_the_chief_writes(cluster, tmp_path: Path, members: int) -> None:
+def test_two_workers_train_in_sync_and_only_the_chief_writes(uninterrupted, members: int) -> None:
+    tmp_path, run_dir = uninterrupted(members)
     log, threads = tmp_path / "events.txt", tmp_path / "threads.txt"
-    cfg = ray_config(tmp_path, f"model.members={members}")
-    run_dir = launch(cfg, worker_callbacks=[RecordEpochs(str(log)), RecordThreads(str(threads))]).local_path()
+    cfg = load_config(run_dir / rundir.CONFIG)
     assert run_dir == tmp_path / "storage" / "job"
     # Each worker was given 1 CPU (ray.resources_per_worker): one thread per pool, not one per core.
     assert sorted(threads.read_text().splitlines()) == ["0 1 1", "1 1 1"]
@@ -174,14 +200,14 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
 
 
-def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(cluster, tmp_path: Path) -> None:
-    settings = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1")
-    reference = launch(ray_config(tmp_path / "uninterrupted", *settings)).local_path()
+@pytest.mark.timeout(600)  # a run, a SIGKILL, Ray noticing it, a restarted worker group
+def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupted, tmp_path: Path) -> None:
+    _, reference = uninterrupted(1)
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
     kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
     callbacks = [kill, RecordEpochs(str(log))]
-    run_dir = launch(ray_config(tmp_path / "killed", *settings), worker_callbacks=callbacks).local_path()
+    run_dir = launch(ray_config(tmp_path / "killed", *UNINTERRUPTED), worker_callbacks=callbacks).local_path()
     assert (tmp_path / "killed-once").exists(), "the worker was never killed"
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
     assert begun == [1, 2, 2], begun  # the restarted group resumed inside epoch 2

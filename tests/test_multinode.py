@@ -28,7 +28,8 @@ from conftest import REPO, TINY, installed_script, write_aclimdb
 
 from imdb_dist import rundir
 
-pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+# Two Ray nodes, an S3 server and a submitted job: about 75 s on a fast CPU.
+pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.timeout(600)]
 
 SUBNET = "10.213.77"
 HEAD, WORKER = f"{SUBNET}.1", f"{SUBNET}.2"

@@ -27,6 +27,9 @@ from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 
+# Each test trains two or three real processes (and the first of a setting its reference run).
+pytestmark = pytest.mark.timeout(300)
+
 LOSS_COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # 2,000 generated reviews per class, 20% held out, global batch 16: 200 steps an epoch.
 STEPS = 200

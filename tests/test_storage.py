@@ -236,6 +236,7 @@ def s3_config(data: Path, storage_path: str, *extra: str):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(600)  # two Ray Train runs, one with a SIGKILLed worker, then the CLI three times
 def test_a_run_on_s3_survives_a_killed_worker_and_exports_the_uninterrupted_model(
     s3: str, cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

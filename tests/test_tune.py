@@ -114,6 +114,7 @@ def _results(out: Path) -> list[dict]:
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(400)  # a sweep on a local Ray cluster, interrupted, then resumed
 def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_path) -> None:
     out = tmp_path / "sweep"
     grid = [0.01, 0.03]
@@ -156,6 +157,7 @@ def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_pat
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(400)
 def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean(data, tmp_path) -> None:
     out = tmp_path / "sweep"
     config = sweep_config(tmp_path / "tune.yaml", data, out,
