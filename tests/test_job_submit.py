@@ -54,7 +54,11 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
     proc = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+         "--include-dashboard=true", f"--temp-dir={temp_dir}",
+         # Any free port, not the default 52365: a second cluster on this machine
+         # (another test process's) may hold it, and an agent that cannot bind
+         # its port serves no job submissions ("No available agent").
+         "--dashboard-agent-listen-port=0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -64,9 +68,9 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
     probe = [ray, "job", "submit", "--address", address, "--", sys.executable, "-c", "pass"]
     try:
         deadline = time.monotonic() + 180
-        while subprocess.run(probe, env=env, capture_output=True).returncode:
+        while (tried := subprocess.run(probe, env=env, capture_output=True, text=True, timeout=180)).returncode:
             assert proc.poll() is None, "ray start exited"
-            assert time.monotonic() < deadline, "the Ray job server did not come up"
+            assert time.monotonic() < deadline, f"no job went through: {(tried.stdout + tried.stderr)[-2000:]}"
             time.sleep(2)
         yield address, env
     finally:
