@@ -36,14 +36,14 @@ def test_after_the_hang():
 '''
 
 
-def run_pytest(tmp_path: Path, source: str, *args: str, strict: bool) -> subprocess.CompletedProcess:
+def run_pytest(tmp_path: Path, source: str, *args: str, strict: bool, workers: int = 0) -> subprocess.CompletedProcess:
     (tmp_path / "test_generated.py").write_text(source)
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     env.pop("IMDB_DIST_STRICT", None)
     if strict:
         env["IMDB_DIST_STRICT"] = "1"
     command = [sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path),
-               "-p", "conftest", "-p", "no:cacheprovider", "-n", "0", "-rA", *args, str(tmp_path / "test_generated.py")]
+               "-p", "conftest", "-p", "no:cacheprovider", "-n", str(workers), "-rA", *args, str(tmp_path / "test_generated.py")]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
 
@@ -73,3 +73,19 @@ def test_a_timeout_that_faulthandlers_hard_stop_would_cut_short_is_refused(tmp_p
     result = run_pytest(tmp_path, source, strict=False)
     assert result.returncode != 0
     assert "within a minute of faulthandler_timeout" in result.stdout + result.stderr
+
+
+def test_a_hang_python_cannot_interrupt_ends_its_worker_with_every_threads_stack(tmp_path):
+    """The faulthandler backstop, as CI runs it (two xdist workers): the hung test fails, nothing waits on."""
+    source = (
+        "import time\n\n"
+        "def test_hung():\n    time.sleep(600)\n\n"  # pytest-timeout off (timeout=0): only faulthandler is left
+        "def test_after():\n    pass\n"
+    )
+    result = run_pytest(tmp_path, source, "-o", "timeout=0", "-o", "faulthandler_timeout=5", strict=True, workers=2)
+    out = result.stdout + result.stderr
+    assert "Timeout (0:00:05)!" in out and "most recent call first" in out, out[-3000:]  # every thread's stack
+    assert "crashed while running" in out
+    # Once: a replacement worker would run the same hung test again (--max-worker-restart=0).
+    assert out.count("FAILED test_generated.py::test_hung") == 1, out[-3000:]
+    assert result.returncode == 1
