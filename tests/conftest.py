@@ -69,11 +69,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # collection order (--no-loadscope-reorder): the longest files first, so
 # that the two finish together rather than one running a long file alone
 # at the end. Seconds each file took with two workers (AVX-512, 2026-12-01):
-# launch 284, bench 248, resume 147, storage 141, job_submit 100,
-# tune 75, multinode 75, faults 63; every other file under 30.
+# launch 303, bench 265, resume 141, storage 132, job_submit 124,
+# multinode 93, tune 78, faults 60; every other file under 30.
 LONGEST_FIRST = (
     "test_launch.py", "test_bench.py", "test_resume.py", "test_storage.py", "test_job_submit.py",
-    "test_tune.py", "test_multinode.py", "test_faults.py",
+    "test_multinode.py", "test_tune.py", "test_faults.py",
 )
 
 
@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if hard_stop and marker and marker.args and marker.args[0] > hard_stop - 60:
             raise pytest.UsageError(
                 f"{item.nodeid}: timeout {marker.args[0]} s is within a minute of faulthandler_timeout "
-                f"({hard_stop:.0f} s), which would end the whole run instead of failing the test"
+                f"({hard_stop:.0f} s), which would stop its test process instead of failing the test"
             )
 
 
@@ -112,6 +112,8 @@ def installed_script(name: str) -> str:
     found = shutil.which(name)
     assert found, f"the {name} console script is not installed (pip install -e .)"
     return found
+
+
 def _real_data() -> Path:
     """The real reviews: $IMDB_REAL_DATA, else CI's ../shared copy, else the archive ``imdb-dist train`` downloaded."""
     if os.environ.get("IMDB_REAL_DATA"):
