@@ -25,7 +25,13 @@ from conftest import TINY, installed_script, make_tarball, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.config import OFFICIAL_SHA256, OFFICIAL_URL, DataConfig
-from imdb_dist.data.download import ENV_CACHE, cache_dir, fetch, file_sha256
+from imdb_dist.data.download import (
+    ABANDONED_AFTER_S,
+    ENV_CACHE,
+    cache_dir,
+    fetch,
+    file_sha256,
+)
 from imdb_dist.data.sources import (
     ENV_PATH,
     load_reviews,
@@ -201,6 +207,24 @@ def test_a_cached_file_corrupted_on_disk_is_downloaded_again(server, tmp_path, c
     assert file_sha256(path) == server.sha256
     assert held(cache) == [NAME]
     assert any("downloading it again" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+
+
+def test_a_download_abandoned_by_a_killed_process_is_removed_by_the_next_fetch(server, tmp_path):
+    """A SIGKILL mid-download leaves a hidden part file; the next fetch removes it, but not a live one's."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    abandoned, live = cache / f".{NAME}.dead01.part", cache / f".{NAME}.live01.part"
+    abandoned.write_bytes(b"half an archive")
+    live.write_bytes(b"being written")
+    old = time.time() - 2 * ABANDONED_AFTER_S
+    os.utime(abandoned, (old, old))
+    assert fetch(server.url(GOOD), server.sha256, cache) == cache / NAME
+    assert held(cache) == sorted([NAME, live.name])
+    # Also when the archive is already cached: no request, and the leftover is gone all the same.
+    os.utime(live, (old, old))
+    before = server.requests[GOOD]
+    fetch(server.url(GOOD), server.sha256, cache)
+    assert server.requests[GOOD] == before and held(cache) == [NAME]
 
 
 def free_port() -> int:

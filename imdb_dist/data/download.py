@@ -5,8 +5,9 @@ official aclImdb archive through :func:`fetch`. The file is streamed into a
 hidden temporary file beside its final name, hashed as it is written, and
 renamed into place only once its length and sha256 match, so no partial or
 wrong file ever sits under the final name; the temporary file is removed on
-any error, Ctrl-C or SIGTERM (only SIGKILL or a crash can leave a hidden
-``.part`` file behind, which nothing reads).
+any error, Ctrl-C or SIGTERM. Only SIGKILL or a crash can leave a hidden
+``.part`` file behind: nothing reads it, and the next fetch of the same
+file removes it once it has been untouched for ten read timeouts.
 ``tf_keras.utils.get_file`` is not used because it downloads straight to the
 final path and, when the hash does not match, raises with that file left in
 place.
@@ -32,7 +33,7 @@ from typing import BinaryIO
 from imdb_dist.config import OFFICIAL_SHA256, OFFICIAL_URL
 from imdb_dist.errors import DataError
 
-__all__ = ["ENV_CACHE", "OFFICIAL_SHA256", "OFFICIAL_URL", "cache_dir", "fetch", "file_sha256"]
+__all__ = ["ABANDONED_AFTER_S", "ENV_CACHE", "OFFICIAL_SHA256", "OFFICIAL_URL", "cache_dir", "fetch", "file_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ ENV_CACHE = "IMDB_DIST_CACHE"
 # Seconds one read of the connection may wait (urllib's timeout is per
 # socket operation): a stalled server fails instead of hanging the job.
 READ_TIMEOUT_S = 60.0
+# A temporary download file untouched this long was left by a process that
+# died mid-download (see _remove_abandoned).
+ABANDONED_AFTER_S = 10 * READ_TIMEOUT_S
 _CHUNK = 256 * 1024
 # Progress lines: every tenth of a known size, else every this many bytes.
 _UNKNOWN_SIZE_STEP = 16 * 1024 * 1024
@@ -92,6 +96,7 @@ def fetch(url: str, sha256: str, cache: Path | None = None) -> Path:
     if name in ("", ".", ".."):
         raise DataError(f"cannot download {url}: its path names no file to cache")
     target = cache / name
+    _remove_abandoned(cache, name)
     if _cached(target, expected):
         log.info("using %s (sha256 verified)", target)
         return target
@@ -133,6 +138,22 @@ def fetch(url: str, sha256: str, cache: Path | None = None) -> Path:
         url, time.perf_counter() - started, _megabytes(received), target,
     )
     return target
+
+
+def _remove_abandoned(cache: Path, name: str) -> None:
+    """Remove temporary files of downloads of ``name`` that died (SIGKILL, a crash) in ``cache``.
+
+    A live download writes at least once every ``READ_TIMEOUT_S`` or fails
+    (and removes its file), so one untouched for ``ABANDONED_AFTER_S`` is
+    nobody's; a concurrent fetch's fresh file is left alone.
+    """
+    for leftover in cache.glob(f".{name}.*.part"):
+        try:
+            if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+                leftover.unlink()
+                log.info("removed %s, left by a download that did not finish", leftover)
+        except OSError:
+            pass  # gone already (another fetch removed it), or not ours to remove
 
 
 def _cached(target: Path, expected: str) -> bool:
