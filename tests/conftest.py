@@ -68,7 +68,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # The two xdist workers (pyproject.toml's addopts) take whole files in
 # collection order (--no-loadscope-reorder): the longest files first, so
 # that the two finish together rather than one running a long file alone
-# at the end. Seconds each file took with two workers (AVX-512, 2026-12-01):
+# at the end. Seconds each file took with two workers (2-core AMD EPYC,
+# AVX-512, 2026-12-01):
 # launch 303, bench 265, resume 141, storage 132, job_submit 124,
 # multinode 93, tune 78, faults 60; every other file under 30.
 LONGEST_FIRST = (
