@@ -6,7 +6,7 @@ Adam's slots, and under mixed_float16 the loss scale), the running training
 metrics of the current epoch, and :class:`ResumeState` — where the run is
 (epoch, step) and early stopping's state and best weights. A run resumed
 from it continues exactly where the saved one was: with the data order of
-:func:`imdb_dist.data.pipeline.epoch_plan` and step-keyed dropout, it
+:mod:`imdb_dist.data.plan`'s global plan and step-keyed dropout, it
 trains on the same batches with the same masks.
 
 Under MultiWorkerMirroredStrategy every worker saves (reading the metrics'

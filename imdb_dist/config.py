@@ -166,6 +166,19 @@ class DistributionConfig:
     # gather its rows (sparse), all-reduce the dense table (dense), or
     # whichever sends fewer bytes at a full-length batch (auto).
     embedding_gradient: EmbeddingGradient = "auto"
+    # N >= 2: split the host CPU into N logical devices and run one replica
+    # on each (MirroredStrategy in one process; N local replicas per Ray
+    # worker): the shape of a multi-GPU job, rehearsed on CPU. 0: off.
+    cpu_devices: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("distribution.cpu_devices", self.cpu_devices, 0, 64)
+        if self.cpu_devices == 1:
+            raise ConfigError("distribution.cpu_devices", "1 is no split: use 0 (off) or at least 2 devices")
+        if self.cpu_devices and self.strategy == "default":
+            raise ConfigError("distribution.cpu_devices", "needs the mirrored, multi_worker or auto strategy, not default")
+        if self.cpu_devices and self.devices:
+            raise ConfigError("distribution.cpu_devices", "and distribution.devices both choose the devices: set one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +218,8 @@ class RayConfig:
     name: str = "imdb-dist"
     max_failures: int = 0
     checkpoints_to_keep: int = 2
-    # TFRecord shards the training split is written into, for FILE sharding;
-    # must be at least num_workers (else each worker reads all and keeps 1/N).
+    # TFRecord files each prepared split is written into (every worker reads
+    # all of them, in parallel; the global plan picks each step's examples).
     num_shards: int = 16
 
     def __post_init__(self) -> None:

@@ -11,9 +11,11 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
+from tensorflow.python.distribute import collective_all_reduce_strategy
 
 from imdb_dist.config import DistributionConfig
 from imdb_dist.errors import ConfigError
@@ -56,27 +58,78 @@ def cluster_spec() -> dict | None:
 def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
     """The strategy ``distribution.strategy`` names; ``auto`` picks by environment.
 
-    ``auto``: TF_CONFIG set → MultiWorkerMirroredStrategy; more than one
-    GPU → MirroredStrategy over all of them; else the default strategy.
+    ``auto``: TF_CONFIG set → MultiWorkerMirroredStrategy; ``cpu_devices``,
+    or more than one GPU → MirroredStrategy over all of them; else the
+    default strategy. With ``cpu_devices: N`` the host CPU is first split
+    into N logical devices and the strategy runs one replica on each (a
+    worker under TF_CONFIG: :class:`CpuReplicasMultiWorkerStrategy`).
     """
     name = cfg.strategy
     spec = cluster_spec()
+    if cfg.cpu_devices:
+        split_cpu(cfg.cpu_devices)
     if name == "auto":
         if spec is not None:
             name = "multi_worker"
-        elif len(tf.config.list_physical_devices("GPU")) > 1:
+        elif cfg.cpu_devices or len(tf.config.list_physical_devices("GPU")) > 1:
             name = "mirrored"
         else:
             name = "default"
     if name == "multi_worker":
         if spec is None:
             raise ConfigError("distribution.strategy", "multi_worker needs TF_CONFIG (Ray Train sets it)")
+        if cfg.cpu_devices:
+            return CpuReplicasMultiWorkerStrategy(cfg.cpu_devices)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(devices=list(cfg.devices) or None)
+        devices = list(cfg.devices) or [f"/cpu:{i}" for i in range(cfg.cpu_devices)]
+        return tf.distribute.MirroredStrategy(devices=devices or None)
     if cfg.devices:
         raise ConfigError("distribution.devices", f"only applies to the mirrored strategy, not {name}")
     return tf.distribute.get_strategy()
+
+
+def split_cpu(devices: int) -> None:
+    """Split the host CPU into ``devices`` logical devices (``/cpu:0`` ... ``/cpu:N-1``) sharing its cores.
+
+    Raises:
+        RuntimeError: the runtime is already initialised (TensorFlow refuses then).
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+
+
+class _CpuReplicasExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):
+    def __init__(self, container: tf.distribute.Strategy, devices: int) -> None:
+        self._cpu_devices = devices
+        super().__init__(
+            container,
+            cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver(),
+            communication_options=tf.distribute.experimental.CommunicationOptions(),
+        )
+
+    def _initialize_local_devices(self, cluster_resolver: Any, worker_device: str) -> tuple[tuple[str, ...], str]:
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(self._cpu_devices)), "CPU"
+
+
+class CpuReplicasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy with N local replicas per worker on N logical CPUs (``cpu_devices``).
+
+    TensorFlow's strategy gives a worker one local replica per GPU, and on a
+    machine without GPUs exactly one, on ``CPU:0``
+    (``CollectiveAllReduceExtended._initialize_local_devices``): no public
+    option gives a CPU worker several. This class overrides that one method
+    to list the worker's logical CPUs instead, and nothing else: the
+    collectives, variables, replica ids and input handling are TensorFlow's,
+    exactly as on a worker with N GPUs. It exists for the CPU rehearsal of a
+    multi-GPU job only (a GPU worker never takes this path), and
+    tests/test_topology.py fails if a TensorFlow upgrade stops honouring it.
+    """
+
+    def __init__(self, devices: int) -> None:  # pylint: disable=super-init-not-called
+        # Strategy.__init__ with our extended: MultiWorkerMirroredStrategy's own
+        # __init__ would build TensorFlow's extended first and start a second server.
+        tf.distribute.Strategy.__init__(self, _CpuReplicasExtended(self, devices))
 
 
 def size_thread_pools(cpus: float) -> int:
@@ -113,6 +166,22 @@ def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:
     return total, index
 
 
+def local_devices(strategy: tf.distribute.Strategy) -> tuple[str, ...]:
+    """The devices this worker's replicas run on, one per local replica; ``()`` for the default strategy.
+
+    The default strategy has one replica and leaves placement to TensorFlow.
+    """
+    try:
+        return tuple(strategy.extended.worker_devices)
+    except RuntimeError:  # "unsupported by default tf.distribute.Strategy"
+        return ()
+
+
+def local_replicas(strategy: tf.distribute.Strategy) -> int:
+    """How many replicas this worker runs."""
+    return max(len(local_devices(strategy)), 1)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """The one process that writes the run directory.
 
@@ -128,8 +197,11 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def resolve_precision(name: str) -> str:
+def resolve_precision(name: str, *, gpu: bool | None = None) -> str:
     """``auto`` → ``mixed_float16`` on a GPU, ``float32`` elsewhere; explicit names as given.
+
+    ``gpu``: whether the replicas run on GPUs (default: whether one is
+    visible; a CPU rehearsal, ``cpu_devices``, says False).
 
     On CPUs float16 math is emulated and slow, and bfloat16 is only a win
     where it is measured to be (docs/BENCHMARKS.md), so it is opt-in.
@@ -141,7 +213,7 @@ def resolve_precision(name: str) -> str:
             ``ray.use_gpu``, no GPU runtime in the container) would otherwise
             train many times slower, unnoticed. ``auto`` is the portable choice.
     """
-    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    has_gpu = bool(tf.config.list_physical_devices("GPU")) if gpu is None else gpu
     if name == "auto":
         return "mixed_float16" if has_gpu else "float32"
     if name == "mixed_float16" and not has_gpu:

@@ -10,7 +10,7 @@ worker that writes to the run directory.
 Storage: ``ray.storage_path`` is a local (or NFS) path, or a URI
 (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``; :mod:`imdb_dist.storage`).
 With a URI nothing needs a shared filesystem: the driver uploads the
-prepared data, each worker downloads the shards it reads, the chief works
+prepared data, each worker downloads all of it (the plan is global), the chief works
 in a local directory and uploads the run's files after every checkpoint
 (the metrics and TensorBoard events) and at the end (the model, then
 ``report.json`` last), and Ray Train moves the checkpoints.
@@ -134,13 +134,16 @@ def _prepare_remote(cfg: Config, run: storage.Location, mirror: Path) -> bool:
 
 def _check_replicas(cfg: Config) -> None:
     """Fail in the driver, not in N workers, when the batch cannot be split or the devices cannot serve the job."""
-    per_worker = int(cfg.ray.resources_per_worker.get("GPU", 0)) if cfg.ray.use_gpu else 1
-    replicas = cfg.ray.num_workers * max(per_worker, 1)
+    if cfg.distribution.cpu_devices:
+        per_worker = cfg.distribution.cpu_devices
+    else:
+        per_worker = max(int(cfg.ray.resources_per_worker.get("GPU", 0)), 1) if cfg.ray.use_gpu else 1
+    replicas = cfg.ray.num_workers * per_worker
     if cfg.train.batch_size % replicas:
         raise ConfigError(
             "train.batch_size",
             f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas "
-            f"({cfg.ray.num_workers} workers x {max(per_worker, 1)} devices)",
+            f"({cfg.ray.num_workers} workers x {per_worker} devices)",
         )
     if cfg.train.mixed_precision == "mixed_float16" and not cfg.ray.use_gpu:
         raise ConfigError(
@@ -252,7 +255,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
 
     cfg = config_from_dict(payload["config"])
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     chief = rank == 0
     # Where each rank runs and which hosts its TF_CONFIG (set by Ray Train) names: what to check first
     # when a multi-node job hangs in its first collective.
@@ -281,7 +284,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     if run.local:
         work = run.local_path()
     else:
-        work = _fetch_worker_files(run, scratch / "run", chief=chief, world=world, rank=rank)
+        work = _fetch_worker_files(run, scratch / "run", chief=chief)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work)))
 
     def hand_to_ray(metrics: dict[str, Any]) -> None:
@@ -308,8 +311,8 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool, world: int, rank: int) -> Path:
-    """A local working copy of what this worker reads: config, vocabulary, its shards (the chief: its logs too)."""
+def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Path:
+    """A local working copy of what this worker reads: config, vocabulary, the prepared data (the chief: its logs too)."""
     from imdb_dist.data import shards
 
     names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
@@ -320,7 +323,7 @@ def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool, world
     if manifest is None:
         raise RunError(f"{run.child(PREPARED)} holds no prepared data")
     splits = manifest["splits"]
-    needed = [*shards.worker_files(splits["train"]["files"], world, rank), *splits["validation"]["files"]]
+    needed = [*splits["train"]["files"], *splits["validation"]["files"]]
     storage.download(run.child(PREPARED), work / PREPARED, only=needed)
     if chief:
         storage.download(run.child(rundir.TENSORBOARD), work / rundir.TENSORBOARD)

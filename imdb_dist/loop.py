@@ -1,11 +1,11 @@
 """The training loop: epochs of planned batches, validation, checkpoints, early stopping, stop requests.
 
 ``keras.Model.fit`` keeps the resume position in its callbacks' private
-state and builds its iterator once over a repeated stream, so a resumed run
-cannot start at an exact (epoch, step). This loop owns that state
-(:class:`imdb_dist.checkpoint.ResumeState`): each epoch's batches come from
-``epoch_data(epoch, first_step)``, a function of the epoch, and the loop
-decides when to checkpoint — every ``checkpoint_steps`` optimizer steps, at
+state, so a resumed run cannot start at an exact (epoch, step). This loop
+owns that state (:class:`imdb_dist.checkpoint.ResumeState`): the run's
+batches are one stream, ``batches(epoch, step)``, entered once at the
+position the run starts from and read to its end (no iterator is built or
+torn down at an epoch's end), and the loop decides when to checkpoint — every ``checkpoint_steps`` optimizer steps, at
 every epoch end, and when a stop is requested — whatever
 ``steps_per_execution`` is. It reuses the model's own ``train_step``,
 ``evaluate`` and Keras callbacks (TensorBoard, the progress bar, ours).
@@ -22,6 +22,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist.checkpoint import Checkpointer, ResumeState
+from imdb_dist.data.plan import replica_rows
+from imdb_dist.distribute import local_replicas
 from imdb_dist.interrupt import Interrupted, StopRequest
 from imdb_dist.timings import Timings
 
@@ -50,18 +52,31 @@ def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
 
 
 def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf.Tensor]]:
-    """A function running ``steps`` of ``model.train_step`` on a distributed iterator.
+    """A function running ``steps`` of ``model.train_step`` on an iterator of this worker's blocks.
 
-    Returns the metrics after the last step. They are already synchronised
+    Each block (:func:`imdb_dist.data.plan.stream`) holds the rows of all of
+    this worker's replicas; each replica takes its slice
+    (:func:`imdb_dist.data.plan.replica_rows`) in the graph, so one plain
+    iterator feeds any number of local replicas. Returns the metrics after
+    the last step. They are already synchronised
     across replicas (Keras all-reduces metric results in ``train_step``), so
     the first replica's values are the run's. One step and several steps are
     two compiled functions: tracing the model's step is a large part of a
     short run's first epoch, and a run that never groups steps traces it once.
     """
     strategy = model.distribute_strategy
+    replicas_here = local_replicas(strategy)
 
     def one_step(iterator: Any) -> dict[str, tf.Tensor]:
-        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        block = next(iterator)
+
+        def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
+            # Global replica ids number a worker's replicas consecutively.
+            local = context.replica_id_in_sync_group % replicas_here
+            return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
+
+        batch = strategy.experimental_distribute_values_from_function(replica_batch)
+        outputs = strategy.run(model.train_step, args=(batch,))
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
     # One step has no tensor-dependent Python control flow (the model's layers
@@ -109,8 +124,8 @@ class TrainingLoop:
     """Trains ``model`` from ``state``'s position to the end of ``schedule`` (or an early stop).
 
     Attributes:
-        epoch_data: ``(epoch, first_step)`` → a distributed dataset of that
-            epoch's batches from ``first_step`` on (0-based).
+        batches: ``(epoch, step)`` → the run's stream of this worker's
+            blocks from there (0-based) to the end of the last epoch.
         validation: scored with ``model.evaluate`` after every epoch.
         after_save: called on every worker after each checkpoint, with the
             latest metrics (the Ray launcher reports the checkpoint there).
@@ -118,14 +133,14 @@ class TrainingLoop:
             execution: a checkpoint, then :class:`Interrupted`.
         timings: where the loop's time goes: ``first_step`` (tracing and
             compiling the step, and running it), ``steps`` (the other
-            training steps), ``plan`` (each epoch's batch plan and its
-            dataset), ``callbacks`` (metrics lines, step points,
+            training steps), ``plan`` (the run's plan and its stream),
+            ``callbacks`` (metrics lines, step points,
             TensorBoard), ``validation`` and ``checkpoints``.
     """
 
     model: keras.Model
     schedule: Schedule
-    epoch_data: Callable[[int, int], Any]
+    batches: Callable[[int, int], tf.data.Dataset]
     validation: tf.data.Dataset
     state: ResumeState
     checkpointer: Checkpointer
@@ -142,6 +157,8 @@ class TrainingLoop:
             RunError: a checkpoint could not be written, or a callback stopped the run.
         """
         train = make_train_function(self.model)
+        with self.timings.phase("plan"):
+            iterator = iter(self.batches(*self.state.position()))
         # Workers get here at different times (process start, tokenizing their
         # share): meet before the clock starts, or the first step's all-reduce
         # absorbs the wait and the early worker's first epoch reads slower.
@@ -151,7 +168,7 @@ class TrainingLoop:
         self.stop.deferring = True
         try:
             while not bool(self.state.stopped.numpy()) and self.state.position()[0] < self.schedule.epochs:
-                self._epoch(train)
+                self._epoch(train, iterator)
             with self.timings.phase("callbacks"):
                 self.callbacks.on_train_end()
         finally:
@@ -159,10 +176,10 @@ class TrainingLoop:
         if self.schedule.patience:
             self.state.restore_best(self.model)
 
-    def _epoch(self, train: Callable[[Any, int], dict[str, tf.Tensor]]) -> None:
+    def _epoch(self, train: Callable[[Any, int], dict[str, tf.Tensor]], iterator: Any) -> None:
         """The rest of ``state``'s epoch: training steps, validation, early stopping, the epoch-end checkpoint."""
         epoch = self.state.position()[0]
-        train_logs = self._train_steps(train)
+        train_logs = self._train_steps(train, iterator)
         with self.timings.phase("validation"):
             val_logs = self.model.evaluate(self.validation, callbacks=self.callbacks, verbose=0, return_dict=True)
         logs = {**train_logs, **{f"val_{name}": float(value) for name, value in val_logs.items()}}
@@ -180,7 +197,7 @@ class TrainingLoop:
             where = "after the last epoch" if last else f"at the end of epoch {epoch + 1}"
             self._interrupted(where, "export" if last else "resume")
 
-    def _train_steps(self, train: Callable[[Any, int], dict[str, tf.Tensor]]) -> dict[str, float]:
+    def _train_steps(self, train: Callable[[Any, int], dict[str, tf.Tensor]], iterator: Any) -> dict[str, float]:
         """The epoch's training steps from the saved step on; returns the epoch's training metrics."""
         epoch, step = self.state.position()
         steps, every = self.schedule.steps_per_epoch, self.schedule.checkpoint_steps
@@ -188,8 +205,6 @@ class TrainingLoop:
             self.model.reset_metrics()  # else: the checkpoint restored this epoch's running metrics
         with self.timings.phase("callbacks"):
             self.callbacks.on_epoch_begin(epoch)
-        with self.timings.phase("plan"):
-            iterator = iter(self.epoch_data(epoch, step))
         # The optimizer step, counted here: reading the variable every step would sync on it.
         done = int(self.model.optimizer.iterations.numpy())
         while step < steps:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import platform
 import statistics
 import sys
@@ -27,11 +26,12 @@ from imdb_dist.callbacks import EpochMetrics, FiniteLoss, StepMetrics, log_every
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
-from imdb_dist.data import pipeline, shards
+from imdb_dist.data import pipeline, plan, shards
 from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits
 from imdb_dist.distribute import (
     is_chief,
+    local_devices,
     make_strategy,
     precision_policy,
     resolve_precision,
@@ -63,37 +63,36 @@ class Worker:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
+    @property
+    def share(self) -> plan.Share:
+        """This worker's rows of every global batch."""
+        return plan.Share(self.replicas, self.num_workers, self.index)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainingData:
-    """Where this worker's examples come from: reviews in memory, or prepared shards."""
+    """Where the examples come from: reviews in memory, or prepared shards.
+
+    Every worker reads every training example, in the same order (the
+    global plan indexes them: :mod:`imdb_dist.data.plan`).
+    """
 
     n_train: int
     n_val: int
-    # (num_workers, worker index) -> that worker's (text, label) examples.
-    train_examples: Callable[[int, int], tf.data.Dataset]
-    # num_workers -> how many training examples each worker gets.
-    worker_sizes: Callable[[int], list[int]]
+    train_examples: Callable[[], tf.data.Dataset]  # (text, label), in the split's order
     val_examples: Callable[[], tf.data.Dataset]
     val_reviews: Callable[[], Reviews]
-    train_texts: Callable[[], tf.data.Dataset]
 
 
 def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -> TrainingData:
     """The ``(train, validation)`` reviews given, else the configured source's, read now (DataError on bad data)."""
     train, val = splits if splits is not None else load_training_splits(cfg.data)
-
-    def train_examples(num_workers: int, index: int) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices((train.texts, train.labels)).shard(num_workers, index)
-
     return TrainingData(
         n_train=len(train),
         n_val=len(val),
-        train_examples=train_examples,
-        worker_sizes=lambda num_workers: shards.strided_sizes(len(train), num_workers),
+        train_examples=lambda: tf.data.Dataset.from_tensor_slices((train.texts, train.labels)),
         val_examples=lambda: tf.data.Dataset.from_tensor_slices((val.texts, val.labels)),
         val_reviews=lambda: val,
-        train_texts=lambda: tf.data.Dataset.from_tensor_slices(train.texts),
     )
 
 
@@ -103,15 +102,12 @@ def prepared_data(directory: Path) -> TrainingData:
     if manifest is None:
         raise DataError(f"{directory} holds no prepared data")
     train_files, val_files = shards.split_files(directory, "train"), shards.split_files(directory, "validation")
-    n_train = manifest["splits"]["train"]["examples"]
     return TrainingData(
-        n_train=n_train,
+        n_train=manifest["splits"]["train"]["examples"],
         n_val=manifest["splits"]["validation"]["examples"],
-        train_examples=lambda num_workers, index: shards.examples(train_files, num_workers, index),
-        worker_sizes=lambda num_workers: shards.worker_sizes(n_train, len(train_files), num_workers),
+        train_examples=lambda: shards.examples(train_files),
         val_examples=lambda: shards.examples(val_files),
         val_reviews=lambda: shards.load_split(directory, "validation"),
-        train_texts=lambda: shards.examples(train_files).map(lambda text, _: text),
     )
 
 
@@ -213,14 +209,15 @@ def _start_worker(cfg: Config) -> Worker:
         )
     num_workers, index = worker_index(strategy)
     chief = is_chief(strategy)
-    precision = resolve_precision(cfg.train.mixed_precision)
+    precision = resolve_precision(cfg.train.mixed_precision, gpu=False if cfg.distribution.cpu_devices else None)
     if chief:
         rundir.check_writable(Path(cfg.run.output_dir))
     log.info(
-        "strategy %s: %d worker(s), %d replica(s) in sync; precision %s; global batch %d",
+        "strategy %s: %d worker(s), %d replica(s) in sync on %s; precision %s; global batch %d",
         type(strategy).__name__,
         num_workers,
         replicas,
+        ", ".join(local_devices(strategy)) or "the default device",
         precision,
         cfg.train.batch_size,
     )
@@ -253,28 +250,24 @@ def _check_sizes(cfg: Config, data: TrainingData) -> None:
 
 
 def _tokenize(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) -> tuple[Tokenizer, pipeline.Encoded]:
-    """The run's tokenizer and this worker's training examples as token ids.
+    """The run's tokenizer and every training example as token ids.
 
     The tokenizer reuses the run's saved vocabulary when resuming (and under
     ``imdb_dist.launch``, which fits it once before starting the workers),
-    else it is fitted on the training split. The worker's reviews are split
-    into words once; a lone worker counts its vocabulary as it splits them.
-    Fitting is deterministic (:func:`imdb_dist.data.pipeline.fit_vocabulary`),
-    so workers fitting alone derive the same token ids without talking.
+    else it is fitted on the training split, counted as its reviews are
+    split into words. Fitting is deterministic
+    (:func:`imdb_dist.data.pipeline.fit_vocabulary`), so workers fitting
+    alone derive the same token ids without talking.
     """
     vocabulary = rundir.read_vocab(run_dir)
-    alone = worker.num_workers == 1
-    mine = pipeline.split_examples(
-        data.train_examples(worker.num_workers, worker.index), count=vocabulary is None and alone
-    )
+    words = pipeline.split_examples(data.train_examples(), count=vocabulary is None)
     if vocabulary is None:
-        counts = mine.counts if alone else pipeline.count_words(data.train_texts())
-        assert counts is not None
-        vocabulary = pipeline.fit_vocabulary(counts, cfg.data.vocab_size)
+        assert words.counts is not None
+        vocabulary = pipeline.fit_vocabulary(words.counts, cfg.data.vocab_size)
         if worker.chief:
             rundir.write_vocab(run_dir, vocabulary)
     tokenizer = Tokenizer(vocabulary, cfg.data.vocab_size)
-    return tokenizer, pipeline.encode_words(mine, tokenizer, cfg.data.max_len)
+    return tokenizer, pipeline.encode_words(words, tokenizer, cfg.data.max_len)
 
 
 def _train(
@@ -292,8 +285,12 @@ def _train(
     timings: Timings,
 ) -> keras.Model:
     """Build the model under the strategy, restore the last checkpoint if any, and train to the end."""
-    steps = steps_per_epoch(cfg, data, worker)
-    epoch_data = _epoch_data(cfg, worker, encoded, steps)
+    global_plan = data_plan(cfg, encoded.lengths)
+    steps = global_plan.steps_per_epoch
+
+    def batches(epoch: int, step: int) -> tf.data.Dataset:
+        return plan.stream(encoded, global_plan, worker.share, epochs=cfg.train.epochs, start=(epoch, step))
+
     with timings.phase("build"):
         model, state, checkpointer = _build(cfg, worker, tokenizer.vocabulary_size(), steps, checkpoints)
     schedule = Schedule(
@@ -315,7 +312,7 @@ def _train(
     TrainingLoop(
         model,
         schedule=schedule,
-        epoch_data=epoch_data,
+        batches=batches,
         validation=_validation(cfg, tokenizer, data),
         state=state,
         checkpointer=checkpointer,
@@ -342,7 +339,7 @@ def _build(
         )
     build_metrics(model, tf.zeros([1, 1], tf.int32))
     build_optimizer(model)
-    # Masks keyed on (train.seed, optimizer step, replica): restored with the step counter.
+    # Masks keyed on (train.seed, optimizer step, row of the global batch): restored with the step counter.
     key_on_step(model, model.optimizer.iterations, cfg.train.seed)
     state = ResumeState(model, early_stopping=bool(cfg.train.early_stopping_patience))
     checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
@@ -372,55 +369,17 @@ def _dense_embedding_gradient(cfg: Config, worker: Worker, vocab: int) -> bool:
     return dense
 
 
-def steps_per_epoch(cfg: Config, data: TrainingData, worker: Worker) -> int:
-    """Steps in one pass over the largest worker's shard; every worker runs this many."""
-    per_worker = cfg.train.batch_size // worker.num_workers
-    return max(math.ceil(size / per_worker) for size in data.worker_sizes(worker.num_workers))
-
-
-def _epoch_data(cfg: Config, worker: Worker, encoded: pipeline.Encoded, steps: int) -> Callable[[int, int], Any]:
-    """``(epoch, first_step)`` → this worker's batches of that epoch from that step on, distributed.
-
-    The worker's examples were tokenized once (``encoded``); each epoch is
-    then a plan over them (:func:`imdb_dist.data.pipeline.epoch_plan`).
-    """
-    per_worker = cfg.train.batch_size // worker.num_workers
-    local_replicas = worker.replicas // worker.num_workers
+def data_plan(cfg: Config, lengths: Any) -> plan.GlobalPlan:
+    """The run's global plan over training examples of these token counts."""
     bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
-    pool = pipeline.pool_size(per_worker, cfg.data.max_len) if bucketed else None
-
-    def epoch_data(epoch: int, first_step: int) -> Any:
-        plan = pipeline.epoch_plan(
-            encoded.lengths,
-            batch_size=per_worker,
-            seed=cfg.data.seed,
-            epoch=epoch,
-            worker=worker.index,
-            pool=pool,
-            steps=steps,
-        )
-        batches = pipeline.split_for_replicas(plan, local_replicas, steps)[first_step * local_replicas :]
-
-        def dataset(_: Any = None) -> tf.data.Dataset:
-            return pipeline.plan_dataset(
-                encoded,
-                batches,
-                max_len=cfg.data.max_len,
-                min_len=min_length(cfg.model),
-                bucket_width=cfg.data.bucket_width if bucketed else None,
-            )
-
-        if local_replicas == 1:
-            # One replica here (a Ray worker, one device): its batches go to
-            # strategy.run as they are. A distributed dataset would wrap them in
-            # tf.data's per-device iterators, which are autotuned whatever our
-            # options say, and deleting an autotuned iterator at the epoch's end
-            # waits for its tuning thread to wake: measured up to ~20 s idle
-            # per epoch under Ray (py-spy: RootDataset::Iterator::~Iterator).
-            return dataset()
-        return worker.strategy.distribute_datasets_from_function(dataset)
-
-    return epoch_data
+    return plan.GlobalPlan(
+        lengths,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.data.seed,
+        max_len=cfg.data.max_len,
+        min_len=min_length(cfg.model),
+        bucket_width=cfg.data.bucket_width if bucketed else None,
+    )
 
 
 def _validation(cfg: Config, tokenizer: Tokenizer, data: TrainingData) -> tf.data.Dataset:

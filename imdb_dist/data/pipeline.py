@@ -1,24 +1,16 @@
-"""The tf.data input pipeline: tokenize, plan each epoch, pre-pad, prefetch.
+"""The tf.data input pipeline: tokenize once, pre-pad; batches are planned in :mod:`imdb_dist.data.plan`.
 
-Training (:func:`split_examples`, :func:`fit_vocabulary`, :func:`encode_words`,
-:func:`epoch_plan`, :func:`plan_dataset`)::
+Training (:func:`split_examples`, :func:`fit_vocabulary`, :func:`encode_words`)::
 
     (text, label) ─► batch ─► standardize, split, count (parallel) ─► words (once), word counts
     word counts ─► vocabulary;  words ─► look up the last max_len words ─► one ragged id matrix
-    epoch e ─► plan: seeded permutation ─► length-sorted pools ─► batches ─► shared length-rank order
-            ─► gather rows, pre-pad to the batch's width ─► prefetch
 
-An epoch's batches are a pure function of ``(seed, epoch, worker)`` and the
-worker's examples, never of an iterator's history: a run resumed at
-``(epoch, step)`` builds the same plan and starts at batch ``step``, so it
-trains on exactly the batches the uninterrupted run would have.
+Every worker tokenizes every training example once (:class:`Encoded`, row
+``i`` is example ``i``); :mod:`imdb_dist.data.plan` then decides which rows
+each step trains on and streams them, pre-padded.
 
 Evaluation (:func:`batch_examples`): in order, every review padded to
 ``max_len``, the input the exported model serves.
-
-Examples come from memory or from prepared TFRecord shards
-(:mod:`imdb_dist.data.shards`); either way a worker's share is picked before
-any tokenization work.
 
 Sequences are *pre*-padded and *pre*-truncated (the last ``max_len`` tokens
 are kept, zeros go in front) so the LSTM's final state is read right after
@@ -43,12 +35,6 @@ _LINE_BREAK = r"<br\s*/?>"
 _ENCODE_BATCH = 256
 # Ids 0 (padding) and 1 (unknown word) come before the vocabulary's.
 _SPECIAL_IDS = 2
-# Tokens sorted together when bucketing (pool of max_len-wide rows): 16,384
-# reviews at 400 tokens, 52 MB of int64 ids; bounded in tokens so a large
-# max_len does not grow the pool's memory.
-_POOL_TOKENS = 16384 * 400
-# Training batches gathered in parallel, and ready batches kept, ahead of the step.
-_BATCHES_IN_FLIGHT = 4
 
 
 def standardize(texts: tf.Tensor) -> tf.Tensor:
@@ -160,20 +146,6 @@ def encode_padded(tokenizer: Tokenizer, texts: tf.Tensor, max_len: int) -> tf.Te
     return pre_pad(ragged.to_tensor(default_value=0, shape=[None, max_len]))
 
 
-def batch_width(longest: tf.Tensor, width: int, min_len: int, max_len: int) -> tf.Tensor:
-    """How wide a bucketed batch is padded: its longest row rounded up to a multiple of ``width``.
-
-    Never narrower than ``min_len`` (the model's conv + pool window) nor
-    wider than ``max_len``; rounding keeps the number of distinct batch shapes
-    small (each new shape costs the CPU kernels a setup).
-    """
-    longest = tf.cast(longest, tf.int32)
-    rounded = (longest + width - 1) // width * width
-    return tf.minimum(tf.maximum(rounded, min_len), max_len)
-
-
-
-
 def batch_examples(
     examples: tf.data.Dataset, tokenizer: Tokenizer, *, max_len: int, batch_size: int
 ) -> tf.data.Dataset:
@@ -200,6 +172,10 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def gather(self, index: tf.Tensor) -> tuple[tf.RaggedTensor, tf.Tensor]:
+        """The token rows and labels of the examples at ``index`` (the plan's random access)."""
+        return tf.gather(self.tokens, index), tf.gather(self.labels, index)
 
 
 def encode_examples(examples: tf.data.Dataset, tokenizer: Tokenizer, max_len: int) -> Encoded:
@@ -252,114 +228,3 @@ def encode_words(words: Words, tokenizer: Tokenizer, max_len: int) -> Encoded:
     """The ids of each example's last ``max_len`` words (cut first: fewer lookups)."""
     ids = tokenizer.ids(words.words[:, -max_len:])
     return Encoded(ids, words.labels, ids.row_lengths().numpy())
-
-
-def pool_size(batch_size: int, max_len: int) -> int:
-    """Examples sorted together when bucketing: whole batches, about 16k reviews' worth at 400 tokens."""
-    return max(1, _POOL_TOKENS // (max_len * batch_size)) * batch_size
-
-
-def epoch_plan(
-    lengths: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    worker: int = 0,
-    pool: int | None = None,
-    steps: int | None = None,
-) -> list[np.ndarray]:
-    """The batches of one epoch, as arrays of example indices: every example exactly once.
-
-    A pure function of its arguments. The examples are permuted with a
-    generator seeded by ``(seed, epoch, worker)``. Without ``pool`` they are
-    cut into batches in that order; the last batch may be short.
-
-    With ``pool`` (length bucketing), each run of ``pool`` permuted examples
-    is sorted by length (stable) and cut into batches, so a batch holds
-    reviews of similar length. The batches are then served in an order of
-    *length rank* drawn from ``(seed, epoch)`` alone, the same on every
-    worker: at each step every worker trains on its batch of the same rank,
-    so the workers' batches are about equally wide. A synchronous step waits
-    for its slowest worker; independently ordered workers would make most
-    steps as slow as the wider of two random batches. ``steps``: the number
-    of steps every worker runs (default: this worker's batch count); a
-    worker with fewer batches spreads its ranks over them and gets an empty
-    batch at each step it has no rank for.
-    """
-    rng = np.random.default_rng([seed, epoch, worker])
-    order = rng.permutation(len(lengths))
-    if pool is None:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    batches: list[np.ndarray] = []
-    for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    steps = len(batches) if steps is None else steps
-    if len(batches) > steps:
-        raise ValueError(f"{len(batches)} batches do not fit in {steps} steps")
-    by_length = sorted(range(len(batches)), key=lambda b: (int(lengths[batches[b]].max()), b))
-    # Rank r of k batches takes slot floor(r * steps / k): all slots when k == steps.
-    slots = {r * steps // len(batches): batches[b] for r, b in enumerate(by_length)} if batches else {}
-    shared = np.random.default_rng([seed, epoch])
-    empty = np.zeros(0, dtype=order.dtype)
-    return [slots.get(int(slot), empty) for slot in shared.permutation(steps)]
-
-
-def split_for_replicas(batches: Sequence[np.ndarray], replicas: int, steps: int) -> list[np.ndarray]:
-    """Each worker batch as ``replicas`` consecutive per-replica batches, padded to ``steps`` steps.
-
-    A worker batch of ``replicas * b`` rows becomes ``replicas`` batches of
-    ``b`` (a short one gives some replicas fewer rows, or none). Steps past
-    this worker's last batch are empty batches, so every worker runs the
-    same number of steps when shards differ by a few examples: an empty
-    batch adds nothing to the loss, the gradient or the metrics.
-    """
-    if len(batches) > steps:
-        raise ValueError(f"{len(batches)} batches do not fit in {steps} steps")
-    empty = np.zeros(0, dtype=np.int64)
-    out: list[np.ndarray] = []
-    for batch in [*batches, *[empty] * (steps - len(batches))]:
-        share = -(-len(batch) // replicas) if len(batch) else 0
-        out.extend(batch[r * share : (r + 1) * share] for r in range(replicas))
-    return out
-
-
-def plan_dataset(
-    encoded: Encoded,
-    batches: Sequence[np.ndarray],
-    *,
-    max_len: int,
-    min_len: int = 1,
-    bucket_width: int | None = None,
-) -> tf.data.Dataset:
-    """The planned batches ``(token_ids [batch, width], label [batch])``, pre-padded, in plan order.
-
-    With ``bucket_width`` each batch is as wide as its longest review rounded
-    up to a multiple of it (:func:`batch_width`); without, ``max_len`` wide.
-    """
-    sizes = np.array([len(b) for b in batches], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
-    flat = tf.constant(np.concatenate([*batches, np.zeros(0, np.int64)]).astype(np.int64))
-
-    def gather(start: tf.Tensor, size: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        index = flat[start : start + size]
-        rows = tf.gather(encoded.tokens, index)
-        dense = rows.to_tensor(default_value=0)
-        if bucket_width is None:
-            width = tf.constant(max_len, tf.int32)
-        else:
-            width = batch_width(tf.shape(dense)[1], bucket_width, min_len, max_len)
-        dense = tf.pad(dense, [[0, 0], [0, width - tf.shape(dense)[1]]])
-        return pre_pad(dense), tf.gather(encoded.labels, index)
-
-    # Fixed parallelism, no autotuning: an epoch's iterator is deleted at the
-    # epoch's end, and deleting an autotuned one waits for tf.data's tuning
-    # thread to wake (its period grows to tens of seconds): measured 12.7 s
-    # idle per epoch on smoke.yaml. A gather is far cheaper than a step, so a
-    # few batches in flight keep any device fed.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    dataset = tf.data.Dataset.from_tensor_slices((starts, sizes))
-    return dataset.map(gather, num_parallel_calls=_BATCHES_IN_FLIGHT).prefetch(_BATCHES_IN_FLIGHT).with_options(options)

@@ -1,11 +1,11 @@
 """Prepared data for multi-worker runs: TFRecord shards of raw reviews and a manifest.
 
 The launcher reads the source once, carves the validation split, and writes
-each split as ``num_shards`` TFRecord files of ``(text, label)`` examples.
-Each worker then opens only its own files (FILE sharding), the scalable
-route, when the files divide evenly among the workers; otherwise every
-worker reads every file and keeps one in N examples (DATA sharding), with
-a warning.
+each split as ``num_shards`` TFRecord files of ``(text, label)`` examples,
+round-robin. Every worker reads every file, in parallel, and gets the
+examples back in the split's order (:func:`examples`): the global plan
+(:mod:`imdb_dist.data.plan`) indexes them by that order, so a Ray run and
+an in-process run of the same config train the same examples at each step.
 """
 
 from __future__ import annotations
@@ -81,50 +81,22 @@ def split_files(directory: Path, split: str) -> list[str]:
     return [str(directory / name) for name in manifest["splits"][split]["files"]]
 
 
-def worker_files(files: Sequence[str], num_workers: int = 1, index: int = 0) -> list[str]:
-    """The files worker ``index`` reads: its own ones (FILE sharding) when they divide evenly, else all."""
-    files = list(files)
-    return files[index::num_workers] if file_sharded(len(files), num_workers) else files
+def examples(files: Sequence[str]) -> tf.data.Dataset:
+    """The ``(text, label)`` examples of round-robin-written ``files``, in the order they were written.
 
-
-def file_sharded(num_files: int, num_workers: int) -> bool:
-    return num_workers > 1 and num_files % num_workers == 0
-
-
-def examples(files: Sequence[str], num_workers: int = 1, index: int = 0) -> tf.data.Dataset:
-    """``(text, label)`` examples of this worker's part of ``files``.
-
-    FILE sharding when the files divide evenly among the workers (each
-    worker reads only its own files, :func:`worker_files`); otherwise DATA
-    sharding (every worker reads all files and keeps every
-    ``num_workers``-th example), with a warning. Either way the workers'
-    shares differ by a few examples at most (:func:`worker_sizes`), so every
-    worker's pass over its share takes the same number of steps, give or
-    take one.
+    Example ``i`` went to file ``i mod F``; reading one record from each file
+    in turn (files run out last-first, so the order holds to the end) gives
+    them back in order, with the files read in parallel.
     """
-    dataset = tf.data.TFRecordDataset(worker_files(files, num_workers, index))
-    if num_workers > 1 and not file_sharded(len(files), num_workers):
-        log.warning(
-            "%d shard files do not divide among %d workers: DATA sharding (each worker reads every file); "
-            "a ray.num_shards that is a multiple of ray.num_workers lets each worker read only its own",
-            len(files),
-            num_workers,
-        )
-        dataset = dataset.shard(num_workers, index)
-    return dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def strided_sizes(n: int, parts: int) -> list[int]:
-    """Sizes of ``range(n)[i::parts]`` for each ``i``: how round-robin splits ``n`` items."""
-    return [len(range(i, n, parts)) for i in range(parts)]
-
-
-def worker_sizes(n: int, num_files: int, num_workers: int) -> list[int]:
-    """Examples each worker gets from :func:`examples` over ``num_files`` round-robin-written shards of ``n``."""
-    if file_sharded(num_files, num_workers):
-        per_file = strided_sizes(n, num_files)
-        return [sum(per_file[w::num_workers]) for w in range(num_workers)]
-    return strided_sizes(n, num_workers)
+    files = list(files)
+    dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=max(len(files), 1),
+        block_length=1,
+        num_parallel_calls=min(len(files), 8) or None,
+        deterministic=True,
+    )
+    return dataset.map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _parse(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
