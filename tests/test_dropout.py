@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist.dropout import FastDropout, dropout, mask_bits
+from imdb_dist.dropout import FastDropout, dropout, dropout_by_row, mask_bits
 
 SEED = tf.constant([7, 11], tf.int64)
 
@@ -86,7 +86,7 @@ def test_layer_keeps_keras_dropout_config_and_refuses_noise_shape():
         FastDropout(0.3, noise_shape=(None, 1))
 
 
-def test_keyed_masks_are_a_function_of_seed_step_and_replica_only():
+def test_keyed_masks_are_a_function_of_seed_and_step_only():
     step = tf.Variable(0, dtype=tf.int64)
 
     def mask(key: int = 1337, at: int = 0) -> np.ndarray:
@@ -101,7 +101,22 @@ def test_keyed_masks_are_a_function_of_seed_step_and_replica_only():
     assert not np.array_equal(mask(key=1), mask(key=2))
 
 
-def test_keyed_masks_differ_between_replicas_and_are_restored_by_the_step():
+@pytest.mark.parametrize("rate", [0.25, 0.3], ids=["bytes", "16-bit"])
+def test_a_rows_mask_depends_on_its_place_in_the_global_batch_not_on_the_split(rate):
+    inputs = tf.ones([12, 7, 5])  # 35 units a row: rows do not fill whole Philox counter steps
+    seed = tf.constant([3, 4], tf.int64)
+    whole = dropout_by_row(inputs, rate, seed, 0).numpy()
+    for parts in (2, 3, 4, 6):
+        rows = 12 // parts
+        split = [dropout_by_row(inputs[i : i + rows], rate, seed, i).numpy() for i in range(0, 12, rows)]
+        np.testing.assert_array_equal(np.concatenate(split), whole)
+    # Rows are not copies of each other, and the place matters.
+    assert not np.array_equal(whole[0], whole[1])
+    assert not np.array_equal(dropout_by_row(inputs[:6], rate, seed, 1).numpy(), whole[:6])
+    assert abs((whole == 0).mean() - rate) < 0.06
+
+
+def test_replicas_draw_the_masks_of_their_rows_of_the_global_batch_and_the_step_restores_them():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         step = tf.Variable(3, dtype=tf.int64)
@@ -110,10 +125,12 @@ def test_keyed_masks_differ_between_replicas_and_are_restored_by_the_step():
 
     @tf.function
     def masks() -> list[np.ndarray]:
-        return strategy.run(lambda: layer(tf.ones([8, 32]), training=True))
+        return strategy.run(lambda: layer(tf.ones([4, 32]), training=True))
 
     first = [m.numpy() for m in strategy.experimental_local_results(masks())]
-    assert not np.array_equal(first[0], first[1])  # each replica its own mask
+    assert not np.array_equal(first[0], first[1])  # replica 1 holds rows 4-7, not rows 0-3 again
+    # One replica holding the whole global batch of 8 draws the same masks for the same rows.
+    np.testing.assert_array_equal(np.concatenate(first), layer(tf.ones([8, 32]), training=True).numpy())
     again = [m.numpy() for m in strategy.experimental_local_results(masks())]
     np.testing.assert_array_equal(first, again)  # same step: same masks
     step.assign(4)
