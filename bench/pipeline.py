@@ -18,39 +18,36 @@ import tensorflow as tf
 from bench.throughput import imdb_dist_runner
 from bench.timing import emit, median
 from imdb_dist.config import load_config
-from imdb_dist.data import pipeline
+from imdb_dist.data import pipeline, plan
 from imdb_dist.data.sources import load_training_splits
-from imdb_dist.model import min_length
+from imdb_dist.train import data_plan
 
 
 def pipeline_rates(cfg, train, passes: int) -> list[float]:
     """Examples/s of each full pass over the training input, nothing else running.
 
     The first pass includes tokenizing every review (done once per run); the
-    later ones are the planned epochs ``fit`` sees from then on.
+    later ones are the epochs of the run's global plan (one worker, one
+    replica) that training sees from then on. A pass's examples are the ones
+    its epoch trains (``steps_per_epoch * batch_size``), as in the training
+    rate it is compared with.
     """
     tokenizer = pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size)
-    bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
-    pool = pipeline.pool_size(cfg.train.batch_size, cfg.data.max_len) if bucketed else None
     rates = []
-    encoded = None
+    encoded = global_plan = None
     for epoch in range(passes):
         start = time.perf_counter()
         if encoded is None:
             encoded = pipeline.encode_examples(
                 tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, cfg.data.max_len
             )
-        plan = pipeline.epoch_plan(
-            encoded.lengths, batch_size=cfg.train.batch_size, seed=cfg.data.seed, epoch=epoch, pool=pool
-        )
-        dataset = pipeline.plan_dataset(
-            encoded, plan, max_len=cfg.data.max_len, min_len=min_length(cfg.model),
-            bucket_width=cfg.data.bucket_width if bucketed else None,
-        )
+            global_plan = data_plan(cfg, encoded.lengths)
+        dataset = plan.stream(encoded, global_plan, plan.Share(1), epochs=epoch + 1, start=(epoch, 0))
         # Consume in-graph, as the trainer's iterator does: a Python loop over
         # next() would add a per-batch cost the trainer never pays.
         dataset.reduce(0, lambda count, _: count + 1).numpy()
-        rates.append(len(train) / (time.perf_counter() - start))
+        trained = global_plan.steps_per_epoch * global_plan.batch_size
+        rates.append(trained / (time.perf_counter() - start))
     return rates
 
 
@@ -64,9 +61,9 @@ def main() -> None:
     cfg = load_config(args.config, [f"data.path={args.data}", *args.overrides])
     train, val = load_training_splits(cfg.data)
     rates = pipeline_rates(cfg, train, args.passes)
-    epoch, _ = imdb_dist_runner(cfg, train, val)
+    epoch, _, trained = imdb_dist_runner(cfg, train, val)
     epoch()  # warm-up
-    training = len(train) / epoch()
+    training = trained / epoch()
     steady = median(rates[1:]) if len(rates) > 1 else rates[0]
     emit({
         "benchmark": "pipeline",

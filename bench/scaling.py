@@ -21,13 +21,15 @@ distributed job against two independent ones. Variants:
 
 ``step``: two MultiWorkerMirrored worker processes on loopback (no Ray), one
 thread pool thread each as a 1-CPU Ray worker gets, running the real
-network on real reviews at a fixed batch shape. Per worker it times the
-distributed step with each route, the same step without any collective
-(a model outside the strategy: compute), and the collectives alone on
-tensors of the gradients' shapes; it counts the bytes crossing loopback
-per step (``/proc/net/dev``), and from the measured sizes (the embedding
-rows a bucketed batch really has at ``--max-len``) tabulates each route's
-traffic per replica and step at 8, 16 and 64 replicas.
+network on real reviews (each worker's blocks of the global plan's first
+batches) at a fixed batch shape. Per worker it times the distributed step
+(fed as the training loop feeds it) with each route, the same step without
+any collective (a model outside the strategy: compute), and the collectives
+alone on tensors of the gradients' shapes; it counts the bytes crossing
+loopback per step (``/proc/net/dev``), and from the measured sizes (the
+embedding rows a replica's block really has at ``--max-len``, padded to its
+bucketed global batch's width) tabulates each route's traffic per replica
+and step at 8, 16 and 64 replicas.
 
     python -m bench.scaling step --data ../shared/data/imdb/aclImdb_train.tar.gz \\
         --output docs/bench-results/scaling-step.json
@@ -180,11 +182,11 @@ def _loopback_tx_bytes() -> int:
 
 
 def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    """Tokenize the real reviews; save each worker's batches at the typical bucketed width; measure the widths."""
+    """Tokenize the real reviews; save each worker's blocks at the typical bucketed width; measure the widths."""
     import numpy as np
 
     from imdb_dist.config import DataConfig, ModelConfig
-    from imdb_dist.data import pipeline
+    from imdb_dist.data import pipeline, plan
     from imdb_dist.data.sources import load_reviews
     from imdb_dist.model import min_length
 
@@ -196,52 +198,51 @@ def _prepare_batches(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     encoded = pipeline.encode_examples(
         tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, args.max_len
     )
-    # The widths the training plan really pads to (bucketed, as imdb-dist trains).
-    plan = pipeline.epoch_plan(
-        encoded.lengths, batch_size=args.batch, seed=cfg.seed, epoch=0,
-        pool=pipeline.pool_size(args.batch, args.max_len),
-    )
-    widths = [
-        int(pipeline.batch_width(encoded.lengths[batch].max(), cfg.bucket_width, min_length(ModelConfig()),
-                                 args.max_len))
-        for batch in plan
-    ]
-    rows = [len(batch) * width for batch, width in zip(plan, widths)]
-    # Two workers' halves of the data: how wide is a step's widest batch, relative to the mean batch,
-    # with the shared length-rank order (as trained) and with each worker ordering its batches alone.
-    halves = [encoded.lengths[: len(encoded) // 2], encoded.lengths[len(encoded) // 2 :]]
-    steps = max(-(-len(half) // args.batch) for half in halves)
 
-    def step_widths(shared: bool) -> list[int]:
-        plans = [
-            pipeline.epoch_plan(half, batch_size=args.batch, seed=cfg.seed + (0 if shared else worker), epoch=0,
-                                worker=worker, pool=pipeline.pool_size(args.batch, args.max_len), steps=steps)
-            for worker, half in enumerate(halves)
-        ]
-        return [
-            max(int(pipeline.batch_width(half[batch].max(), cfg.bucket_width, 1, args.max_len)) if len(batch) else 0
-                for half, batch in zip(halves, batches))
-            for batches in zip(*plans)
-        ]
+    bucket_width = cfg.bucket_width if cfg.bucketing and cfg.bucket_width < args.max_len else None  # as trained
 
-    widest = {name: float(np.mean(step_widths(name == "shared"))) for name in ("shared", "independent")}
-    length = args.length or round(float(np.mean(widths)))  # the mean step's rows
+    def global_plan(workers: int) -> plan.GlobalPlan:
+        # The run's plan (bucketed, as imdb-dist trains) for `workers` workers of one replica each.
+        return plan.GlobalPlan(encoded.lengths, batch_size=args.batch * workers, seed=cfg.seed, max_len=args.max_len,
+                               min_len=min_length(ModelConfig()), bucket_width=bucket_width)
+
+    # The widths the two workers' replicas really pad to: every block of a step is as wide as its global batch.
+    two, one = global_plan(2), global_plan(1)
+    batches = two.batches(0)
+    widths = two.widths(batches)
+    rows = args.batch * widths  # embedding rows per replica and step
+    # A synchronous step waits for its widest block. The global plan pads every block of a step to its global
+    # batch's width, so the blocks no longer differ in width (the old per-worker plans' shared vs independent
+    # order is gone); what is left to measure: the 2-worker step's width over a lone worker's batch of the same
+    # per-worker size (a global batch twice as large spans more of a length-sorted pool), and each worker's
+    # block's own width (its longest review, rounded) over the step's, the padding the common width adds.
+    shares = [plan.Share(2, 2, worker) for worker in range(2)]
+    own = np.stack([two.widths(batches[:, share.rows(two.batch_size)]) for share in shares])
+    mean_width = float(np.mean(widths))
+    length = args.length or round(mean_width)  # the mean step's width
+    if two.steps_per_epoch < args.batches:
+        raise ValueError(f"{len(encoded)} reviews make {two.steps_per_epoch} global batches of {two.batch_size}, "
+                         f"fewer than --batches {args.batches}")
     arrays: dict[str, Any] = {}
-    for worker in range(2):
-        index = np.arange(args.batch * args.batches) + worker * args.batch * args.batches
-        dense = tf.gather(encoded.tokens, index).to_tensor(default_value=0, shape=[None, length])
+    for worker, share in enumerate(shares):
+        # This worker's blocks of the plan's first global batches, at the fixed width the step is timed at.
+        index, _ = plan.worker_batches(two, share, epochs=1)
+        tokens, labels = encoded.gather(index[: args.batches].reshape(-1))
+        dense = tokens.to_tensor(default_value=0, shape=[None, length])
         arrays[f"x{worker}"] = pipeline.pre_pad(dense).numpy().reshape(args.batches, args.batch, length)
-        arrays[f"y{worker}"] = tf.gather(encoded.labels, index).numpy().reshape(args.batches, args.batch)
+        arrays[f"y{worker}"] = labels.numpy().reshape(args.batches, args.batch)
     np.savez(path, vocab=tokenizer.vocabulary_size(), **arrays)
     return {
         "length": length,
         "vocab": tokenizer.vocabulary_size(),
-        "bucketed_width_mean": float(np.mean(widths)),
+        "bucketed_width_mean": mean_width,
         "bucketed_width_median": float(np.median(widths)),
         "embedding_rows_per_step_mean": float(np.mean(rows)),
         "embedding_rows_per_step_max": int(np.max(rows)),
-        # A synchronous step waits for its widest batch: its width over the mean batch's.
-        "widest_over_mean_width": {name: value / float(np.mean(widths)) for name, value in widest.items()},
+        "widest_over_mean_width": {
+            "two_workers_over_one": mean_width / float(np.mean(one.widths(one.batches(0)))),
+            "step_over_own_block": mean_width / float(np.mean(own)),
+        },
     }
 
 
@@ -257,6 +258,7 @@ def step_worker(args: argparse.Namespace) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     from imdb_dist.config import ModelConfig
     from imdb_dist.dropout import key_on_step
+    from imdb_dist.loop import build_optimizer, make_train_function
     from imdb_dist.model import build_model, compile_model
 
     arrays = np.load(args.batches)
@@ -277,10 +279,12 @@ def step_worker(args: argparse.Namespace) -> None:
         return tf.data.Dataset.from_tensor_slices((x, y)).repeat()
 
     def distributed_step(dense: bool):
+        # As the training loop feeds it: a plain iterator over this worker's blocks, split per replica in the step.
         m = model(dense, True)
-        iterator = iter(strategy.distribute_datasets_from_function(lambda _: batches()))
-        step = tf.function(lambda: strategy.run(m.train_step, args=(next(iterator),)))
-        return lambda: float(strategy.experimental_local_results(step()["loss"])[0])
+        build_optimizer(m)
+        iterator = iter(batches())
+        train = make_train_function(m)
+        return lambda: float(train(iterator, 1)["loss"])
 
     def local_step():
         m = model(False, False)

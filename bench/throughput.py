@@ -3,7 +3,9 @@
 Each contender first trains one warm-up epoch (tracing, caches), then the two
 alternate, one training epoch each, ``--rounds`` times; the medians of their
 training examples/s and the ratio are reported, with the validation accuracy
-each reached at the end.
+each reached at the end. An epoch's examples are the ones it trains: all of them
+for the seed, ``steps_per_epoch * batch_size`` for imdb-dist (its global plan
+trains full batches only).
 
     python -m bench.throughput --data ../shared/data/imdb/aclImdb_train.tar.gz --config job/configs/fast.yaml
 """
@@ -22,24 +24,26 @@ import tf_keras as keras
 from bench import seed
 from bench.timing import TrainTimer, emit, median
 from imdb_dist.config import Config, load_config
-from imdb_dist.data import pipeline
+from imdb_dist.data import pipeline, plan
 from imdb_dist.data.sources import Reviews, load_training_splits
 from imdb_dist.distribute import precision_policy, resolve_precision
-from imdb_dist.model import build_model, compile_model, min_length
+from imdb_dist.model import build_model, compile_model
+from imdb_dist.train import data_plan
 
 EpochRunner = Callable[[], float]  # trains one epoch, returns its training seconds
+# An epoch at a time, the score on the validation split, and how many examples one epoch trains.
+Contender = tuple[EpochRunner, Callable[[], float], int]
 
 
-def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> tuple[EpochRunner, Callable[[], float]]:
+def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> Contender:
     """One training epoch at a time of imdb-dist's own pipeline and model, as ``run`` builds them."""
     tokenizer = pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size)
-    bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
-    options = {"min_len": min_length(cfg.model), "bucket_width": cfg.data.bucket_width if bucketed else None}
-    # The training path of imdb_dist.train: tokenized once, one planned epoch at a time.
+    # The training path of imdb_dist.train: tokenized once, then the run's global plan, one epoch's
+    # stream at a time (one worker, one replica: its block is the whole global batch).
     encoded = pipeline.encode_examples(
         tf.data.Dataset.from_tensor_slices((train.texts, train.labels)), tokenizer, cfg.data.max_len
     )
-    pool = pipeline.pool_size(cfg.train.batch_size, cfg.data.max_len) if options["bucket_width"] else None
+    global_plan = data_plan(cfg, encoded.lengths)
     val_ds = pipeline.batch_examples(
         tf.data.Dataset.from_tensor_slices((val.texts, val.labels)), tokenizer,
         max_len=cfg.data.max_len, batch_size=cfg.train.batch_size,
@@ -51,20 +55,17 @@ def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> tuple[EpochRu
     epochs = iter(range(1_000_000))
 
     def epoch() -> float:
-        plan = pipeline.epoch_plan(
-            encoded.lengths, batch_size=cfg.train.batch_size, seed=cfg.data.seed, epoch=next(epochs), pool=pool
-        )
-        batches = pipeline.plan_dataset(
-            encoded, plan, max_len=cfg.data.max_len, min_len=options["min_len"], bucket_width=options["bucket_width"]
-        )
+        e = next(epochs)
+        batches = plan.stream(encoded, global_plan, plan.Share(1), epochs=e + 1, start=(e, 0))
         timer = TrainTimer()
         model.fit(batches, epochs=1, callbacks=[timer], verbose=0)
         return timer.train_s[0]
 
-    return epoch, lambda: float(model.evaluate(val_ds, verbose=0)[1])
+    trained = global_plan.steps_per_epoch * global_plan.batch_size
+    return epoch, lambda: float(model.evaluate(val_ds, verbose=0)[1]), trained
 
 
-def seed_runner(train: Reviews, val: Reviews, max_len: int) -> tuple[EpochRunner, Callable[[], float]]:
+def seed_runner(train: Reviews, val: Reviews, max_len: int) -> Contender:
     x_train, x_val = seed.vectorize(train, val, max_len, vocab=20000)
     keras.utils.set_random_seed(1337)
     model = seed.seed_model(20000)
@@ -74,25 +75,27 @@ def seed_runner(train: Reviews, val: Reviews, max_len: int) -> tuple[EpochRunner
         model.fit(x_train, train.labels, batch_size=seed.BATCH, epochs=1, callbacks=[timer], verbose=0)
         return timer.train_s[0]
 
-    return epoch, lambda: float(model.evaluate(x_val, val.labels, verbose=0)[1])
+    return epoch, lambda: float(model.evaluate(x_val, val.labels, verbose=0)[1]), len(train)
 
 
 def measure(train: Reviews, val: Reviews, cfg: Config, rounds: int) -> dict:
     contenders = {"seed": seed_runner(train, val, cfg.data.max_len), "imdb_dist": imdb_dist_runner(cfg, train, val)}
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for epoch, _ in contenders.values():
+    for epoch, _, _ in contenders.values():
         epoch()  # warm-up: tracing and caches, not timed
     for _ in range(rounds):
-        for name, (epoch, _) in contenders.items():
+        for name, (epoch, _, _) in contenders.items():
             seconds[name].append(epoch())
-    rates = {name: [len(train) / s for s in values] for name, values in seconds.items()}
+    trained = {name: examples for name, (_, _, examples) in contenders.items()}
+    rates = {name: [trained[name] / s for s in values] for name, values in seconds.items()}
     medians = {name: median(values) for name, values in rates.items()}
     return {
         "examples_per_s": rates,
         "median_examples_per_s": medians,
         "ratio": medians["imdb_dist"] / medians["seed"],
-        "val_accuracy_after": {name: evaluate() for name, (_, evaluate) in contenders.items()},
+        "val_accuracy_after": {name: evaluate() for name, (_, evaluate, _) in contenders.items()},
         "epochs_each": rounds + 1,
+        "examples_per_epoch": trained,
     }
 
 

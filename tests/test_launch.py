@@ -128,24 +128,25 @@ def events(path: Path) -> list[tuple[int, int, int, str, str]]:
 
 # An uninterrupted run that a killed one is compared with: its checkpoints
 # every 3 steps and the retry it is allowed do not change what it trains.
-UNINTERRUPTED = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1")
+UNINTERRUPTED = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1", "train.deterministic=true")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory) -> Callable[[int], tuple[Path, Path]]:
-    """``uninterrupted(members)``: ``(root, run_dir)`` of a 2-worker run, launched once per member count.
+def uninterrupted(cluster, tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
+    """``uninterrupted(members, *extra)``: ``(root, run_dir)`` of a 2-worker run, launched once per setting.
 
     The sync test reads it; the kill test holds a killed run to it.
     """
-    runs: dict[int, tuple[Path, Path]] = {}
+    runs: dict[tuple[str, ...], tuple[Path, Path]] = {}
 
-    def get(members: int) -> tuple[Path, Path]:
-        if members not in runs:
-            root = tmp_path_factory.mktemp(f"uninterrupted-{members}")
-            cfg = ray_config(root, f"model.members={members}", *UNINTERRUPTED)
+    def get(members: int, *extra: str) -> tuple[Path, Path]:
+        key = (f"model.members={members}", *extra)
+        if key not in runs:
+            root = tmp_path_factory.mktemp(f"uninterrupted-{len(runs)}")
+            cfg = ray_config(root, *key, *UNINTERRUPTED)
             callbacks = [RecordEpochs(str(root / "events.txt")), RecordThreads(str(root / "threads.txt"))]
-            runs[members] = root, launch(cfg, worker_callbacks=callbacks).local_path()
-        return runs[members]
+            runs[key] = root, launch(cfg, worker_callbacks=callbacks).local_path()
+        return runs[key]
 
     return get
 
@@ -201,13 +202,17 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
 
 
 @pytest.mark.timeout(600)  # a run, a SIGKILL, Ray noticing it, a restarted worker group
-def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupted, tmp_path: Path) -> None:
-    _, reference = uninterrupted(1)
+@pytest.mark.parametrize("local", [1, 2], ids=["2x1", "2x2"])
+def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupted, tmp_path: Path, local) -> None:
+    # 2x2: each worker runs two replicas on two logical CPUs, the shape of a multi-GPU worker.
+    extra = (f"distribution.cpu_devices={local}",) if local > 1 else ()
+    _, reference = uninterrupted(1, *extra)
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
     kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
     callbacks = [kill, RecordEpochs(str(log))]
-    run_dir = launch(ray_config(tmp_path / "killed", *UNINTERRUPTED), worker_callbacks=callbacks).local_path()
+    cfg = ray_config(tmp_path / "killed", "model.members=1", *extra, *UNINTERRUPTED)
+    run_dir = launch(cfg, worker_callbacks=callbacks).local_path()
     assert (tmp_path / "killed-once").exists(), "the worker was never killed"
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
     assert begun == [1, 2, 2], begun  # the restarted group resumed inside epoch 2
@@ -217,6 +222,7 @@ def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupt
         assert np.array_equal(got[key], want[key]), key
     reports = [json.loads((d / rundir.REPORT).read_text()) for d in (run_dir, reference)]
     assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+    assert reports[0]["replicas"] == reports[1]["replicas"] == 2 * local
     losses = [[r["loss"] for r in read_metrics(d / rundir.METRICS)] for d in (run_dir, reference)]
     assert losses[0] == losses[1]
 

@@ -22,22 +22,19 @@ from conftest import NEGATIVE, NEUTRAL, POSITIVE, fake_review
 from imdb_dist.data.pipeline import (
     Tokenizer,
     batch_examples,
-    batch_width,
     encode,
     encode_examples,
     encode_padded,
     encode_words,
-    epoch_plan,
     fit_tokenizer,
     fit_vocabulary,
-    plan_dataset,
-    pool_size,
     pre_pad,
     split_examples,
-    split_for_replicas,
     split_words,
     standardize,
 )
+
+from imdb_dist.data.plan import GlobalPlan, Share, stream
 
 VOCAB_SIZE = 50
 WORDS = POSITIVE + NEGATIVE + NEUTRAL  # 28 distinct words: all fit in VOCAB_SIZE
@@ -303,7 +300,13 @@ def test_a_10_mb_review_is_cut_to_its_last_max_len_tokens(tokenizer):
     assert ids.tolist() == [1, 1, *expected]  # two unknown words, then the last three
 
 
-# --------------------------------------------------------------------------- batch_width
+# --------------------------------------------------------------------------- batch widths
+
+
+def batch_width(longest: int, width: int, min_len: int, max_len: int) -> int:
+    """The width the plan pads a batch whose longest review has ``longest`` tokens to."""
+    plan = GlobalPlan(np.array([longest]), batch_size=1, seed=0, max_len=max_len, min_len=min_len, bucket_width=width)
+    return int(plan.widths(np.array([[0]]))[0])
 
 
 @pytest.mark.parametrize(
@@ -327,13 +330,13 @@ def test_batch_width_max_len_not_a_multiple_of_width():
 
 
 def _training(tokenizer, texts, *, max_len=64, batch_size=6, min_len=1, bucket_width=None, seed=5, epoch=0):
-    """One planned epoch over ``texts`` (labels are the indices), as a dataset."""
+    """One planned epoch over ``texts`` (labels are the indices), as the one-replica stream."""
     encoded = encode_examples(
         tf.data.Dataset.from_tensor_slices((texts, list(range(len(texts))))), tokenizer, max_len
     )
-    pool = pool_size(batch_size, max_len) if bucket_width is not None else None
-    plan = epoch_plan(encoded.lengths, batch_size=batch_size, seed=seed, epoch=epoch, pool=pool)
-    return plan_dataset(encoded, plan, max_len=max_len, min_len=min_len, bucket_width=bucket_width)
+    plan = GlobalPlan(encoded.lengths, batch_size=batch_size, seed=seed, max_len=max_len, min_len=min_len,
+                      bucket_width=bucket_width)
+    return stream(encoded, plan, Share(1), epochs=epoch + 1, start=(epoch, 0))
 
 
 def test_encode_examples_keeps_every_example_in_order_with_its_direct_ids(tokenizer):
@@ -345,17 +348,16 @@ def test_encode_examples_keeps_every_example_in_order_with_its_direct_ids(tokeni
     assert encoded.lengths.tolist() == [len(ids) for ids in _direct(tokenizer, texts, 24)]
 
 
-def test_an_unbucketed_epoch_is_max_len_wide_pre_padded_and_holds_every_example_once(tokenizer):
+def test_an_unbucketed_epoch_is_full_batches_max_len_wide_pre_padded_of_distinct_examples(tokenizer):
     texts = _texts(23, seed=2, min_words=1, max_words=40) + [""]
     ds = _training(tokenizer, texts, max_len=24, batch_size=5)
     shapes = [x.shape for x, _ in ds.as_numpy_iterator()]
-    assert all(shape[1] == 24 for shape in shapes)
-    assert sorted(shape[0] for shape in shapes) == [4, 5, 5, 5, 5]
+    assert shapes == [(5, 24)] * 4  # 24 // 5 full batches; the 4 left over sit this epoch out
     rows = _rows(ds)
     for _, _, row in rows:
         _assert_front_padded(row)
     direct = _direct(tokenizer, texts, 24)
-    assert sorted(y for _, y, _ in rows) == list(range(len(texts)))
+    assert len({y for _, y, _ in rows}) == 20
     assert all(ids == direct[y] for ids, y, _ in rows)
 
 
@@ -366,7 +368,7 @@ def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(
     ds = _training(tokenizer, texts, max_len=max_len, batch_size=6, min_len=min_len, bucket_width=width)
     widths, spans, longest = [], [], []
     for x, y in ds.as_numpy_iterator():
-        assert x.shape[0] == y.shape[0] <= 6
+        assert x.shape[0] == y.shape[0] == 6
         lengths = [int(np.count_nonzero(row)) for row in x]
         for row in x:
             _assert_front_padded(row)
@@ -393,81 +395,17 @@ def test_bucketing_keeps_short_reviews_narrow(tokenizer):
     assert {x.shape[1] for x, _ in unbucketed.as_numpy_iterator()} == {200}
 
 
-@pytest.mark.parametrize("pool", [None, 12])
-def test_the_epoch_plan_is_a_function_of_seed_epoch_and_worker(pool):
-    lengths = np.random.default_rng(0).integers(1, 100, size=50)
-
-    def plan(**kwargs):
-        args = {"batch_size": 4, "seed": 7, "epoch": 0, "worker": 0, "pool": pool, **kwargs}
-        return [batch.tolist() for batch in epoch_plan(lengths, **args)]
-
-    first = plan()
-    assert first == plan()  # the same epoch twice is identical
-    for other in (plan(epoch=1), plan(seed=8), plan(worker=1)):
-        assert other != first
-        assert sorted(i for batch in other for i in batch) == list(range(50))  # every example once
-    assert sorted(i for batch in first for i in batch) == list(range(50))
-    assert sorted(len(batch) for batch in first) == [2] + [4] * 12  # pools are whole batches: one short batch
-
-
-@pytest.mark.parametrize("extra", [0, 9])
-def test_bucketed_workers_train_on_batches_of_the_same_length_rank_at_each_step(extra):
-    """A synchronous step waits for its widest batch: at each step every worker's batch has the same rank.
-
-    Each worker keeps its own examples and order within batches; the order
-    of batches by length rank is shared. A worker with fewer batches (here 3
-    fewer) spreads its ranks over the steps and gets empty batches in the
-    gaps: at each step both hold the same length quantile, to within one of its ranks.
-    """
-    rng = np.random.default_rng(5)
-    shards = [rng.integers(1, 400, size=64 + extra), rng.integers(1, 400, size=64)]
-    steps = -(-(64 + extra) // 4)
-    plans = [epoch_plan(lengths, batch_size=4, seed=7, epoch=2, worker=w, pool=32, steps=steps)
-             for w, lengths in enumerate(shards)]
-    ranks = []
-    for plan, lengths in zip(plans, shards):
-        assert len(plan) == steps
-        assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))  # every example once
-        full = [t for t, batch in enumerate(plan) if len(batch)]
-        by_length = sorted(full, key=lambda t: (int(lengths[plan[t]].max()), t))
-        ranks.append({t: r / len(full) for r, t in enumerate(by_length)})  # the batch's length quantile
-    assert [len(batch) == 0 for batch in plans[0]].count(True) == 0
-    assert [len(batch) == 0 for batch in plans[1]].count(True) == (3 if extra else 0)
-    both = [t for t in range(steps) if t in ranks[0] and t in ranks[1]]
-    assert [ranks[0][t] for t in both] != sorted(ranks[0][t] for t in both)  # not served in length order
-    assert max(abs(ranks[0][t] - ranks[1][t]) for t in both) <= (1 / 16 if extra else 0)
-    # The workers' own examples and order: the same rank holds different reviews.
-    assert plans[0][0].tolist() != plans[1][0].tolist()
-
-
-def test_a_resumed_epoch_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(tokenizer):
+def test_a_resumed_stream_holds_exactly_the_remaining_batches_of_the_uninterrupted_one(tokenizer):
     texts = _texts(60, seed=11, min_words=1, max_words=60)
     encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, list(range(60)))), tokenizer, 32)
-    plan = epoch_plan(encoded.lengths, batch_size=4, seed=3, epoch=2, pool=pool_size(4, 32))
-    whole = list(plan_dataset(encoded, plan, max_len=32, bucket_width=8).as_numpy_iterator())
-    # A resume builds the plan again from (seed, epoch) and starts at the saved step.
-    again = epoch_plan(encoded.lengths, batch_size=4, seed=3, epoch=2, pool=pool_size(4, 32))
-    rest = list(plan_dataset(encoded, again[6:], max_len=32, bucket_width=8).as_numpy_iterator())
-    assert len(rest) == len(whole) - 6
-    for (x, y), (x2, y2) in zip(whole[6:], rest, strict=True):
+    plan = GlobalPlan(encoded.lengths, batch_size=4, seed=3, max_len=32, bucket_width=8)
+    whole = list(stream(encoded, plan, Share(1), epochs=4).as_numpy_iterator())
+    # A resume builds the plan again from (seed, epoch) and enters the stream at the saved step.
+    again = GlobalPlan(encoded.lengths, batch_size=4, seed=3, max_len=32, bucket_width=8)
+    rest = list(stream(encoded, again, Share(1), epochs=4, start=(2, 6)).as_numpy_iterator())
+    assert len(whole) == 4 * 15 and len(rest) == 2 * 15 - 6
+    for (x, y), (x2, y2) in zip(whole[2 * 15 + 6 :], rest, strict=True):
         assert np.array_equal(x, x2) and np.array_equal(y, y2)
-
-
-def test_split_for_replicas_gives_each_replica_a_part_and_pads_to_the_steps():
-    batches = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 11)]
-    parts = split_for_replicas(batches, replicas=2, steps=4)
-    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [], []]
-    assert [p.tolist() for p in split_for_replicas(batches, replicas=1, steps=3)] == [b.tolist() for b in batches]
-    with pytest.raises(ValueError):
-        split_for_replicas(batches, replicas=1, steps=2)
-
-
-def test_an_empty_padding_batch_is_min_len_wide_with_no_labels(tokenizer):
-    texts = _texts(5, seed=1, min_words=3, max_words=10)
-    encoded = encode_examples(tf.data.Dataset.from_tensor_slices((texts, [0, 1, 0, 1, 0])), tokenizer, 32)
-    plan = split_for_replicas([np.arange(5)], replicas=1, steps=2)
-    (_, _), (x, y) = plan_dataset(encoded, plan, max_len=32, min_len=6, bucket_width=8).as_numpy_iterator()
-    assert x.shape == (0, 6) and y.shape == (0,)
 
 
 def test_evaluation_batches_are_in_order_and_padded_like_the_export(tokenizer):

@@ -3,7 +3,8 @@
 The promise (README, "Failure behaviour"): with ``train.deterministic``,
 rerunning the same command after SIGTERM, SIGKILL or a stop during
 validation gives bit-identical final weights and the same ``metrics.jsonl``
-loss columns as the uninterrupted run, whatever ``steps_per_execution`` is.
+loss columns as the uninterrupted run, whatever ``steps_per_execution`` is,
+on one replica or two (``distribution.cpu_devices``: the multi-GPU shape).
 Each run is a real ``imdb-dist train`` process (op determinism is
 process-wide, so it never runs inside the test process).
 """
@@ -148,16 +149,21 @@ def stop_inside_epoch_two(args: list[str], out: Path, signum: int) -> str:
     pytest.fail(f"{signal.Signals(signum).name} never landed inside epoch 2")
 
 
+# Two replicas in one process (MirroredStrategy on two logical CPUs): the multi-GPU shape.
+TWO_REPLICAS = "distribution.cpu_devices=2"
+
+
 @pytest.mark.parametrize(
-    ("execution", "members"),
-    [(1, 1), (4, 1), (1, 2)],
-    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2"],
+    ("execution", "members", "replicas"),
+    [(1, 1, 1), (4, 1, 1), (1, 2, 1), (1, 1, 2)],
+    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2", "two-replicas"],
 )
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
-    data, tmp_path_factory, execution, members
+    data, tmp_path_factory, execution, members, replicas
 ):
     # An ensemble (model.members) checkpoints and resumes as one model: every member's weights exact.
     extra = (f"train.steps_per_execution={execution}",) + (("model.members=2",) if members > 1 else ())
+    extra += (TWO_REPLICAS,) if replicas > 1 else ()
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigterm") / "run"
     args = _args(data, out, *extra)
@@ -166,17 +172,23 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
     assert stopped and _saved_position(out) == (1, int(stopped[1])), err[-2000:]  # the step it stopped at
     assert int(stopped[1]) % execution == 0  # stops land where an execution ends
     _finish(_train(*args))
-    assert json.loads((out / rundir.REPORT).read_text())["config"]["model"]["members"] == members
+    report = json.loads((out / rundir.REPORT).read_text())
+    assert (report["config"]["model"]["members"], report["replicas"]) == (members, replicas)
     assert_same_run(out, reference)
 
 
-@pytest.mark.parametrize("execution", [1, 4], ids=["steps_per_execution=1", "steps_per_execution=4"])
+@pytest.mark.parametrize(
+    ("execution", "replicas"),
+    [(1, 1), (4, 1), (1, 2)],
+    ids=["steps_per_execution=1", "steps_per_execution=4", "two-replicas"],
+)
 def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterrupted_model(
-    data, tmp_path_factory, execution
+    data, tmp_path_factory, execution, replicas
 ):
     # 7 divides neither the epoch (200) nor the execution (4): checkpoints
     # land on every 7th optimizer step all the same.
     extra = (f"train.steps_per_execution={execution}", "run.checkpoint_steps=7")
+    extra += (TWO_REPLICAS,) if replicas > 1 else ()
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigkill") / "run"
     args = _args(data, out, *extra)
@@ -186,6 +198,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterr
     resumed = re.search(r"resuming at epoch 2 step (\d+) \(optimizer step (\d+)\)", err)
     assert resumed, err[-2000:]
     assert 0 < int(resumed[1]) < STEPS and int(resumed[2]) % 7 == 0  # from a mid-epoch step checkpoint
+    assert json.loads((out / rundir.REPORT).read_text())["replicas"] == replicas
     assert_same_run(out, reference)
 
 
