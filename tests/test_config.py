@@ -20,6 +20,7 @@ from imdb_dist.config import (
     TrainConfig,
     dump_yaml,
     load_config,
+    to_dict,
 )
 from imdb_dist.errors import ConfigError, InputError
 
@@ -335,3 +336,37 @@ def test_unknown_keys_of_mixed_types_raise_config_error(tmp_path):
 def test_fold_outside_the_folds_is_refused(folds, fold):
     with pytest.raises(ConfigError, match=r"config key data.fold: .* out of range"):
         load_config(None, [f"data.folds={folds}", f"data.fold={fold}"])
+
+
+# What a CPU rehearsal of ray-gpu.yaml may change, and nothing else: the
+# model, the data and the global batch (so every step's data) stay the GPU job's.
+REHEARSAL_CHANGES = {
+    "data.source", "data.path",
+    "train.epochs", "train.mixed_precision",
+    "distribution.cpu_devices", "run.checkpoint_steps",
+    "ray.use_gpu", "ray.resources_per_worker", "ray.storage_path", "ray.name", "ray.max_failures",
+}
+
+
+def test_the_gpu_rehearsal_is_the_gpu_config_on_cpus():
+    configs = Path(__file__).resolve().parents[1] / "job" / "configs"
+    gpu, rehearsal = (to_dict(load_config(configs / name)) for name in ("ray-gpu.yaml", "ray-gpu-rehearsal.yaml"))
+    differ = {
+        f"{section}.{key}"
+        for section in gpu
+        for key in gpu[section]
+        if gpu[section][key] != rehearsal[section][key]
+    }
+    assert differ <= REHEARSAL_CHANGES, sorted(differ - REHEARSAL_CHANGES)
+    assert rehearsal["distribution"]["cpu_devices"] >= 2 and rehearsal["ray"]["num_workers"] >= 2
+    assert rehearsal["train"]["batch_size"] == gpu["train"]["batch_size"]
+
+
+def test_cpu_devices_is_off_or_a_split_into_two_or_more():
+    assert load_config(None, ["distribution.cpu_devices=2"]).distribution.cpu_devices == 2
+    with pytest.raises(ConfigError, match="config key distribution.cpu_devices: 1 is no split"):
+        load_config(None, ["distribution.cpu_devices=1"])
+    with pytest.raises(ConfigError, match="config key distribution.cpu_devices: .*not default"):
+        load_config(None, ["distribution.cpu_devices=2", "distribution.strategy=default"])
+    with pytest.raises(ConfigError, match="config key distribution.cpu_devices: .*set one"):
+        load_config(None, ["distribution.cpu_devices=2", "distribution.devices=[/cpu:0]"])

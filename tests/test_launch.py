@@ -16,7 +16,7 @@ import pytest
 import ray
 import tensorflow as tf
 import tf_keras as keras
-from conftest import tiny_overrides, write_aclimdb
+from conftest import REPO, TINY, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -225,6 +225,22 @@ def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupt
     assert reports[0]["replicas"] == reports[1]["replicas"] == 2 * local
     losses = [[r["loss"] for r in read_metrics(d / rundir.METRICS)] for d in (run_dir, reference)]
     assert losses[0] == losses[1]
+
+
+def test_the_gpu_rehearsal_config_runs_two_workers_of_two_replicas_each(cluster, tmp_path: Path) -> None:
+    # ray-gpu-rehearsal.yaml as shipped (its global batch of 1,024 included),
+    # with a tiny model on generated reviews: 1,260 to train, one step an epoch.
+    data = write_aclimdb(tmp_path / "data", {"train": 700})
+    tiny_model = [item for item in TINY if not item.startswith("train.batch_size=")]
+    cfg = load_config(
+        REPO / "job" / "configs" / "ray-gpu-rehearsal.yaml",
+        ["data.source=aclimdb", f"data.path={data}", *tiny_model, f"ray.storage_path={tmp_path / 'storage'}"],
+    )
+    run_dir = launch(cfg).local_path()
+    report = json.loads((run_dir / rundir.REPORT).read_text())
+    assert (report["workers"], report["replicas"]) == (2, 4)
+    assert report["strategy"] == "CpuReplicasMultiWorkerStrategy"
+    assert report["optimizer_steps"] == 1 and report["precision"] == "float32"
 
 
 def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: Path) -> None:
