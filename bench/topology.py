@@ -90,7 +90,10 @@ def measure(run_dir: Path, process_wall_s: float) -> dict[str, Any]:
     report = json.loads((run_dir / "report.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phases = dict(report["timings"]["phases_s"])
-    phases.pop("start-up", None)  # before run() started: not in its wall time
+    # report.json's wall_s runs from train.run's start to the end of
+    # training: start-up comes before it, export, score and curves after.
+    for outside in ("start-up", "export", "score", "curves"):
+        phases.pop(outside, None)
     speeds = [r["examples_per_s"] for r in records]
     return {
         "process_wall_s": process_wall_s,
