@@ -176,7 +176,9 @@ class DistributionConfig:
         if self.cpu_devices == 1:
             raise ConfigError("distribution.cpu_devices", "1 is no split: use 0 (off) or at least 2 devices")
         if self.cpu_devices and self.strategy == "default":
-            raise ConfigError("distribution.cpu_devices", "needs the mirrored, multi_worker or auto strategy, not default")
+            raise ConfigError(
+                "distribution.cpu_devices", "needs the mirrored, multi_worker or auto strategy, not default"
+            )
         if self.cpu_devices and self.devices:
             raise ConfigError("distribution.cpu_devices", "and distribution.devices both choose the devices: set one")
 

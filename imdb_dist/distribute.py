@@ -92,10 +92,16 @@ def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
 def split_cpu(devices: int) -> None:
     """Split the host CPU into ``devices`` logical devices (``/cpu:0`` ... ``/cpu:N-1``) sharing its cores.
 
+    A process already split that way (a test session, a second run in one
+    process) is left as it is.
+
     Raises:
-        RuntimeError: the runtime is already initialised (TensorFlow refuses then).
+        RuntimeError: the runtime is already initialised with another split
+            (TensorFlow refuses to change it then).
     """
     cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or ()) == devices:
+        return
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
 
 

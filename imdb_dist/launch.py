@@ -312,7 +312,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
 
 
 def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Path:
-    """A local working copy of what this worker reads: config, vocabulary, the prepared data (the chief: its logs too)."""
+    """A local working copy of what this worker reads: config, vocabulary, prepared data (the chief: its logs too)."""
     from imdb_dist.data import shards
 
     names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]

@@ -19,6 +19,8 @@ from imdb_dist.config import DistributionConfig, ModelConfig
 from imdb_dist.distribute import (
     cluster_spec,
     is_chief,
+    local_devices,
+    local_replicas,
     make_strategy,
     precision_policy,
     resolve_precision,
@@ -323,6 +325,24 @@ def test_mirrored_strategy_matches_the_default_strategy_on_the_first_step():
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
         changed |= not np.allclose(a, start)
     assert changed  # the step really moved the weights
+
+
+def test_cpu_devices_mirror_over_the_logical_cpus_and_count_as_local_replicas():
+    # conftest split this process's CPU in two before TensorFlow started: the same split is kept.
+    strategy = make_strategy(DistributionConfig(cpu_devices=2))
+    assert isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync == 2
+    assert [d.rsplit("/", 1)[-1] for d in local_devices(strategy)] == ["device:CPU:0", "device:CPU:1"]
+    assert local_replicas(strategy) == 2
+    default = make_strategy(DistributionConfig(strategy="default"))
+    assert local_devices(default) == () and local_replicas(default) == 1
+    with pytest.raises(RuntimeError, match="cannot be modified after being initialized"):
+        make_strategy(DistributionConfig(cpu_devices=3))  # another split, too late in this process
+
+
+def test_a_cpu_rehearsal_resolves_auto_precision_to_float32():
+    assert resolve_precision("auto", gpu=False) == "float32"
+    with pytest.raises(ConfigError, match="mixed_float16 needs a GPU"):
+        resolve_precision("mixed_float16", gpu=False)
 
 
 def test_make_strategy_default_is_the_default_strategy():

@@ -190,7 +190,9 @@ def test_one_step_from_the_same_weights_gives_the_same_weights_on_every_topology
     for (workers, local), weights in runs.items():
         assert weights.keys() == reference.keys() and len(reference) >= 5
         for key in reference:
-            np.testing.assert_allclose(weights[key], reference[key], rtol=0, atol=1e-6, err_msg=f"{workers}x{local} {key}")
+            np.testing.assert_allclose(
+                weights[key], reference[key], rtol=0, atol=1e-6, err_msg=f"{workers}x{local} {key}"
+            )
     # The tolerance tells batches apart: the same 160 reviews in another order
     # (each at another place in the batch, so under another dropout mask) move
     # the weights far more than 1e-6.

@@ -160,7 +160,9 @@ class Share:
 
     def __post_init__(self) -> None:
         if self.replicas % self.workers or not 0 <= self.worker < self.workers:
-            raise ValueError(f"{self.replicas} replicas do not divide among {self.workers} workers (worker {self.worker})")
+            raise ValueError(
+                f"{self.replicas} replicas do not divide among {self.workers} workers (worker {self.worker})"
+            )
 
     @property
     def local_replicas(self) -> int:
@@ -180,7 +182,9 @@ def replica_rows(block: tf.Tensor, local_replica: int, local_replicas: int) -> t
     return block[local_replica * per_replica : (local_replica + 1) * per_replica]
 
 
-def worker_batches(plan: GlobalPlan, share: Share, *, epochs: int, start: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+def worker_batches(
+    plan: GlobalPlan, share: Share, *, epochs: int, start: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, np.ndarray]:
     """This worker's rows of every global batch from ``start`` on, and each global batch's width."""
     batches = plan.run_batches(epochs, start)
     return batches[:, share.rows(plan.batch_size)], plan.widths(batches)
