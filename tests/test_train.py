@@ -182,14 +182,18 @@ def test_reopening_a_run_drops_its_stale_report_before_saving_the_config(trained
     assert load_config(run_dir / rundir.CONFIG) == cfg
 
 
-def test_several_steps_per_execution_train_the_same_steps(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_several_steps_per_execution_train_the_same_steps(data: Path, tmp_path: Path, replicas: int) -> None:
     # 10 steps an epoch in executions of 4: 4 + 4 + 2, and checkpoints every 3
     # optimizer steps cut them further; the optimizer still takes 10 steps.
+    # Two replicas (conftest's two logical CPUs) slice each block inside the executions' loop.
     out = tmp_path / "run"
-    run(config(data, out, "train.epochs=1", "train.steps_per_execution=4", "run.checkpoint_steps=3"))
+    devices = [f"distribution.cpu_devices={replicas}"] if replicas > 1 else []
+    run(config(data, out, "train.epochs=1", "train.steps_per_execution=4", "run.checkpoint_steps=3", *devices))
     (record,) = read_metrics(out / rundir.METRICS)
     assert math.isfinite(record["val_loss"]) and record["examples_per_s"] > 0
-    assert json.loads((out / rundir.REPORT).read_text())["optimizer_steps"] == 10
+    report = json.loads((out / rundir.REPORT).read_text())
+    assert (report["optimizer_steps"], report["replicas"]) == (10, replicas)
 
 
 def test_a_torn_last_metrics_line_is_dropped_but_earlier_damage_is_not_hidden(tmp_path: Path) -> None:
