@@ -16,8 +16,12 @@ epochs) and the real reviews. From each run directory:
 - **examples/s**: the first epoch's and the steady state's (the median of
   the later epochs), from ``metrics.jsonl``;
 - **what it trained** (first round): the export's validation accuracy, and
-  the largest difference between its scores and the 1x1 model's on the
-  validation reviews.
+  the largest and mean differences between its scores and the first
+  topology's model's on the validation reviews. Float summation order
+  differs between topologies, and a thousand steps of SGD amplify it; with
+  ``--reseeded`` a 1x1 run with ``train.seed + 1`` (other initial weights
+  and dropout masks, the same batches) shows how far two genuinely
+  different runs of the config land apart, for scale.
 
 With ``--baseline REV`` the 1x1 and 2x1 runs are repeated at that git
 revision (checked out in a temporary worktree), alternating with this
@@ -43,9 +47,11 @@ from typing import Any
 import numpy as np
 
 from bench.timing import emit, median
+from imdb_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
+RESEEDED = "1x1 train.seed+1"
 
 
 def cpu_model() -> dict[str, Any]:
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--topologies", default="1x1,1x2,2x1,2x2")
     parser.add_argument("--baseline", help="also run 1x1 and 2x1 at this git revision, side by side")
+    parser.add_argument("--reseeded", action="store_true", help="also run 1x1 with train.seed + 1, for scale")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", type=Path, help="also write the JSON result here")
     args = parser.parse_args()
@@ -154,11 +161,14 @@ def main() -> None:
         parser.error(f"unknown topologies {sorted(unknown)}; choose from {sorted(TOPOLOGIES)}")
     data = str(Path(args.data).resolve())
     config = args.config.resolve()
-    sets = [f"data.path={data}", f"train.epochs={args.epochs}", *args.overrides]
+    sets = [f"data.path={data}", *args.overrides, f"train.epochs={args.epochs}"]  # --epochs wins
     with tempfile.TemporaryDirectory(prefix="bench-topology-") as scratch_dir:
         scratch = Path(scratch_dir)
         base = scratch / "baseline-tree"
         variants: dict[str, tuple[Path, int, int]] = {t: (REPO, *TOPOLOGIES[t]) for t in topologies}
+        seed = load_config(config, sets).train.seed
+        if args.reseeded:
+            variants[RESEEDED] = (REPO, 1, 1)
         if args.baseline:
             subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
                            capture_output=True)
@@ -170,16 +180,17 @@ def main() -> None:
                 for name, (tree, workers, local) in variants.items():
                     where = scratch / f"{name.replace(' ', '-')}-{round_}"
                     started = time.perf_counter()
-                    run_dir = run_topology(tree, config, sets, workers, local, where)
+                    extra = [f"train.seed={seed + 1}"] if name == RESEEDED else []
+                    run_dir = run_topology(tree, config, [*sets, *extra], workers, local, where)
                     results[name].append(measure(run_dir, time.perf_counter() - started))
                     first_rounds.setdefault(name, run_dir)
                     print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
             # What each topology trained: the first round's exports, scored on the validation reviews.
-            from imdb_dist.config import load_config
             from imdb_dist.data.sources import load_training_splits
 
             _, validation = load_training_splits(load_config(config, sets).data)
-            scored = {name: scores(first_rounds[name], validation.texts) for name in topologies}
+            compared = [*topologies, *([RESEEDED] if args.reseeded else [])]
+            scored = {name: scores(first_rounds[name], validation.texts) for name in compared}
             reference = scored[topologies[0]]
             trained = {
                 name: {

@@ -131,11 +131,16 @@ class TrainingLoop:
             latest metrics (the Ray launcher reports the checkpoint there).
         stop: a signal-driven stop request, honoured after the current
             execution: a checkpoint, then :class:`Interrupted`.
-        timings: where the loop's time goes: ``first_step`` (tracing and
+        timings: where the loop's time goes: ``meet`` (waiting for every
+            worker before the first step), ``first_step`` (tracing and
             compiling the step, and running it), ``steps`` (the other
             training steps), ``plan`` (the run's plan and its stream),
             ``callbacks`` (metrics lines, step points,
-            TensorBoard), ``validation`` and ``checkpoints``.
+            TensorBoard), ``epoch_metrics`` (reading the epoch's training
+            metrics: across workers, a collective that waits for every
+            worker's last step), ``validation``, ``checkpoints`` and
+            ``after_checkpoint`` (``after_save``: under Ray, handing the
+            checkpoint to Ray Train, a barrier of all workers).
     """
 
     model: keras.Model
@@ -159,10 +164,11 @@ class TrainingLoop:
         train = make_train_function(self.model)
         with self.timings.phase("plan"):
             iterator = iter(self.batches(*self.state.position()))
-        # Workers get here at different times (process start, tokenizing their
-        # share): meet before the clock starts, or the first step's all-reduce
+        # Workers get here at different times (process start, tokenizing the
+        # reviews): meet before the clock starts, or the first step's all-reduce
         # absorbs the wait and the early worker's first epoch reads slower.
-        _barrier(self.model.distribute_strategy)
+        with self.timings.phase("meet"):
+            _barrier(self.model.distribute_strategy)
         with self.timings.phase("callbacks"):
             self.callbacks.on_train_begin()
         self.stop.deferring = True
@@ -228,13 +234,16 @@ class TrainingLoop:
                 if self.stop.requested:
                     self._interrupted(f"at {where}", "resume")
         # From the metrics themselves: also right when a resume starts at the epoch's last step.
-        return {metric.name: float(metric.result()) for metric in self.model.metrics}
+        # Reading them is a collective: it waits for every worker's last step.
+        with self.timings.phase("epoch_metrics"):
+            return {metric.name: float(metric.result()) for metric in self.model.metrics}
 
     def _save(self, what: str, logs: dict[str, Any]) -> None:
         with self.timings.phase("checkpoints"):
             self.checkpointer.save(what)
         if self.after_save is not None:
-            self.after_save(logs)
+            with self.timings.phase("after_checkpoint"):
+                self.after_save(logs)
 
     def _interrupted(self, where: str, todo: str) -> None:
         raise Interrupted(

@@ -160,3 +160,19 @@ def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path
     assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
     assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
     assert out["pair_over_1"] > 0 and out["2-dense_over_pair"] > 0
+
+
+def test_topology_runs_each_topology_and_compares_what_they_trained(data: Path) -> None:
+    # The in-process topologies only (the Ray ones run the same measurement
+    # through imdb-dist launch, covered by test_launch): one round, two epochs.
+    out = bench("bench.topology", "--data", str(data), "--topologies", "1x1,1x2", "--rounds", "1", "--epochs", "2",
+                *sets())
+    assert set(out["median"]) == {"1x1", "1x2"}
+    for name, replicas in (("1x1", 1), ("1x2", 2)):
+        (run,) = out["runs"][name]
+        assert run["replicas"] == replicas and run["first_epoch_examples_per_s"] > 0
+        assert run["idle_per_epoch_s"] < run["run_wall_s"]
+        assert 0.0 <= out["trained"][name]["val_accuracy"] <= 1.0
+    assert out["trained"]["1x1"]["max_abs_score_diff_vs_1x1"] == 0.0
+    assert out["trained"]["1x2"]["max_abs_score_diff_vs_1x1"] < 0.05  # the same batches, other summation order
+    assert out["cpu"]["cpus"] >= 1
