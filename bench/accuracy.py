@@ -153,9 +153,7 @@ def main() -> None:
     if args.plot:
         plot({name: r["curve"] for name, r in results.items()}, args.threshold, args.plot)
     summary = {"benchmark": "accuracy", "threshold": args.threshold, "folds": args.folds, "results": results}
-    emit(summary)
-    if args.output:
-        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    emit(summary, args.output)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ medians and the ratios of medians are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,10 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import REPO, worktree
 from bench.timing import emit, median
 from imdb_dist.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _fresh_env(tree: Path, home: Path) -> dict[str, str]:
@@ -129,33 +129,26 @@ def main() -> None:
     config = args.config.resolve()
     cfg = load_config(config, [f"data.path={data}", *args.overrides])
     sets = [f"data.path={data}", *args.overrides]
-    with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as scratch_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        base = scratch / "baseline-tree"
+        variants: dict[str, Any] = {
+            "current": lambda out, home: run_imdb_dist(REPO, config, sets, out, home),
+        }
+        if not args.no_steady:
+            more = [*sets, f"train.epochs={cfg.train.epochs + 1}"]
+            variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
+        if not args.no_seed:
+            variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
         if args.baseline:
-            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                           capture_output=True)
-        try:
-            variants: dict[str, Any] = {
-                "current": lambda out, home: run_imdb_dist(REPO, config, sets, out, home),
-            }
-            if not args.no_steady:
-                more = [*sets, f"train.epochs={cfg.train.epochs + 1}"]
-                variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
-            if not args.no_seed:
-                variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
-            if args.baseline:
-                variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
-            results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-            for round_ in range(args.rounds):
-                for name, variant in variants.items():
-                    home = scratch / f"home-{name}-{round_}"
-                    home.mkdir()
-                    results[name].append(variant(scratch / f"{name}-{round_}", home))
-                    print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+            base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree"))
+            variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        for round_ in range(args.rounds):
+            for name, variant in variants.items():
+                home = scratch / f"home-{name}-{round_}"
+                home.mkdir()
+                results[name].append(variant(scratch / f"{name}-{round_}", home))
+                print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
     summary = {
         "benchmark": "coldstart",
         "config": str(args.config),
@@ -166,9 +159,7 @@ def main() -> None:
         **summarize(results),
         "runs": results,
     }
-    emit(summary)
-    if args.output:
-        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    emit(summary, args.output)
 
 
 if __name__ == "__main__":

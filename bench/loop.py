@@ -30,9 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.baseline import REPO, worktree
 from bench.timing import emit, median
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list[str]) -> dict[str, float]:
@@ -72,22 +71,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     data = str(Path(args.data).resolve())
-    with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch:
-        base = Path(scratch) / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
-            known = {"baseline": (base, []), "current": (REPO, []),
-                     "deterministic": (REPO, ["train.deterministic=true"])}
-            variants = {name: known[name] for name in args.variants.split(",")}
-            results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-            for round_ in range(args.rounds):
-                for name, (tree, extra) in variants.items():
-                    out = Path(scratch) / f"{name}-{round_}"
-                    results[name].append(_run(tree, args.config, data, args.epochs, out, extra))
-                    print(name, round_, results[name][-1], file=sys.stderr)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+    with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch, worktree(
+        args.baseline, Path(scratch) / "baseline"
+    ) as base:
+        known = {"baseline": (base, []), "current": (REPO, []),
+                 "deterministic": (REPO, ["train.deterministic=true"])}
+        variants = {name: known[name] for name in args.variants.split(",")}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for round_ in range(args.rounds):
+            for name, (tree, extra) in variants.items():
+                out = Path(scratch) / f"{name}-{round_}"
+                results[name].append(_run(tree, args.config, data, args.epochs, out, extra))
+                print(name, round_, results[name][-1], file=sys.stderr)
     summary = {
         "config": args.config,
         "epochs": args.epochs,
@@ -103,9 +98,7 @@ def main() -> None:
         if new in results and old in results:
             for key, label in (("steady_examples_per_s", ""), ("cpu_s", "cpu_"), ("wall_s", "wall_")):
                 summary[f"{label}{new}_over_{old}"] = summary["median"][new][key] / summary["median"][old][key]
-    emit(summary)
-    if args.output:
-        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    emit(summary, args.output)
 
 
 if __name__ == "__main__":

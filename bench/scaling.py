@@ -45,6 +45,7 @@ at once, for each (intra, inter) pool setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -55,9 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import REPO, worktree
 from bench.timing import emit, median
 
-REPO = Path(__file__).resolve().parents[1]
 PER_WORKER_BATCH = 256
 MAX_LEN = 400
 VOCAB = 20_000
@@ -120,31 +121,26 @@ def _launch(
 
 def weak(args: argparse.Namespace) -> dict[str, Any]:
     data = str(Path(args.data).resolve())
-    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch, contextlib.ExitStack() as stack:
         base = Path(scratch) / "baseline"
         wanted = args.variants.split(",")
         if any(name.startswith("base-") for name in wanted):
-            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                           capture_output=True)
-        try:
-            known = {
-                "1": (REPO, 1, [], 1),
-                "pair": (REPO, 1, [], 2),
-                "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"], 1),
-                "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"], 1),
-                "base-1": (base, 1, [], 1),
-                "base-2": (base, 2, [], 1),
-            }
-            results: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
-            for round_ in range(args.rounds):
-                for name in wanted:
-                    tree, workers, extra, jobs = known[name]
-                    out = Path(scratch) / f"{name}-{round_}"
-                    results[name].append(_launch(args, tree, data, out, workers, extra, jobs=jobs))
-                    print(name, round_, results[name][-1], file=sys.stderr, flush=True)
-        finally:
-            if base.exists():
-                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+            stack.enter_context(worktree(args.baseline, base))
+        known = {
+            "1": (REPO, 1, [], 1),
+            "pair": (REPO, 1, [], 2),
+            "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"], 1),
+            "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"], 1),
+            "base-1": (base, 1, [], 1),
+            "base-2": (base, 2, [], 1),
+        }
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
+        for round_ in range(args.rounds):
+            for name in wanted:
+                tree, workers, extra, jobs = known[name]
+                out = Path(scratch) / f"{name}-{round_}"
+                results[name].append(_launch(args, tree, data, out, workers, extra, jobs=jobs))
+                print(name, round_, results[name][-1], file=sys.stderr, flush=True)
     numeric = ("steady_examples_per_s", "first_epoch_examples_per_s", "wall_s", "val_accuracy")
     summary: dict[str, Any] = {
         "benchmark": "scaling-weak",
@@ -527,9 +523,7 @@ def main() -> None:
         (step_worker if args.mode == "step-worker" else threads_worker)(args)
         return
     summary = {"weak": weak, "step": step, "threads": threads}[args.mode](args)
-    emit(summary)
-    if args.output:
-        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    emit(summary, args.output)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import tf_keras as keras
@@ -40,6 +41,9 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def emit(summary: dict[str, Any]) -> None:
-    """Print the benchmark's JSON summary (the one line scripts and docs consume)."""
-    print(json.dumps(summary, indent=2, sort_keys=True))
+def emit(summary: dict[str, Any], output: Path | None = None) -> None:
+    """Print the benchmark's JSON summary (what scripts and docs consume); also write it to ``output``."""
+    text = json.dumps(summary, indent=2, sort_keys=True)
+    print(text)
+    if output is not None:
+        output.write_text(text + "\n")

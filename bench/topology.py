@@ -35,6 +35,7 @@ ratios of medians are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -46,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.baseline import REPO, worktree
 from bench.timing import emit, median
 from imdb_dist.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
 RESEEDED = "1x1 train.seed+1"
 
@@ -121,6 +122,22 @@ def scores(run_dir: Path, texts: list[str]) -> np.ndarray:
     return np.asarray(score_texts(load_model(run_dir / "model"), texts)).reshape(-1)
 
 
+def compare_exports(config: Path, sets: list[str], runs: dict[str, Path], names: list[str]) -> dict[str, Any]:
+    """How far each run's export lands from the first's: score differences on the validation reviews."""
+    from imdb_dist.data.sources import load_training_splits
+
+    _, validation = load_training_splits(load_config(config, sets).data)
+    scored = {name: scores(runs[name], validation.texts) for name in names}
+    reference = scored[names[0]]
+    return {
+        name: {
+            f"max_abs_score_diff_vs_{names[0]}": float(np.max(np.abs(s - reference))),
+            f"mean_abs_score_diff_vs_{names[0]}": float(np.mean(np.abs(s - reference))),
+        }
+        for name, s in scored.items()
+    }
+
+
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
@@ -162,47 +179,28 @@ def main() -> None:
     data = str(Path(args.data).resolve())
     config = args.config.resolve()
     sets = [f"data.path={data}", *args.overrides, f"train.epochs={args.epochs}"]  # --epochs wins
-    with tempfile.TemporaryDirectory(prefix="bench-topology-") as scratch_dir:
+    with tempfile.TemporaryDirectory(prefix="bench-topology-") as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        base = scratch / "baseline-tree"
         variants: dict[str, tuple[Path, int, int]] = {t: (REPO, *TOPOLOGIES[t]) for t in topologies}
         seed = load_config(config, sets).train.seed
         if args.reseeded:
             variants[RESEEDED] = (REPO, 1, 1)
         if args.baseline:
-            subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                           capture_output=True)
+            base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree"))
             variants.update({f"baseline {t}": (base, *TOPOLOGIES[t]) for t in ("1x1", "2x1") if t in topologies})
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
         first_rounds: dict[str, Path] = {}
-        try:
-            for round_ in range(args.rounds):
-                for name, (tree, workers, local) in variants.items():
-                    where = scratch / f"{name.replace(' ', '-')}-{round_}"
-                    started = time.perf_counter()
-                    extra = [f"train.seed={seed + 1}"] if name == RESEEDED else []
-                    run_dir = run_topology(tree, config, [*sets, *extra], workers, local, where)
-                    results[name].append(measure(run_dir, time.perf_counter() - started))
-                    first_rounds.setdefault(name, run_dir)
-                    print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
-            # What each topology trained: the first round's exports, scored on the validation reviews.
-            from imdb_dist.data.sources import load_training_splits
-
-            _, validation = load_training_splits(load_config(config, sets).data)
-            compared = [*topologies, *([RESEEDED] if args.reseeded else [])]
-            scored = {name: scores(first_rounds[name], validation.texts) for name in compared}
-            reference = scored[topologies[0]]
-            trained = {
-                name: {
-                    "val_accuracy": results[name][0]["val_accuracy"],
-                    f"max_abs_score_diff_vs_{topologies[0]}": float(np.max(np.abs(s - reference))),
-                    f"mean_abs_score_diff_vs_{topologies[0]}": float(np.mean(np.abs(s - reference))),
-                }
-                for name, s in scored.items()
-            }
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
+        for round_ in range(args.rounds):
+            for name, (tree, workers, local) in variants.items():
+                where = scratch / f"{name.replace(' ', '-')}-{round_}"
+                started = time.perf_counter()
+                extra = [f"train.seed={seed + 1}"] if name == RESEEDED else []
+                run_dir = run_topology(tree, config, [*sets, *extra], workers, local, where)
+                results[name].append(measure(run_dir, time.perf_counter() - started))
+                first_rounds.setdefault(name, run_dir)
+                print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
+        trained = compare_exports(config, sets, first_rounds, [*topologies, *([RESEEDED] if args.reseeded else [])])
+        trained = {name: {"val_accuracy": results[name][0]["val_accuracy"], **diffs} for name, diffs in trained.items()}
     summary = {
         "benchmark": "topology",
         "config": str(args.config),
@@ -215,9 +213,7 @@ def main() -> None:
         "trained": trained,
         "runs": results,
     }
-    emit(summary)
-    if args.output:
-        args.output.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    emit(summary, args.output)
 
 
 if __name__ == "__main__":
