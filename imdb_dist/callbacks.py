@@ -94,8 +94,9 @@ class StepMetrics(keras.callbacks.Callback):
     those steps, at the global optimizer step ``epoch * steps_per_epoch +
     step``. The window means come from the running epoch means Keras returns
     with every step (already reduced across workers, so the chief alone can
-    log them without a collective of its own); they are exact when the steps
-    hold equally many examples, as all but an epoch's padding steps do. On a
+    log them without a collective of its own); they are exact as every step
+    holds a full global batch (:mod:`imdb_dist.data.plan`), up to float
+    rounding. On a
     resume, points past the restored step (from the lost attempt) are
     dropped first, and the first point after a mid-epoch resume holds the
     epoch's running mean. Used on the chief only.
@@ -153,8 +154,10 @@ class StepMetrics(keras.callbacks.Callback):
         record: dict[str, Any] = {"step": step, "epoch": self._epoch + 1, "epoch_step": step_in_epoch}
         for name, mean in running.items():
             if before:
-                # The mean over (start, step_in_epoch] from the running means at both ends.
-                record[name] = (mean * step_in_epoch - before[name] * start) / steps
+                # The mean over (start, step_in_epoch] from the running means at both ends,
+                # which float32 rounding can push a hair past a bound: 1.0000001 accuracy.
+                window = (mean * step_in_epoch - before[name] * start) / steps
+                record[name] = min(max(window, 0.0), 1.0) if name == "accuracy" else window
             else:
                 record[name] = mean
         # A plain or mirrored variable, or a schedule's tensor: read locally, no collective.

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,28 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Put SIGINT back as the test found it, naming a test that left it ignored or blocked.
+
+    Child processes inherit an ignored or blocked SIGINT, so a test that
+    leaves one behind makes a later test's Ctrl-C reach a child that cannot
+    hear it (found in CI: a download child that ran out its read timeout).
+    """
+    handler, blocked = signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    now_handler = signal.getsignal(signal.SIGINT)
+    now_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if (now_handler, now_blocked) != (handler, blocked):
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, [signal.SIGINT])
+        warnings.warn(
+            f"{request.node.nodeid} left SIGINT {now_handler!r}{' blocked' if now_blocked else ''} "
+            f"(was {handler!r}{' blocked' if blocked else ''}); restored",
+            pytest.PytestWarning,
+            stacklevel=1,
+        )
 
 
 @pytest.fixture(autouse=True)

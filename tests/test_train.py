@@ -64,8 +64,8 @@ def test_the_report_says_where_the_time_went(trained_run: Path) -> None:
     # Called in process, as benches and tune trials call it: no start-up phase of its own
     # (the CLI reports one: tests/test_bench.py's coldstart test).
     assert set(phases) == {
-        "strategy", "data", "tokenize", "build", "callbacks", "plan",
-        "first_step", "steps", "validation", "checkpoints", "export", "score", "curves",
+        "strategy", "data", "tokenize", "build", "callbacks", "plan", "meet",
+        "first_step", "steps", "epoch_metrics", "validation", "checkpoints", "export", "score", "curves",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["steps"] > 0 and phases["export"] > 0
