@@ -70,6 +70,8 @@ def main() -> None:
                         help="comma-separated subset of baseline,current,deterministic")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the steady state is the epochs after the first)")
     data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as scratch, worktree(
         args.baseline, Path(scratch) / "baseline"

@@ -176,3 +176,13 @@ def test_topology_runs_each_topology_and_compares_what_they_trained(data: Path) 
     assert out["trained"]["1x1"]["max_abs_score_diff_vs_1x1"] == 0.0
     assert out["trained"]["1x2"]["max_abs_score_diff_vs_1x1"] < 0.05  # the same batches, other summation order
     assert out["cpu"]["cpus"] >= 1
+
+
+def test_loop_runs_this_tree_against_a_baseline_revision(data: Path) -> None:
+    # HEAD as the baseline: a worktree of it is checked out, run and removed.
+    out = bench("bench.loop", "--data", str(data), "--epochs", "2", "--rounds", "1", "--baseline", "HEAD",
+                "--variants", "current,baseline")
+    assert set(out["median"]) == {"current", "baseline"}
+    assert all(run["val_accuracy"] >= 0 for runs in out["runs"].values() for run in runs)
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert len(worktrees.stdout.splitlines()) == 1  # the baseline's checkout is gone
