@@ -455,7 +455,12 @@ def _finish(
         "replicas": worker.replicas,
         "precision": worker.precision,
         "config": to_dict(cfg),
-        "versions": {"imdb_dist": __version__, "tensorflow": tf.__version__, "python": platform.python_version()},
+        "versions": {
+            "imdb_dist": __version__,
+            "data_plan": plan.PLAN_VERSION,
+            "tensorflow": tf.__version__,
+            "python": platform.python_version(),
+        },
     }
     rundir.write_json(run_dir / rundir.REPORT, report)
     log.info(

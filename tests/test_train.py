@@ -15,6 +15,7 @@ from conftest import tiny_overrides, write_aclimdb
 from imdb_dist import rundir
 from imdb_dist.callbacks import FiniteLoss, log_every, read_metrics
 from imdb_dist.config import dump_yaml, load_config
+from imdb_dist.data.plan import PLAN_VERSION
 from imdb_dist.errors import ConfigError, DataError, InputError, RunError
 from imdb_dist.train import run
 
@@ -47,6 +48,7 @@ def test_run_writes_the_output_contract(trained_run: Path) -> None:
     assert {"accuracy", "auc", "loss", "n", "confusion"} <= report["validation"].keys()
     assert report["validation"]["n"] == 40  # 20% of 200 generated reviews
     assert report["epochs"] == 2 and report["replicas"] == 1
+    assert report["versions"]["data_plan"] == PLAN_VERSION  # which plan chose the batches
 
 
 def test_the_logged_validation_is_the_exported_models_validation(trained_run: Path) -> None:

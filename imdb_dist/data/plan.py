@@ -47,7 +47,8 @@ import tensorflow as tf
 
 from imdb_dist.data.pipeline import pre_pad
 
-# Bump whenever the plan's function changes: a run may only resume on the plan it started with.
+# Bump whenever the plan's function changes. report.json records it: a run
+# resumed under another version would train other batches from its step on.
 PLAN_VERSION = 2
 
 # Tokens sorted together when bucketing (pool of max_len-wide rows): 16,384
