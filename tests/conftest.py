@@ -34,24 +34,38 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
+def sigint_as_from_a_shell() -> None:
+    """``preexec_fn`` for a child that must hear Ctrl-C: SIGINT at its default, unblocked.
+
+    pytest-xdist's workers ignore SIGINT (the controller handles Ctrl-C),
+    and an ignored SIGINT is inherited: a Python child then never raises
+    KeyboardInterrupt. A user's shell starts a command with the default.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.fixture(autouse=True)
 def _sigint_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Put SIGINT back as the test found it, naming a test that left it ignored or blocked.
+    """Put SIGINT back as the test found it; warn, naming the test, if it was left ignored or blocked.
 
-    Child processes inherit an ignored or blocked SIGINT, so a test that
-    leaves one behind makes a later test's Ctrl-C reach a child that cannot
-    hear it (found in CI: a download child that ran out its read timeout).
+    Ray Train's trainer installs a SIGINT handler of its own and leaves it
+    (restored quietly: a handler is not inherited by children). An ignored
+    or blocked SIGINT is inherited, so one left behind would make a later
+    test's Ctrl-C reach a child that cannot hear it.
     """
     handler, blocked = signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
     now_handler = signal.getsignal(signal.SIGINT)
     now_blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    if (now_handler, now_blocked) != (handler, blocked):
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, [signal.SIGINT])
+    if (now_handler, now_blocked) == (handler, blocked):
+        return
+    signal.signal(signal.SIGINT, handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, [signal.SIGINT])
+    newly_deaf = (now_handler == signal.SIG_IGN and handler != signal.SIG_IGN) or (now_blocked and not blocked)
+    if newly_deaf:
         warnings.warn(
-            f"{request.node.nodeid} left SIGINT {now_handler!r}{' blocked' if now_blocked else ''} "
-            f"(was {handler!r}{' blocked' if blocked else ''}); restored",
+            f"{request.node.nodeid} left SIGINT {'blocked' if now_blocked else 'ignored'}; restored",
             pytest.PytestWarning,
             stacklevel=1,
         )

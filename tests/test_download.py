@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY, installed_script, make_tarball, write_aclimdb
+from conftest import TINY, installed_script, make_tarball, sigint_as_from_a_shell, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.config import OFFICIAL_SHA256, OFFICIAL_URL, DataConfig
@@ -289,9 +289,11 @@ else:  # exit while the child is still downloading: multiprocessing terminates i
 
 
 def start_child(mode: str, url: str, sha256: str, cache: Path) -> subprocess.Popen:
+    # Started as from a shell: under pytest-xdist it would inherit an ignored SIGINT, and the
+    # Ctrl-C test's child would never see its KeyboardInterrupt.
     return subprocess.Popen(
         [sys.executable, "-c", _CHILD, mode, url, sha256, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, preexec_fn=sigint_as_from_a_shell,
     )
 
 
