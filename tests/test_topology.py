@@ -17,6 +17,7 @@ worker).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -31,10 +32,15 @@ from conftest import REPO, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.data import pipeline
-from imdb_dist.data.plan import GlobalPlan, Share, digest, replica_rows, stream, worker_batches
+from imdb_dist.data.plan import GlobalPlan, Share, replica_rows, stream, worker_batches
 
 TOPOLOGIES = [(1, 1), (1, 2), (2, 1), (2, 2)]  # (workers, local replicas)
 IDS = [f"{w}x{r}" for w, r in TOPOLOGIES]
+
+
+def digest(batch: np.ndarray) -> str:
+    """A fingerprint of a global batch's example ids, in order."""
+    return hashlib.sha256(np.ascontiguousarray(batch, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _plan(n: int = 1003, batch: int = 32, bucket_width: int | None = 8) -> GlobalPlan:

@@ -39,7 +39,6 @@ can back :func:`stream` unchanged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Protocol
 
 import numpy as np
@@ -139,11 +138,6 @@ class GlobalPlan:
         if epoch >= epochs:
             return np.zeros((0, self.batch_size), dtype=np.int64)
         return np.concatenate([self.batches(e) for e in range(epoch, epochs)])[step:]
-
-
-def digest(batch: np.ndarray) -> str:
-    """A short fingerprint of a global batch's example ids, in order."""
-    return hashlib.sha256(np.ascontiguousarray(batch, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
