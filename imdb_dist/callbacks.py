@@ -227,7 +227,12 @@ def drop_epochs_from(path: Path, epoch: int) -> list[dict[str, Any]]:
 
 
 class FiniteLoss(keras.callbacks.Callback):
-    """Stops the run with an error naming epoch and step as soon as the loss is not finite.
+    """Stops the run with an error naming epoch and step once the loss is not finite.
+
+    It reads the epoch's running mean loss at each step point (the training
+    loop calls batch-end hooks only there, :mod:`imdb_dist.loop`): a step's
+    nan or inf stays in that mean, so it is caught at the next point, which
+    comes before any checkpoint.
 
     The checkpoint of the last finished epoch is left as it was, so the run
     can be resumed (e.g. with a lower learning rate in a new run dir).
@@ -243,4 +248,4 @@ class FiniteLoss(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise RunError(f"training loss became {loss} at epoch {self._epoch + 1} step {batch + 1}")
+            raise RunError(f"training loss became {loss} by epoch {self._epoch + 1} step {batch + 1}")

@@ -26,6 +26,7 @@ Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
 Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 Schedule = Literal["constant", "cosine"]
 EmbeddingGradient = Literal["auto", "dense", "sparse"]
+Collective = Literal["auto", "ring", "nccl"]
 
 # The Large Movie Review Dataset v1.0 as its authors publish it (84,125,825
 # bytes): what data.source download (and auto without a data path) fetches.
@@ -170,9 +171,17 @@ class DistributionConfig:
     # on each (MirroredStrategy in one process; N local replicas per Ray
     # worker): the shape of a multi-GPU job, rehearsed on CPU. 0: off.
     cpu_devices: int = 0
+    # How replicas all-reduce (imdb_dist.distribute.collective_for): nccl
+    # (NVIDIA's library: GPUs only), ring (TensorFlow's own: a gRPC ring
+    # across workers, a copy through one device within a process), auto
+    # (nccl where the replicas are GPUs, ring elsewhere). TensorFlow's own
+    # AUTO would pick its ring even across GPU nodes.
+    collective: Collective = "auto"
 
     def __post_init__(self) -> None:
         _check_range("distribution.cpu_devices", self.cpu_devices, 0, 64)
+        if self.collective == "nccl" and self.cpu_devices:
+            raise ConfigError("distribution.collective", "nccl needs GPU replicas, not cpu_devices: use auto or ring")
         if self.cpu_devices == 1:
             raise ConfigError("distribution.cpu_devices", "1 is no split: use 0 (off) or at least 2 devices")
         if self.cpu_devices and self.strategy == "default":
@@ -223,12 +232,17 @@ class RayConfig:
     # TFRecord files each prepared split is written into (every worker reads
     # all of them, in parallel; the global plan picks each step's examples).
     num_shards: int = 16
+    # use_gpu on a cluster without GPUs for every worker: 0 fails at once
+    # (exit 2); N asks the cluster's autoscaler for them and waits up to N
+    # seconds (imdb_dist.launch.check_gpus says why not Ray Train's own wait).
+    gpu_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("ray.num_workers", self.num_workers, 1, 100_000)
         _check_range("ray.max_failures", self.max_failures, -1, 100_000)
         _check_range("ray.checkpoints_to_keep", self.checkpoints_to_keep, 1, 100_000)
         _check_range("ray.num_shards", self.num_shards, 1, 100_000)
+        _check_range("ray.gpu_wait_s", self.gpu_wait_s, 0.0, 86_400.0)
         for resource, amount in self.resources_per_worker.items():
             _check_range(f"ray.resources_per_worker.{resource}", amount, 0.0, 1_000_000.0)
         if self.use_gpu and not self.resources_per_worker.get("GPU"):

@@ -17,8 +17,9 @@ import tensorflow as tf
 import tf_keras as keras
 from tensorflow.python.distribute import collective_all_reduce_strategy
 
-from imdb_dist.config import DistributionConfig
+from imdb_dist.config import Config, DistributionConfig
 from imdb_dist.errors import ConfigError
+from imdb_dist.logs import accelerator_notes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
     default strategy. With ``cpu_devices: N`` the host CPU is first split
     into N logical devices and the strategy runs one replica on each (a
     worker under TF_CONFIG: :class:`CpuReplicasMultiWorkerStrategy`).
+    Replicas all-reduce as ``distribution.collective`` says
+    (:func:`collective_for`).
     """
     name = cfg.strategy
     spec = cluster_spec()
@@ -78,15 +81,70 @@ def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
     if name == "multi_worker":
         if spec is None:
             raise ConfigError("distribution.strategy", "multi_worker needs TF_CONFIG (Ray Train sets it)")
+        # A worker's replicas are its GPUs when it has any (TensorFlow's rule), else one CPU replica.
+        gpus = not cfg.cpu_devices and bool(tf.config.list_physical_devices("GPU"))
+        collective = collective_for(cfg.collective, gpus=gpus)
+        log.info("all-reduce across workers: %s (distribution.collective %s)", collective, cfg.collective)
+        options = communication_options(collective)
         if cfg.cpu_devices:
-            return CpuReplicasMultiWorkerStrategy(cfg.cpu_devices)
-        return tf.distribute.MultiWorkerMirroredStrategy()
+            return CpuReplicasMultiWorkerStrategy(cfg.cpu_devices, options)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "mirrored":
         devices = list(cfg.devices) or [f"/cpu:{i}" for i in range(cfg.cpu_devices)]
-        return tf.distribute.MirroredStrategy(devices=devices or None)
+        if not devices:  # all GPUs, as TensorFlow's MirroredStrategy() takes them; none: the CPU
+            devices = [f"/gpu:{i}" for i in range(len(tf.config.list_physical_devices("GPU")))] or ["/cpu:0"]
+        gpus = all(is_gpu(device) for device in devices)
+        collective = collective_for(cfg.collective, gpus=gpus)
+        log.info("all-reduce across devices: %s (distribution.collective %s)", collective, cfg.collective)
+        ops = cross_device_ops(collective)
+        return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops)
     if cfg.devices:
         raise ConfigError("distribution.devices", f"only applies to the mirrored strategy, not {name}")
     return tf.distribute.get_strategy()
+
+
+def is_gpu(device: str) -> bool:
+    """Whether a device string names a GPU: ``/gpu:0``, ``GPU:1``, ``/job:worker/device:GPU:0``."""
+    return "gpu:" in device.lower()
+
+
+def collective_for(name: str, *, gpus: bool) -> str:
+    """``nccl`` or ``ring``: ``distribution.collective`` resolved for replicas on GPUs or not.
+
+    ``auto`` is NCCL on GPUs. TensorFlow's own ``AUTO`` is not: across
+    workers it runs its gRPC ring and turns to NCCL only when asked
+    (``collective_param_resolver_local.cc``), so 16 GPUs would all-reduce
+    every step through the hosts' CPUs and sockets.
+
+    Raises:
+        ConfigError: ``nccl`` for replicas that are not GPUs.
+    """
+    if name == "auto":
+        return "nccl" if gpus else "ring"
+    if name == "nccl" and not gpus:
+        raise ConfigError("distribution.collective", "nccl all-reduces between GPUs and these replicas are not GPUs")
+    return name
+
+
+def communication_options(collective: str) -> tf.distribute.experimental.CommunicationOptions:
+    """MultiWorkerMirroredStrategy's options for a resolved collective (``nccl`` or ``ring``)."""
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    return tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation.NCCL if collective == "nccl" else implementation.RING
+    )
+
+
+def cross_device_ops(collective: str) -> tf.distribute.CrossDeviceOps:
+    """MirroredStrategy's all-reduce for a resolved collective: NCCL, or a reduction through one device.
+
+    Named rather than left to TensorFlow (``select_cross_device_ops``), which
+    picks NCCL on GPUs only when it finds the kernel registered and
+    otherwise falls back with no more than a log line. The ring's stand-in
+    within a process is what TensorFlow itself uses for CPU replicas.
+    """
+    if collective == "nccl":
+        return tf.distribute.NcclAllReduce()
+    return tf.distribute.ReductionToOneDevice()
 
 
 def split_cpu(devices: int) -> None:
@@ -106,12 +164,17 @@ def split_cpu(devices: int) -> None:
 
 
 class _CpuReplicasExtended(collective_all_reduce_strategy.CollectiveAllReduceExtended):
-    def __init__(self, container: tf.distribute.Strategy, devices: int) -> None:
+    def __init__(
+        self,
+        container: tf.distribute.Strategy,
+        devices: int,
+        options: tf.distribute.experimental.CommunicationOptions,
+    ) -> None:
         self._cpu_devices = devices
         super().__init__(
             container,
             cluster_resolver=tf.distribute.cluster_resolver.TFConfigClusterResolver(),
-            communication_options=tf.distribute.experimental.CommunicationOptions(),
+            communication_options=options,
         )
 
     def _initialize_local_devices(self, cluster_resolver: Any, worker_device: str) -> tuple[tuple[str, ...], str]:
@@ -132,10 +195,13 @@ class CpuReplicasMultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     tests/test_topology.py fails if a TensorFlow upgrade stops honouring it.
     """
 
-    def __init__(self, devices: int) -> None:  # pylint: disable=super-init-not-called
+    def __init__(  # pylint: disable=super-init-not-called
+        self, devices: int, options: tf.distribute.experimental.CommunicationOptions | None = None
+    ) -> None:
         # Strategy.__init__ with our extended: MultiWorkerMirroredStrategy's own
         # __init__ would build TensorFlow's extended first and start a second server.
-        tf.distribute.Strategy.__init__(self, _CpuReplicasExtended(self, devices))
+        options = options or tf.distribute.experimental.CommunicationOptions()
+        tf.distribute.Strategy.__init__(self, _CpuReplicasExtended(self, devices, options))
 
 
 def size_thread_pools(cpus: float) -> int:
@@ -203,32 +269,89 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def resolve_precision(name: str, *, gpu: bool | None = None) -> str:
-    """``auto`` → ``mixed_float16`` on a GPU, ``float32`` elsewhere; explicit names as given.
-
-    ``gpu``: whether the replicas run on GPUs (default: whether one is
-    visible; a CPU rehearsal, ``cpu_devices``, says False).
+def resolve_precision(name: str, *, gpu: bool) -> str:
+    """``auto`` → ``mixed_float16`` when the replicas are GPUs, ``float32`` elsewhere; explicit names as given.
 
     On CPUs float16 math is emulated and slow, and bfloat16 is only a win
-    where it is measured to be (docs/BENCHMARKS.md), so it is opt-in.
+    where it is measured to be (docs/BENCHMARKS.md), so it is opt-in. An
+    explicit ``mixed_float16`` without a GPU is refused earlier, by
+    :func:`check_devices`, except in a CPU rehearsal (``cpu_devices``),
+    where it runs emulated, slowly, to try loss scaling before renting GPUs.
+    """
+    if name == "auto":
+        return "mixed_float16" if gpu else "float32"
+    return name
+
+
+def gpu_requests(cfg: Config, *, ray_worker: bool = False) -> list[str]:
+    """The config keys that ask this process for a GPU (empty: it may run on CPUs).
+
+    ``ray_worker``: the process is a Ray Train worker, which ``ray.use_gpu``
+    promised GPUs (``imdb-dist train`` ignores the ``ray`` section).
+    """
+    keys = []
+    if cfg.train.mixed_precision == "mixed_float16" and not cfg.distribution.cpu_devices:
+        keys.append("train.mixed_precision")
+    if any(is_gpu(device) for device in cfg.distribution.devices):
+        keys.append("distribution.devices")
+    if cfg.distribution.collective == "nccl":
+        keys.append("distribution.collective")
+    if ray_worker and cfg.ray.use_gpu:
+        keys.append("ray.use_gpu")
+    return keys
+
+
+def check_devices(cfg: Config, *, ray_worker: bool = False) -> bool:
+    """Log the devices TensorFlow found, in one line; return whether it found a GPU.
+
+    Call it before the strategy exists (it reads physical devices only, so
+    it leaves the runtime uninitialised).
 
     Raises:
-        ConfigError: ``mixed_float16`` asked for where no GPU is visible. It is
-            refused rather than silently replaced: a job that asks for it was
-            meant for GPUs, and one that landed on CPUs (a missing
-            ``ray.use_gpu``, no GPU runtime in the container) would otherwise
-            train many times slower, unnoticed. ``auto`` is the portable choice.
+        ConfigError: the config asks for a GPU (:func:`gpu_requests`) and
+            TensorFlow sees none; the message says why, in TensorFlow's
+            words where it gave them. Training on the CPU instead would be
+            many times slower, and unnoticed.
     """
-    has_gpu = bool(tf.config.list_physical_devices("GPU")) if gpu is None else gpu
-    if name == "auto":
-        return "mixed_float16" if has_gpu else "float32"
-    if name == "mixed_float16" and not has_gpu:
-        raise ConfigError(
-            "train.mixed_precision",
-            "mixed_float16 needs a GPU and this machine has none visible to TensorFlow; "
-            "use auto (mixed_float16 on GPUs, float32 elsewhere), float32 or mixed_bfloat16",
-        )
-    return name
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        described = []
+        for gpu in gpus:
+            details = tf.config.experimental.get_device_details(gpu)
+            capability = details.get("compute_capability")
+            described.append(
+                gpu.name.removeprefix("/physical_device:")
+                + f" ({details.get('device_name', 'unknown')}"
+                + (f", compute capability {capability[0]}.{capability[1]})" if capability else ")")
+            )
+        log.info("devices: %d GPU(s): %s", len(gpus), ", ".join(described))
+        return True
+    reason = no_gpu_reason()
+    requests = gpu_requests(cfg, ray_worker=ray_worker)
+    if requests:
+        asked = {
+            "train.mixed_precision": "mixed_float16",
+            "distribution.devices": ", ".join(cfg.distribution.devices),
+            "distribution.collective": "nccl",
+            "ray.use_gpu": "true",
+        }[requests[0]]
+        raise ConfigError(requests[0], f"{asked} needs a GPU and TensorFlow sees none: {reason}")
+    split = f" split into {cfg.distribution.cpu_devices} logical devices" if cfg.distribution.cpu_devices else ""
+    log.info("devices: the CPU%s, no GPU: %s", split, reason)
+    return False
+
+
+def no_gpu_reason() -> str:
+    """Why TensorFlow lists no GPU: its build, ``CUDA_VISIBLE_DEVICES``, or what it said while loading."""
+    if not tf.test.is_built_with_cuda():
+        return "this TensorFlow is built without CUDA (on Linux: pip install 'tensorflow[and-cuda]')"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    notes = accelerator_notes()
+    if notes:
+        return "TensorFlow said: " + "; ".join(dict.fromkeys(notes))  # each message once
+    return "TensorFlow lists no GPU device and said nothing about why"
 
 
 @contextlib.contextmanager

@@ -20,6 +20,17 @@ _STARTUP_NOISE = re.compile(
     r"|E\d{4} \S+\s+\d+ \S+\] failed call to cuInit.*"
     r"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.)$"
 )
+# What a start-up line says about the accelerators is never noise: on a GPU
+# machine it is why TensorFlow found no GPU ("Cannot dlopen some GPU
+# libraries ... Skipping registering GPU devices"), or which cuDNN and NCCL it loaded.
+_ACCELERATOR = re.compile(r"gpu|cuda|cudnn|nccl", re.IGNORECASE)
+# absl's line format: severity, date, time, thread, file:line, then the message.
+_ABSL = re.compile(r"^([IWEF])\d{4} \S+\s+\d+ (\S+)\] (.*)$")
+_SEVERITY = {"I": "info", "W": "warning", "E": "error", "F": "fatal"}
+# Every accelerator line TensorFlow wrote while it loaded in this process (its message, without absl's prefix).
+_accelerator_notes: list[str] = []
+
+log = logging.getLogger(__name__)
 
 
 def setup_logging() -> None:
@@ -38,12 +49,18 @@ def setup_logging() -> None:
 
 @contextlib.contextmanager
 def native_startup_filtered() -> Iterator[None]:
-    """Drop TensorFlow's C++ start-up lines written to stderr inside the block; keep every other line.
+    """Drop TensorFlow's C++ start-up noise written to stderr inside the block; keep every other line.
 
-    TensorFlow logs them through absl before ``TF_CPP_MIN_LOG_LEVEL`` can
-    apply, so they can only be filtered at the file descriptor. Everything
+    TensorFlow logs it through absl before ``TF_CPP_MIN_LOG_LEVEL`` can
+    apply, so it can only be filtered at the file descriptor. Everything
     written to fd 2 inside the block is held in a temporary file and
-    replayed, minus those lines, when the block ends (also on an exception).
+    replayed, minus the noise, when the block ends (also on an exception).
+    A start-up line that mentions a GPU, CUDA, cuDNN or NCCL is never
+    dropped: it is logged as one of ours, ``TensorFlow error (file:line):
+    message``, and kept for :func:`accelerator_notes`. Logged at INFO
+    whatever TensorFlow's severity: a CUDA build on a machine without a GPU
+    says "error" about cuInit on every start, and a job that needs the GPU
+    stops on its own error naming the reason (:func:`imdb_dist.distribute.check_devices`).
     """
     sys.stderr.flush()
     saved = os.dup(2)
@@ -56,13 +73,34 @@ def native_startup_filtered() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            kept = [
-                line
-                for line in held.read().decode("utf-8", "replace").splitlines(keepends=True)
-                if not _STARTUP_NOISE.match(line.rstrip("\n"))
-            ]
+            # Without a configured log (a script that never called
+            # setup_logging) the accelerator lines are kept as TensorFlow wrote them.
+            relay = bool(logging.getLogger().handlers) and log.isEnabledFor(logging.INFO)
+            kept, relayed = [], []
+            for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
+                text = line.rstrip("\n")
+                absl = _ABSL.match(text)
+                # The source file counts: cuda_platform.cc's "failed call to cuInit".
+                if absl and _ACCELERATOR.search(text):
+                    _accelerator_notes.append(absl.group(3))
+                    if relay:
+                        relayed.append(absl.groups())
+                    else:
+                        kept.append(line)
+                elif not _STARTUP_NOISE.match(text):
+                    kept.append(line)
             if kept:
                 os.write(2, "".join(kept).encode())
+            for severity, where, message in relayed:
+                log.info("TensorFlow %s (%s): %s", _SEVERITY[severity], where, message)
+
+
+def accelerator_notes() -> tuple[str, ...]:
+    """What TensorFlow said about GPUs, CUDA, cuDNN and NCCL while it loaded in this process (messages only).
+
+    Empty when it said nothing, or loaded outside :func:`import_tensorflow_quietly`.
+    """
+    return tuple(_accelerator_notes)
 
 
 def import_tensorflow_quietly() -> None:

@@ -9,6 +9,15 @@ torn down at an epoch's end), and the loop decides when to checkpoint — every 
 every epoch end, and when a stop is requested — whatever
 ``steps_per_execution`` is. It reuses the model's own ``train_step``,
 ``evaluate`` and Keras callbacks (TensorBoard, the progress bar, ours).
+
+The host never waits for a step except at a step point
+(``Schedule.log_every``, a checkpoint, a stop request, an epoch's end):
+only there does it read the step's metrics, which waits for the device,
+and call the Keras batch-end hooks (batch-begin hooks run before every
+execution: they read nothing from the device). Between points the next
+execution is queued while the device still runs the last, so a GPU never
+idles on Python. The loss guard checks the running loss at each point,
+before any checkpoint is written.
 """
 
 from __future__ import annotations
@@ -41,6 +50,10 @@ class Schedule:
     checkpoint_steps: int = 0
     # 0: no early stopping; N: stop after N epochs without a lower val_loss.
     patience: int = 0
+    # The step points: the host reads the training metrics (and runs the
+    # Keras batch-end hooks) only after an execution that reaches a multiple
+    # of this global step, a checkpoint, a stop or the epoch's last step.
+    log_every: int = 1
 
 
 def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
@@ -97,6 +110,52 @@ def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf
     return train
 
 
+def make_evaluate_function(model: keras.Model, batches: int) -> Callable[[Any], dict[str, tf.Tensor]]:
+    """A function scoring ``batches`` blocks of an iterator (:func:`imdb_dist.data.plan.padded_blocks`).
+
+    Each replica scores its slice of every block, as in training; the
+    rows' weights keep the padding rows out of the loss and the metrics.
+    Keras' ``evaluate`` is not used: it splits a short last batch unevenly
+    and can hand a replica zero rows, and it would count padding rows in
+    the loss (its loss tracker weighs each batch by its row count).
+    Returns the mean loss and the compiled metrics over the weighted rows,
+    read across replicas and workers (a collective under several workers).
+    """
+    strategy = model.distribute_strategy
+    replicas_here = local_replicas(strategy)
+    with strategy.scope():
+        loss = keras.metrics.Mean(name="loss")
+    scored = [metric for metric in model.metrics if metric.name != "loss"]
+
+    def score(batch: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> None:
+        tokens, labels, weights = batch
+        # [rows, 1], as the predictions: with sample weights, Keras' metrics
+        # broadcast [rows] labels against [rows, 1] predictions instead of matching them.
+        labels = tf.reshape(labels, [-1, 1])
+        predictions = model(tokens, training=False)
+        loss.update_state(model.loss(labels, predictions), sample_weight=weights)
+        model.compiled_metrics.update_state(labels, predictions, weights)
+
+    @tf.function(reduce_retracing=True)
+    def run(iterator: Any) -> None:
+        for _ in tf.range(batches):
+            block = next(iterator)
+
+            def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
+                local = context.replica_id_in_sync_group % replicas_here
+                return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
+
+            strategy.run(score, args=(strategy.experimental_distribute_values_from_function(replica_batch),))
+
+    def evaluate(iterator: Any) -> dict[str, tf.Tensor]:
+        model.reset_metrics()
+        loss.reset_state()
+        run(iterator)
+        return {"loss": loss.result(), **{metric.name: metric.result() for metric in scored}}
+
+    return evaluate
+
+
 def build_optimizer(model: keras.Model) -> None:
     """Create the optimizer's slot variables now, before the train function's first trace.
 
@@ -126,7 +185,9 @@ class TrainingLoop:
     Attributes:
         batches: ``(epoch, step)`` → the run's stream of this worker's
             blocks from there (0-based) to the end of the last epoch.
-        validation: scored with ``model.evaluate`` after every epoch.
+        validation: this worker's padded validation blocks
+            (:func:`imdb_dist.data.plan.padded_blocks`), scored after every epoch.
+        validation_batches: how many blocks ``validation`` holds.
         after_save: called on every worker after each checkpoint, with the
             latest metrics (the Ray launcher reports the checkpoint there).
         stop: a signal-driven stop request, honoured after the current
@@ -147,6 +208,7 @@ class TrainingLoop:
     schedule: Schedule
     batches: Callable[[int, int], tf.data.Dataset]
     validation: tf.data.Dataset
+    validation_batches: int
     state: ResumeState
     checkpointer: Checkpointer
     callbacks: keras.callbacks.CallbackList
@@ -162,6 +224,7 @@ class TrainingLoop:
             RunError: a checkpoint could not be written, or a callback stopped the run.
         """
         train = make_train_function(self.model)
+        evaluate = make_evaluate_function(self.model, self.validation_batches)
         with self.timings.phase("plan"):
             iterator = iter(self.batches(*self.state.position()))
         # Workers get here at different times (process start, tokenizing the
@@ -174,7 +237,7 @@ class TrainingLoop:
         self.stop.deferring = True
         try:
             while not bool(self.state.stopped.numpy()) and self.state.position()[0] < self.schedule.epochs:
-                self._epoch(train, iterator)
+                self._epoch(train, evaluate, iterator)
             with self.timings.phase("callbacks"):
                 self.callbacks.on_train_end()
         finally:
@@ -182,13 +245,20 @@ class TrainingLoop:
         if self.schedule.patience:
             self.state.restore_best(self.model)
 
-    def _epoch(self, train: Callable[[Any, int], dict[str, tf.Tensor]], iterator: Any) -> None:
+    def _epoch(
+        self,
+        train: Callable[[Any, int], dict[str, tf.Tensor]],
+        evaluate: Callable[[Any], dict[str, tf.Tensor]],
+        iterator: Any,
+    ) -> None:
         """The rest of ``state``'s epoch: training steps, validation, early stopping, the epoch-end checkpoint."""
         epoch = self.state.position()[0]
         train_logs = self._train_steps(train, iterator)
         with self.timings.phase("validation"):
-            val_logs = self.model.evaluate(self.validation, callbacks=self.callbacks, verbose=0, return_dict=True)
-        logs = {**train_logs, **{f"val_{name}": float(value) for name, value in val_logs.items()}}
+            self.callbacks.on_test_begin()
+            scores = {name: float(value) for name, value in evaluate(iter(self.validation)).items()}
+            self.callbacks.on_test_end(scores)
+        logs = {**train_logs, **{f"val_{name}": value for name, value in scores.items()}}
         if self.schedule.patience:
             self.state.record_validation(self.model, epoch, logs["val_loss"], self.schedule.patience)
         self.state.epoch.assign(epoch + 1)
@@ -219,14 +289,22 @@ class TrainingLoop:
                 # Land exactly on every checkpoint_steps-th optimizer step.
                 count = min(count, every - done % every)
             with self.timings.phase("callbacks"):
-                self.callbacks.on_train_batch_begin(step)
+                self._batch_hook("on_train_batch_begin", step, None)
             with self.timings.phase("steps" if "first_step" in self.timings.seconds else "first_step"):
-                logs = {name: float(value) for name, value in train(iterator, count).items()}
+                outputs = train(iterator, count)
             step += count
             done += count
-            with self.timings.phase("callbacks"):
-                self.callbacks.on_train_batch_end(step - 1, logs)
             periodic = every and done % every == 0 and step < steps
+            reached = epoch * steps + step  # the global step, as the step metrics count it
+            point = step == steps or reached // self.schedule.log_every > (reached - count) // self.schedule.log_every
+            if not (point or periodic or self.stop.requested):
+                # No host sync: the next execution is queued behind this one.
+                continue
+            with self.timings.phase("steps"):
+                # Reading the metrics waits for the device to finish the steps.
+                logs = {name: float(value) for name, value in outputs.items()}
+            with self.timings.phase("callbacks"):
+                self._batch_hook("on_train_batch_end", step - 1, logs)
             if periodic or self.stop.requested:
                 where = f"epoch {epoch + 1} step {step}"
                 self.state.step.assign(step)
@@ -237,6 +315,16 @@ class TrainingLoop:
         # Reading them is a collective: it waits for every worker's last step.
         with self.timings.phase("epoch_metrics"):
             return {metric.name: float(metric.result()) for metric in self.model.metrics}
+
+    def _batch_hook(self, hook: str, step: int, logs: dict[str, float] | None) -> None:
+        """Call each callback's batch ``hook`` directly, not through ``CallbackList``.
+
+        ``CallbackList`` times the first batch hooks against the batch and
+        warns when a hook is slower than a step; here an end hook runs once
+        per step point, covering many steps, so that warning would be noise.
+        """
+        for callback in self.callbacks.callbacks:
+            getattr(callback, hook)(step, logs)
 
     def _save(self, what: str, logs: dict[str, Any]) -> None:
         with self.timings.phase("checkpoints"):

@@ -120,5 +120,8 @@ def compile_model(
         loss=members_crossentropy,
         # The ensemble's accuracy (for one network, Keras' binary accuracy);
         # the loss stays the members' mean loss (see the module docstring).
-        metrics=[keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy")],
+        # Weighted: training passes no weights (every row counts), evaluation
+        # gives its padding rows weight 0 (imdb_dist.data.plan.padded_blocks),
+        # and Keras ignores sample weights in plain `metrics`.
+        weighted_metrics=[keras.metrics.MeanMetricWrapper(ensemble_accuracy, name="accuracy")],
     )

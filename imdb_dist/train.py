@@ -30,6 +30,7 @@ from imdb_dist.data import pipeline, plan, shards
 from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits
 from imdb_dist.distribute import (
+    check_devices,
     is_chief,
     local_devices,
     make_strategy,
@@ -160,7 +161,8 @@ def run(
             "for cloud storage use imdb-dist launch with ray.storage_path set to the URI",
         )
     with timings.phase("strategy"):
-        worker = _start_worker(cfg)
+        # Prepared shards come from imdb_dist.launch: this process is a Ray Train worker.
+        worker = _start_worker(cfg, ray_worker=prepared is not None)
     run_dir = Path(cfg.run.output_dir)
     if prepared is not None:
         # The launcher has checked and opened the run dir before starting the
@@ -197,9 +199,12 @@ def run(
     return run_dir
 
 
-def _start_worker(cfg: Config) -> Worker:
-    # The strategy comes first: MultiWorkerMirroredStrategy must be created
-    # before any other op initialises the TensorFlow runtime.
+def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
+    # Devices are read first (that does not initialise the runtime): a job
+    # that needs a GPU and has none stops here, before anything is written.
+    gpu = check_devices(cfg, ray_worker=ray_worker) and not cfg.distribution.cpu_devices
+    # Then the strategy: MultiWorkerMirroredStrategy must be created before
+    # any other op initialises the TensorFlow runtime.
     strategy = make_strategy(cfg.distribution)
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
@@ -209,7 +214,7 @@ def _start_worker(cfg: Config) -> Worker:
         )
     num_workers, index = worker_index(strategy)
     chief = is_chief(strategy)
-    precision = resolve_precision(cfg.train.mixed_precision, gpu=False if cfg.distribution.cpu_devices else None)
+    precision = resolve_precision(cfg.train.mixed_precision, gpu=gpu)
     if chief:
         rundir.check_writable(Path(cfg.run.output_dir))
     log.info(
@@ -299,6 +304,8 @@ def _train(
         steps_per_execution=cfg.train.steps_per_execution,
         checkpoint_steps=cfg.run.checkpoint_steps,
         patience=cfg.train.early_stopping_patience,
+        # Every worker stops at the same points: the loss guard raises on all of them together.
+        log_every=log_every(cfg.run.log_every_steps, steps),
     )
     with timings.phase("callbacks"):
         callback_list = keras.callbacks.CallbackList(
@@ -309,11 +316,13 @@ def _train(
             epochs=cfg.train.epochs,
             steps=steps,
         )
+    validation, validation_batches = _validation(cfg, worker, tokenizer, data)
     TrainingLoop(
         model,
         schedule=schedule,
         batches=batches,
-        validation=_validation(cfg, tokenizer, data),
+        validation=validation,
+        validation_batches=validation_batches,
         state=state,
         checkpointer=checkpointer,
         callbacks=callback_list,
@@ -382,17 +391,17 @@ def data_plan(cfg: Config, lengths: Any) -> plan.GlobalPlan:
     )
 
 
-def _validation(cfg: Config, tokenizer: Tokenizer, data: TrainingData) -> tf.data.Dataset:
-    # Global batches of reviews padded to max_len, as the export serves them
-    # and in batches as large as its scoring's (the LSTM's time loop costs per
-    # batch: best.yaml's batch of 32 would take 8x the loops); Keras splits
-    # each batch across replicas and workers.
-    val = pipeline.batch_examples(
-        data.val_examples(), tokenizer, max_len=cfg.data.max_len, batch_size=max(cfg.train.batch_size, SCORE_BATCH)
-    )
-    shard_by_data = tf.data.Options()
-    shard_by_data.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return val.with_options(shard_by_data)
+def _validation(cfg: Config, worker: Worker, tokenizer: Tokenizer, data: TrainingData) -> tuple[tf.data.Dataset, int]:
+    """This worker's validation blocks (:func:`imdb_dist.data.plan.padded_blocks`), and how many there are.
+
+    Reviews padded to max_len, as the export serves them, in global batches
+    as large as its scoring's (the LSTM's time loop costs per batch: best.yaml's
+    batch of 32 would take 8x the loops), rounded up to split evenly among
+    the replicas.
+    """
+    size = -(-max(cfg.train.batch_size, SCORE_BATCH) // worker.replicas) * worker.replicas
+    batches = pipeline.batch_examples(data.val_examples(), tokenizer, max_len=cfg.data.max_len, batch_size=size)
+    return plan.padded_blocks(batches, size, worker.share), -(-data.n_val // size)
 
 
 def _callbacks(cfg: Config, worker: Worker, run_dir: Path, steps: int) -> list[keras.callbacks.Callback]:

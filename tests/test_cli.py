@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -244,7 +245,6 @@ def test_bad_data_read_while_tensorflow_loads_exits_2_and_writes_nothing(tmp_pat
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    import re
 
     *logged, error = proc.stderr.strip().splitlines()
     assert all(re.match(OUR_LOG_LINE, line) for line in logged), logged  # no traceback, no native noise
@@ -270,7 +270,6 @@ OUR_LOG_LINE = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) [\w.]+: "
 
 def test_a_healthy_run_prints_only_our_lines(trained_run: Path, tmp_path: Path) -> None:
     """No TensorFlow C++ start-up lines (absl notice, CUDA stubs, CPU features, cuInit) on stderr: log lines only."""
-    import re
 
     from conftest import installed_script
 
@@ -290,21 +289,57 @@ def test_a_healthy_run_prints_only_our_lines(trained_run: Path, tmp_path: Path) 
             assert "done: validation accuracy" in proc.stderr
 
 
-def test_the_start_up_filter_keeps_every_line_that_is_not_start_up_noise() -> None:
-    absl = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-    script = (
-        "import os, sys; from imdb_dist.logs import native_startup_filtered\n"
-        "with native_startup_filtered():\n"
-        f"    os.write(2, b'{absl}\\n')\n"
-        "    os.write(2, b'I0000 00:00:1795779347.209620   16682 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
-        "    os.write(2, b'E0000 00:00:1795779347.2   16682 cuda.cc:1] failed call to cuInit: UNKNOWN (303)\\n')\n"
-        "    os.write(2, b'E0000 00:00:1795779347.2   16682 op_kernel.cc:1] a real native error\\n')\n"
-        "    print('a python line', file=sys.stderr)\n"
-        "    raise SystemExit(3)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+ACCELERATOR_LINES = [
+    "Could not find cuda drivers",
+    "failed call to cuInit: UNKNOWN (303)",
+    "Cannot dlopen some GPU libraries.",
+    "NCCL version 2.21.5",
+]
+_NATIVE = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1795779347.209620   16682 cpu_feature_guard.cc:227] This binary is optimized",
+    f"I0000 00:00:1795779347.209620   16682 cudart_stub.cc:31] {ACCELERATOR_LINES[0]}",
+    f"E0000 00:00:1795779347.2   16682 cuda.cc:1] {ACCELERATOR_LINES[1]}",
+    f"W0000 00:00:1795779347.2   16682 gpu_device.cc:2] {ACCELERATOR_LINES[2]}",
+    f"I0000 00:00:1795779347.2   16682 nccl.cc:3] {ACCELERATOR_LINES[3]}",
+    "E0000 00:00:1795779347.2   16682 op_kernel.cc:1] a real native error",
+]
+_FILTER_SCRIPT = """
+import os, sys
+from imdb_dist.logs import accelerator_notes, native_startup_filtered, setup_logging
+if sys.argv[1] == "log":
+    setup_logging()
+try:
+    with native_startup_filtered():
+        for line in sys.argv[2:]:
+            os.write(2, (line + "\\n").encode())
+        print("a python line", file=sys.stderr)
+        raise SystemExit(3)
+finally:
+    print(list(accelerator_notes()))
+"""
+
+
+def _filtered(log: bool) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-c", _FILTER_SCRIPT, "log" if log else "plain", *_NATIVE]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def test_the_start_up_filter_drops_only_noise_and_relays_every_accelerator_line_as_ours() -> None:
+    proc = _filtered(log=True)
     assert proc.returncode == 3
-    assert proc.stderr.splitlines() == [
-        "E0000 00:00:1795779347.2   16682 op_kernel.cc:1] a real native error",
-        "a python line",
-    ]
+    lines = proc.stderr.splitlines()
+    # Noise (absl's notice, the CPU-feature line) is gone; other native and Python lines are kept as written.
+    assert lines[:2] == [_NATIVE[-1], "a python line"]
+    relayed = lines[2:]
+    assert len(relayed) == len(ACCELERATOR_LINES)
+    for line, message in zip(relayed, ACCELERATOR_LINES):
+        assert re.match(OUR_LOG_LINE, line) and line.endswith(message), line
+    assert "TensorFlow warning (gpu_device.cc:2): Cannot dlopen" in relayed[2]
+    assert proc.stdout.strip() == repr(ACCELERATOR_LINES)  # kept for the "no GPU" reason
+
+
+def test_without_a_configured_log_the_start_up_filter_keeps_accelerator_lines_as_written() -> None:
+    proc = _filtered(log=False)
+    assert proc.returncode == 3
+    assert proc.stderr.splitlines() == [*_NATIVE[2:], "a python line"]

@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step() -> None:
     model.compile("adam", "binary_crossentropy")
     x = np.ones((8, 2), np.float32)
     y = np.array([0, 1, 0, 1, np.nan, 1, 0, 1], np.float32)  # the 3rd batch of 2 carries a NaN
-    with pytest.raises(RunError, match="loss became nan at epoch 1 step 3"):
+    with pytest.raises(RunError, match="loss became nan by epoch 1 step 3"):
         model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[FiniteLoss()])
 
 

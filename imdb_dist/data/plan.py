@@ -207,3 +207,26 @@ def stream(
     options.autotune.enabled = False
     dataset = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), widths))
     return dataset.map(gather, num_parallel_calls=_BATCHES_IN_FLIGHT).prefetch(_BATCHES_IN_FLIGHT).with_options(options)
+
+
+def padded_blocks(batches: tf.data.Dataset, batch_size: int, share: Share) -> tf.data.Dataset:
+    """This worker's ``(token_ids, labels, weights)`` block of each of ``batches``, padded to ``batch_size`` rows.
+
+    For evaluation, where the examples do not fill a last global batch:
+    it is filled with rows of padding tokens of weight 0, so every replica
+    gets a slice of the same shape, never an empty one (what a GPU kernel
+    does with a batch of 0 rows is nowhere promised), and the weights keep
+    the padding out of every mean. Training needs no padding: its global
+    batches are full by construction (:class:`GlobalPlan`).
+    """
+    rows = share.rows(batch_size)
+
+    def pad(tokens: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        real = tf.shape(tokens)[0]
+        missing = batch_size - real
+        weights = tf.concat([tf.ones([real]), tf.zeros([missing])], axis=0)
+        tokens = tf.pad(tokens, [[0, missing], [0, 0]])
+        labels = tf.pad(labels, [[0, missing]])
+        return tokens[rows], labels[rows], weights[rows]
+
+    return batches.map(pad)
