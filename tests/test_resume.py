@@ -153,17 +153,29 @@ def stop_inside_epoch_two(args: list[str], out: Path, signum: int) -> str:
 TWO_REPLICAS = "distribution.cpu_devices=2"
 
 
+def _loss_scale(run_dir: Path) -> dict[str, float]:
+    """The loss scale and its count of finite steps towards growth, in the run's last checkpoint."""
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run_dir / rundir.CHECKPOINTS)))
+    keys = [key for key in reader.get_variable_to_shape_map() if "/loss_scale/" in key]
+    assert len(keys) == 2, keys
+    return {key.split("/")[2]: float(reader.get_tensor(key)) for key in keys}
+
+
 @pytest.mark.parametrize(
-    ("execution", "members", "replicas"),
-    [(1, 1, 1), (4, 1, 1), (1, 2, 1), (1, 1, 2)],
-    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2", "two-replicas"],
+    ("execution", "members", "replicas", "precision"),
+    [(1, 1, 1, "float32"), (4, 1, 1, "float32"), (1, 2, 1, "float32"), (1, 1, 2, "float32"),
+     (1, 1, 2, "mixed_float16")],
+    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2", "two-replicas",
+         "two-replicas-mixed_float16"],
 )
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
-    data, tmp_path_factory, execution, members, replicas
+    data, tmp_path_factory, execution, members, replicas, precision
 ):
     # An ensemble (model.members) checkpoints and resumes as one model: every member's weights exact.
     extra = (f"train.steps_per_execution={execution}",) + (("model.members=2",) if members > 1 else ())
     extra += (TWO_REPLICAS,) if replicas > 1 else ()
+    # mixed_float16 on CPUs: a CPU rehearsal (cpu_devices) runs it emulated, loss scale and all.
+    extra += (f"train.mixed_precision={precision}",) if precision != "float32" else ()
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigterm") / "run"
     args = _args(data, out, *extra)
@@ -174,7 +186,13 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
     _finish(_train(*args))
     report = json.loads((out / rundir.REPORT).read_text())
     assert (report["config"]["model"]["members"], report["replicas"]) == (members, replicas)
+    assert report["precision"] == precision
     assert_same_run(out, reference)
+    if precision == "mixed_float16":
+        # Restored, not restarted: a fresh one would count its finite steps from 0 again.
+        # (Its halving and growth are tested in tests/test_loop.py: here 2**15 never overflows.)
+        assert _loss_scale(out) == _loss_scale(reference)
+        assert _loss_scale(out)["good_steps"] == report["optimizer_steps"]
 
 
 @pytest.mark.parametrize(
