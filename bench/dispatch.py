@@ -62,8 +62,8 @@ def seconds_per_step(strategy: tf.distribute.Strategy, steps: int, execution: in
         def on_test_begin(self, logs: dict | None = None) -> None:
             epoch_s.append(time.perf_counter() - self.start)
 
-    validation = plan.padded_blocks(tf.data.Dataset.from_tensor_slices((x[:ROWS], np.zeros(ROWS, np.int32))).batch(ROWS),
-                                    ROWS, share)
+    scored = tf.data.Dataset.from_tensor_slices((x[:ROWS], np.zeros(ROWS, np.int32))).batch(ROWS)
+    validation = plan.padded_blocks(scored, ROWS, share)
     with tempfile.TemporaryDirectory() as scratch:
         state = ResumeState(model, early_stopping=False)
         TrainingLoop(

@@ -11,7 +11,9 @@ says more about the work a run does than wall time. Variants:
 - ``baseline``: the tree at ``--baseline`` (a git revision, checked out in a
   temporary worktree), float32, default settings;
 - ``current``: this tree, same config;
-- ``deterministic``: this tree with ``train.deterministic=true``.
+- ``deterministic``: this tree with ``train.deterministic=true``;
+- ``grouped``: this tree with ``train.steps_per_execution`` = ``--steps-per-execution``
+  (the host reads the device only at step points either way).
 
     python -m bench.loop --data ../shared/data/imdb/aclImdb_train.tar.gz \\
         --config job/configs/smoke.yaml --epochs 3 --rounds 3 --baseline 44d04b4 \\
@@ -51,6 +53,7 @@ def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list
         "wall_s": wall,
         "cpu_s": cpu,
         "val_accuracy": records[-1]["val_accuracy"],
+        "val_loss": records[-1]["val_loss"],
     }
 
 
@@ -67,7 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
     parser.add_argument("--variants", default="baseline,current,deterministic",
-                        help="comma-separated subset of baseline,current,deterministic")
+                        help="comma-separated subset of baseline,current,deterministic,grouped")
+    parser.add_argument("--steps-per-execution", type=int, default=8, help="the grouped variant's")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if args.epochs < 2:
@@ -77,7 +81,8 @@ def main() -> None:
         args.baseline, Path(scratch) / "baseline"
     ) as base:
         known = {"baseline": (base, []), "current": (REPO, []),
-                 "deterministic": (REPO, ["train.deterministic=true"])}
+                 "deterministic": (REPO, ["train.deterministic=true"]),
+                 "grouped": (REPO, [f"train.steps_per_execution={args.steps_per_execution}"])}
         variants = {name: known[name] for name in args.variants.split(",")}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
@@ -96,7 +101,7 @@ def main() -> None:
         },
         "runs": results,
     }
-    for new, old in (("current", "baseline"), ("deterministic", "current")):
+    for new, old in (("current", "baseline"), ("deterministic", "current"), ("grouped", "current")):
         if new in results and old in results:
             for key, label in (("steady_examples_per_s", ""), ("cpu_s", "cpu_"), ("wall_s", "wall_")):
                 summary[f"{label}{new}_over_{old}"] = summary["median"][new][key] / summary["median"][old][key]

@@ -28,7 +28,12 @@ class ConfigError(InputError):
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"config key {key}: {message}" if key else message)
-        self.key = key
+        self.key, self.message = key, message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Rebuilt from (key, message), not from the formatted line: a Ray
+        # worker's ConfigError is pickled to the driver (imdb_dist.launch).
+        return type(self), (self.key, self.message)
 
 
 class DataError(InputError):

@@ -15,6 +15,13 @@ in a local directory and uploads the run's files after every checkpoint
 (the metrics and TensorBoard events) and at the end (the model, then
 ``report.json`` last), and Ray Train moves the checkpoints.
 
+GPUs: a ``ray.use_gpu`` job is checked against the cluster after the data
+is read and before anything is written (:func:`check_gpus`): a cluster
+without the GPUs its workers need is one ``error:`` line (exit 2), at once or
+after ``ray.gpu_wait_s`` seconds of asking the autoscaler for them, where Ray
+Train would wait for them forever. A worker that refuses the job for bad
+input (``InputError``: a GPU that TensorFlow cannot see) is the same: exit 2.
+
 Fault tolerance: each checkpoint (every epoch, and every
 ``run.checkpoint_steps`` optimizer steps) is handed to Ray Train as a
 ``ray.train.Checkpoint``. When a worker dies, Ray restarts the worker group
@@ -35,7 +42,8 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,30 +81,39 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
             loop (pickled to the workers).
 
     Raises:
-        InputError: bad config, data or storage (found before any worker starts).
+        InputError: bad config, data or storage, or a cluster without the
+            GPUs the job asks for (found before anything is written); or a
+            worker refused the job for bad input.
         RunError: the workers failed more often than ``ray.max_failures``.
     """
     run = run_location(cfg)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run)))
     _check_replicas(cfg)
+
+    def join_cluster() -> None:
+        # After the data is read and checked (bad data needs no cluster), before the first write.
+        connect()
+        check_gpus(cfg)
+
     if run.local:
         run_dir = run.local_path()
         rundir.check_writable(run_dir)
         if rundir.already_complete(run_dir, cfg):
             log.info("%s already holds a complete run of this config; nothing to do", run)
             return run
-        prepare(cfg, run_dir)
+        prepare(cfg, run_dir, before_writing=join_cluster)
     else:
         with tempfile.TemporaryDirectory(prefix="imdb-dist-driver-") as mirror:
-            if not _prepare_remote(cfg, run, Path(mirror)):
+            if not _prepare_remote(cfg, run, Path(mirror), before_writing=join_cluster):
                 log.info("%s already holds a complete run of this config; nothing to do", run)
                 return run
-    connect()
     _fit(cfg, run, list(worker_callbacks))
     return run
 
 
-def _prepare_remote(cfg: Config, run: storage.Location, mirror: Path) -> bool:
+def _prepare_remote(
+    cfg: Config, run: storage.Location, mirror: Path, *, before_writing: Callable[[], None] = lambda: None
+) -> bool:
     """:func:`prepare` for a run on remote storage, through a local mirror of its small files.
 
     Returns False when the run is already complete (nothing is written then).
@@ -116,7 +133,7 @@ def _prepare_remote(cfg: Config, run: storage.Location, mirror: Path) -> bool:
         return False
     storage.check_writable(run, "ray.storage_path")
     prepared_before = (mirror / manifest).exists() and (mirror / rundir.VOCAB).exists()
-    prepare(cfg, mirror)
+    prepare(cfg, mirror, before_writing=before_writing)
     # As rundir.begin: the stale report goes first, then the config.
     storage.delete(run.child(rundir.REPORT))
     storage.upload(mirror / rundir.CONFIG, run.child(rundir.CONFIG))
@@ -145,9 +162,12 @@ def _check_replicas(cfg: Config) -> None:
             f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas "
             f"({cfg.ray.num_workers} workers x {per_worker} devices)",
         )
-    if cfg.train.mixed_precision == "mixed_float16" and not cfg.ray.use_gpu:
+    # A CPU rehearsal (cpu_devices) may run mixed_float16 emulated, to try loss scaling.
+    if cfg.train.mixed_precision == "mixed_float16" and not cfg.ray.use_gpu and not cfg.distribution.cpu_devices:
         raise ConfigError(
-            "train.mixed_precision", "mixed_float16 needs GPU workers (ray.use_gpu: true); use auto or float32"
+            "train.mixed_precision",
+            "mixed_float16 needs GPU workers (ray.use_gpu: true) or a CPU rehearsal (distribution.cpu_devices); "
+            "use auto or float32",
         )
     if cfg.distribution.strategy not in ("auto", "multi_worker"):
         raise ConfigError(
@@ -155,8 +175,11 @@ def _check_replicas(cfg: Config) -> None:
         )
 
 
-def prepare(cfg: Config, run_dir: Path) -> Path:
+def prepare(cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = lambda: None) -> Path:
     """Open the run dir (config), and write vocabulary and TFRecord shards once; a resumed run reuses them.
+
+    ``before_writing`` runs once the data is read and checked, before the
+    first write: :func:`launch` joins the cluster there and checks it.
 
     Raises:
         DataError: the source is missing or malformed (nothing is written then).
@@ -166,6 +189,7 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
     target = run_dir / PREPARED
     if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
         log.info("reusing the prepared data in %s", target)
+        before_writing()
         rundir.begin(run_dir, cfg)
         return target
     train, val = load_training_splits(cfg.data)
@@ -173,6 +197,7 @@ def prepare(cfg: Config, run_dir: Path) -> Path:
         raise DataError(
             f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
         )
+    before_writing()
     rundir.begin(run_dir, cfg)
     # Fitted once, here, so every replica shares the same token ids.
     rundir.write_vocab(run_dir, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
@@ -203,6 +228,120 @@ def connect() -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 
 
+# Seconds between looks at the cluster while waiting for GPUs (ray.gpu_wait_s).
+_GPU_POLL_S = 2.0
+
+
+def check_gpus(cfg: Config) -> None:
+    """Refuse a ``ray.use_gpu`` job the connected cluster has no GPUs for: not now, nor after ``ray.gpu_wait_s``.
+
+    Ray Train V2 would wait forever instead. It reserves a placement group of
+    the workers' bundles and gives up on it after
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s: ray/train/v2/_internal/
+    execution/worker_group/worker_group.py, ``_start_impl``) with a
+    ``WorkerGroupStartupTimeoutError``, which its only failure policy retries
+    as a controller error up to ``FailureConfig.controller_failure_limit``,
+    by default -1: forever (failure_handling/default.py,
+    ``RETRYABLE_CONTROLLER_ERRORS``). Its own up-front check
+    (``InsufficientClusterResourcesError``) runs only where an autoscaler has
+    published the cluster's node types, which a fixed cluster never does.
+
+    An autoscaling cluster (KubeRay with a GPU worker group scaled to zero)
+    has no GPUs until something asks for them, so with ``ray.gpu_wait_s: N``
+    the workers' bundles are requested from its autoscaler
+    (``ray.autoscaler.sdk.request_resources``) and the GPUs awaited for up to
+    N seconds; the request is withdrawn when the wait ends (it would
+    otherwise hold the nodes up after the job), by which time Ray Train's
+    placement group, itself a demand the autoscaler sees, takes it over. With
+    the default 0 a cluster without the GPUs fails at once: on a fixed
+    cluster they never come, and the message names ``ray.gpu_wait_s``.
+
+    Some GPUs but too few fails the same way, not with a warning: Ray Train
+    would wait for the missing ones forever just the same. They are counted
+    per node (a worker's GPUs are on one node), on live nodes, whatever runs
+    there now. Only GPUs are checked: a CPU job on an autoscaling cluster
+    often starts with no CPU worker nodes at all.
+
+    Raises:
+        InputError: one line: what the job needs and what the cluster has.
+    """
+    if not cfg.ray.use_gpu:
+        return
+    per_worker = float(cfg.ray.resources_per_worker["GPU"])  # RayConfig: > 0 with use_gpu
+    if _gpu_workers_placeable(per_worker) >= cfg.ray.num_workers:
+        return
+    waited = bool(cfg.ray.gpu_wait_s)
+    if waited and _wait_for_gpus(cfg, per_worker):
+        return
+    raise InputError(_gpu_shortfall(cfg, per_worker, waited=waited))
+
+
+def _gpu_workers_placeable(per_worker: float) -> int:
+    """How many workers of ``per_worker`` GPUs the cluster's live nodes hold (on an idle cluster)."""
+    import ray
+
+    return sum(
+        int(node["Resources"].get("GPU", 0.0) / per_worker + 1e-9) for node in ray.nodes() if node.get("Alive")
+    )
+
+
+def _wait_for_gpus(cfg: Config, per_worker: float) -> bool:
+    """Ask the autoscaler for the workers' bundles; True once the cluster holds them, False after ``gpu_wait_s``."""
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [dict(cfg.ray.resources_per_worker) for _ in range(cfg.ray.num_workers)]
+    log.info(
+        "the Ray cluster lacks GPUs for %d workers of %s: asked its autoscaler for them, waiting up to %g s "
+        "(ray.gpu_wait_s)",
+        cfg.ray.num_workers,
+        bundles[0],
+        cfg.ray.gpu_wait_s,
+    )
+    deadline = time.monotonic() + cfg.ray.gpu_wait_s
+    request_resources(bundles=bundles)
+    try:
+        while _gpu_workers_placeable(per_worker) < cfg.ray.num_workers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(_GPU_POLL_S, left))
+        log.info("the Ray cluster now has GPUs for %d workers", cfg.ray.num_workers)
+        return True
+    finally:
+        request_resources(bundles=[])
+
+
+def _gpu_shortfall(cfg: Config, per_worker: float, *, waited: bool) -> str:
+    """The one-line error: what the job needs, what the cluster has, what to change."""
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    gpus = resources.get("GPU", 0.0)
+    has = [f"CPU {resources.get('CPU', 0.0):g}"] + ([f"GPU {gpus:g}"] if gpus else [])
+    has.append(f"memory {resources.get('memory', 0.0) / 2**30:.1f} GiB")
+    has.append(f"{len(nodes)} node{'s' * (len(nodes) != 1)}")
+    if gpus and len(nodes) > 1:
+        has[-1] += " with " + " + ".join(f"{node['Resources'].get('GPU', 0.0):g}" for node in nodes) + " GPUs"
+    where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    if gpus:
+        lacks = (
+            f"has GPUs for only {_gpu_workers_placeable(per_worker)} of the job's {cfg.ray.num_workers} workers "
+            f"of {per_worker:g} GPU{'s' * (per_worker != 1)} each (on one node)"
+        )
+    else:
+        lacks = "has no GPUs"
+    message = f"ray.use_gpu is true but {where} {lacks} (it has: {', '.join(has)})"
+    if waited:
+        message += f"; still so after ray.gpu_wait_s={cfg.ray.gpu_wait_s:g} s of asking its autoscaler for them"
+    fixes = ["set ray.use_gpu=false to train on CPUs"]
+    if gpus:
+        fixes.append("lower ray.num_workers or ray.resources_per_worker.GPU")
+    if not waited:
+        fixes.append("set ray.gpu_wait_s=N to wait N seconds for an autoscaler to add GPU nodes")
+    return f"{message}; {', or '.join(fixes)}"
+
+
 def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callbacks.Callback]) -> None:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -229,6 +368,15 @@ def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callba
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        refused = _worker_input_error(exc)
+        if refused is not None:
+            rank, error = refused
+            # Retried like any worker failure first (ray.max_failures times): Ray Train V2
+            # builds its one failure policy from FailureConfig alone (data_parallel_trainer.py,
+            # create_failure_policy), and DefaultFailurePolicy retries every WorkerGroupError
+            # (failure_handling/default.py, _is_retryable_error): no hook tells a bad
+            # config from a lost node. Each retry fails as fast (before the strategy is built).
+            raise InputError(f"Ray worker rank {rank}: {error}") from exc
         cause = _root_cause(exc)
         raise RunError(
             f"the Ray Train run failed (ray.max_failures={cfg.ray.max_failures} exhausted): {cause}; "
@@ -242,6 +390,24 @@ def _root_cause(exc: BaseException) -> str:
         exc = exc.__cause__
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _worker_input_error(exc: BaseException) -> tuple[int, InputError] | None:
+    """The first worker's (by rank) ``InputError`` in a failed run, anywhere in its ``__cause__`` chain.
+
+    Ray Train V2 raises a ``WorkerGroupError`` whose ``worker_failures`` map
+    each failed rank to the exception its train function raised, unwrapped
+    from Ray's ``UserExceptionWithTraceback`` (worker_group/poll.py,
+    ``WorkerGroupPollStatus.errors``) and unpickled in this process.
+    """
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        link: BaseException | None = failure
+        while link is not None:
+            if isinstance(link, InputError):
+                return rank, link
+            link = link.__cause__
+    return None
 
 
 def _worker_loop(payload: dict[str, Any]) -> None:

@@ -64,6 +64,18 @@ def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
         model.compiled_metrics.build(predictions, targets)
 
 
+def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
+    """Each local replica's slice of this worker's block (:func:`imdb_dist.data.plan.replica_rows`), in the graph."""
+    replicas_here = local_replicas(strategy)
+
+    def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
+        # Global replica ids number a worker's replicas consecutively.
+        local = context.replica_id_in_sync_group % replicas_here
+        return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
+
+    return strategy.experimental_distribute_values_from_function(replica_batch)
+
+
 def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf.Tensor]]:
     """A function running ``steps`` of ``model.train_step`` on an iterator of this worker's blocks.
 
@@ -78,18 +90,9 @@ def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf
     short run's first epoch, and a run that never groups steps traces it once.
     """
     strategy = model.distribute_strategy
-    replicas_here = local_replicas(strategy)
 
     def one_step(iterator: Any) -> dict[str, tf.Tensor]:
-        block = next(iterator)
-
-        def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
-            # Global replica ids number a worker's replicas consecutively.
-            local = context.replica_id_in_sync_group % replicas_here
-            return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
-
-        batch = strategy.experimental_distribute_values_from_function(replica_batch)
-        outputs = strategy.run(model.train_step, args=(batch,))
+        outputs = strategy.run(model.train_step, args=(per_replica(strategy, next(iterator)),))
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
     # One step has no tensor-dependent Python control flow (the model's layers
@@ -122,7 +125,6 @@ def make_evaluate_function(model: keras.Model, batches: int) -> Callable[[Any], 
     read across replicas and workers (a collective under several workers).
     """
     strategy = model.distribute_strategy
-    replicas_here = local_replicas(strategy)
     with strategy.scope():
         loss = keras.metrics.Mean(name="loss")
     scored = [metric for metric in model.metrics if metric.name != "loss"]
@@ -139,13 +141,7 @@ def make_evaluate_function(model: keras.Model, batches: int) -> Callable[[Any], 
     @tf.function(reduce_retracing=True)
     def run(iterator: Any) -> None:
         for _ in tf.range(batches):
-            block = next(iterator)
-
-            def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
-                local = context.replica_id_in_sync_group % replicas_here
-                return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
-
-            strategy.run(score, args=(strategy.experimental_distribute_values_from_function(replica_batch),))
+            strategy.run(score, args=(per_replica(strategy, next(iterator)),))
 
     def evaluate(iterator: Any) -> dict[str, tf.Tensor]:
         model.reset_metrics()

@@ -345,6 +345,7 @@ REHEARSAL_CHANGES = {
     "train.epochs", "train.mixed_precision",
     "distribution.cpu_devices", "run.checkpoint_steps",
     "ray.use_gpu", "ray.resources_per_worker", "ray.storage_path", "ray.name", "ray.max_failures",
+    "ray.gpu_wait_s",  # the rehearsal asks for no GPUs
 }
 
 

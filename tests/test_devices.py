@@ -178,7 +178,9 @@ def test_imdb_dist_train_asking_for_a_gpu_exits_2_quoting_tensorflow_and_writes_
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: config key train.mixed_precision: mixed_float16 needs a GPU and TensorFlow sees none: ")
+    assert error.startswith(
+        "error: config key train.mixed_precision: mixed_float16 needs a GPU and TensorFlow sees none: "
+    )
     # The reason quotes what TensorFlow said while it loaded, relayed as our log lines just before.
     said = re.findall(r"INFO imdb_dist\.logs: TensorFlow \w+ \([^)]*\): (.*)", proc.stderr)
     if tf.test.is_built_with_cuda() and "CUDA_VISIBLE_DEVICES" not in os.environ:

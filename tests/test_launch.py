@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,7 @@ import pytest
 import ray
 import tensorflow as tf
 import tf_keras as keras
-from conftest import REPO, TINY, tiny_overrides, write_aclimdb
+from conftest import REPO, TINY, installed_script, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
@@ -318,3 +324,138 @@ def test_bad_data_is_refused_before_any_worker_starts_and_writes_nothing(tmp_pat
     with pytest.raises(DataError, match="does not exist"):
         launch(cfg)
     assert not (tmp_path / "storage").exists()
+
+
+def launch_command(tmp_path: Path, *extra: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    """``imdb-dist launch`` of a tiny GPU job (``ray.use_gpu``, 1 GPU a worker) as a child process; and its seconds."""
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    sets = [
+        *tiny_overrides(data, tmp_path / "unused"),
+        "distribution.strategy=multi_worker",
+        "ray.use_gpu=true",
+        "ray.resources_per_worker={CPU: 1, GPU: 1}",
+        f"ray.storage_path={tmp_path / 'storage'}",
+        *extra,
+    ]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "launch", *[arg for item in sets for arg in ("--set", item)]],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    return result, time.monotonic() - started
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("wait", [0, 3], ids=["at-once", "after-asking-the-autoscaler"])
+def test_gpu_workers_on_a_cluster_without_gpus_exit_2_naming_what_it_has_and_write_nothing(
+    tmp_path: Path, wait: int
+) -> None:
+    # The launcher's own local cluster (no RAY_ADDRESS); an empty CUDA_VISIBLE_DEVICES keeps
+    # Ray from counting a GPU the machine may have. Ray Train would wait for GPUs forever.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"CUDA_VISIBLE_DEVICES": ""}
+    result, took = launch_command(tmp_path, f"ray.gpu_wait_s={wait}", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = error_lines(result)
+    assert re.fullmatch(
+        r"error: ray\.use_gpu is true but the Ray cluster at 127\.0\.0\.1:\d+ has no GPUs "
+        r"\(it has: CPU \d+, memory \d+\.\d GiB, 1 node\); .*set ray\.use_gpu=false to train on CPUs.*",
+        line,
+    ), line
+    if wait:
+        assert "still so after ray.gpu_wait_s=3 s of asking its autoscaler" in line
+        assert took > wait
+    else:
+        assert "set ray.gpu_wait_s=N to wait N seconds" in line
+    # Interpreter, TensorFlow and a local cluster start-up included (about 15 s on 2 cores).
+    assert took < 45 + wait, f"took {took:.0f} s"
+    assert not (tmp_path / "storage").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(*args: str, env: dict[str, str]) -> Iterator[str]:
+    """A ``ray start --head --block`` on loopback in its own process group; yields its GCS address.
+
+    Ready when ``ray status`` answers; stopped by its group: SIGTERM, then
+    SIGKILL for what outlives it by 5 s.
+    """
+    ray = installed_script("ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live here
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={address.rpartition(':')[2]}",
+         f"--ray-client-server-port={free_port()}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+         "--dashboard-agent-listen-port=0", *args],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray, "status", f"--address={address}"], env=env, capture_output=True, check=False).returncode:
+            assert proc.poll() is None, "ray start exited"
+            assert time.monotonic() < deadline, "the head never answered ray status"
+            time.sleep(2)
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(1)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_fake_gpu() -> Iterator[dict[str, str]]:
+    """The environment of a client of a one-node ``ray start`` cluster that declares 1 GPU TensorFlow cannot see.
+
+    Ray is told to leave CUDA_VISIBLE_DEVICES alone and it hides any real
+    GPU: on any machine, Ray places GPU workers there and TensorFlow in them finds none.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",  # on for clusters from `ray start`: the client must say so
+        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1",
+        "CUDA_VISIBLE_DEVICES": "-1",
+    }
+    with ray_head("--num-cpus=1", "--num-gpus=1", env=env) as address:
+        yield {**env, "RAY_ADDRESS": address}
+
+
+@pytest.mark.timeout(120)
+def test_fewer_gpus_than_the_workers_need_exit_2_too(one_fake_gpu: dict[str, str], tmp_path: Path) -> None:
+    result, took = launch_command(tmp_path, "ray.num_workers=2", env=one_fake_gpu)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = error_lines(result)
+    assert re.fullmatch(
+        r"error: ray\.use_gpu is true but the Ray cluster at 127\.0\.0\.1:\d+ has GPUs for only 1 of the job's "
+        r"2 workers of 1 GPU each \(on one node\) \(it has: CPU 1, GPU 1, memory \d+\.\d GiB, 1 node\); "
+        r".*lower ray\.num_workers or ray\.resources_per_worker\.GPU.*",
+        line,
+    ), line
+    assert took < 45, f"took {took:.0f} s"
+    assert not (tmp_path / "storage").exists()
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_refuses_the_config_exits_2_with_its_line(one_fake_gpu: dict[str, str], tmp_path: Path) -> None:
+    # The driver's check passes (the cluster has the GPU); the worker refuses ray.use_gpu
+    # (imdb_dist.distribute.check_devices) with a ConfigError.
+    result, took = launch_command(tmp_path, "ray.num_workers=1", env=one_fake_gpu)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = error_lines(result)
+    # Not a RunError naming a failed health check: the worker's own line, as the driver's would be.
+    assert line.startswith("error: Ray worker rank 0: config key ray.use_gpu: "), line
+    assert "GPU" in line
+    assert took < 120, f"took {took:.0f} s"
