@@ -112,7 +112,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # multinode 93, tune 78, faults 60; every other file under 30.
 LONGEST_FIRST = (
     "test_launch.py", "test_bench.py", "test_resume.py", "test_storage.py", "test_job_submit.py",
-    "test_multinode.py", "test_tune.py", "test_faults.py", "test_topology.py",
+    "test_multinode.py", "test_tune.py", "test_loop.py", "test_faults.py", "test_devices.py", "test_topology.py",
 )
 
 
