@@ -49,7 +49,8 @@ def imdb_dist_runner(cfg: Config, train: Reviews, val: Reviews) -> Contender:
         max_len=cfg.data.max_len, batch_size=cfg.train.batch_size,
     )
     keras.utils.set_random_seed(cfg.train.seed)
-    with precision_policy(resolve_precision(cfg.train.mixed_precision)):
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    with precision_policy(resolve_precision(cfg.train.mixed_precision, gpu=gpu)):
         model = build_model(cfg.model, tokenizer.vocabulary_size())
         compile_model(model, cfg.train.learning_rate)
     epochs = iter(range(1_000_000))
