@@ -7,8 +7,9 @@ batches are one stream, ``batches(epoch, step)``, entered once at the
 position the run starts from and read to its end (no iterator is built or
 torn down at an epoch's end), and the loop decides when to checkpoint — every ``checkpoint_steps`` optimizer steps, at
 every epoch end, and when a stop is requested — whatever
-``steps_per_execution`` is. It reuses the model's own ``train_step``,
-``evaluate`` and Keras callbacks (TensorBoard, the progress bar, ours).
+``steps_per_execution`` is. It reuses the model's own ``train_step`` and
+Keras callbacks (TensorBoard, the progress bar, ours), and scores
+validation itself, in equal padded blocks (:func:`make_evaluate_function`).
 
 The host never waits for a step except at a step point
 (``Schedule.log_every``, a checkpoint, a stop request, an epoch's end):
