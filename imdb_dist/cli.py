@@ -40,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train in this process (CPU, one GPU, or all local GPUs)")
     _add_config_args(train)
+    _add_change_arg(train)
     train.set_defaults(handler=_train)
 
     launch = commands.add_parser("launch", help="train on a Ray cluster (RAY_ADDRESS, else a local one) with Ray Train")
     _add_config_args(launch)
+    _add_change_arg(launch)
     launch.set_defaults(handler=_launch)
 
     tune = commands.add_parser(
@@ -83,10 +85,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_change_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--change",
+        dest="changes",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="resuming a run, change this model-defining key from here on (e.g. train.learning_rate; "
+        "repeatable; recorded in report.json): without it a resume that would train another model is refused",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     from imdb_dist.data.sources import read_ahead
+    from imdb_dist.fingerprint import check_changes
 
     cfg = load_config(args.config, args.overrides)
+    check_changes(cfg, args.changes)
     # The archive is read on a second core while TensorFlow loads.
     reading = read_ahead(cfg.data)
     import_tensorflow_quietly()
@@ -94,16 +110,19 @@ def _train(args: argparse.Namespace) -> int:
     from imdb_dist.train import run
 
     with stop_on_signals() as stop:
-        run(cfg, stop=stop, startup_s=since_process_start(), reading=reading)
+        run(cfg, stop=stop, startup_s=since_process_start(), reading=reading, changes=args.changes)
     return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from imdb_dist.fingerprint import check_changes
+
     cfg = load_config(args.config, args.overrides)
+    check_changes(cfg, args.changes)
     import_tensorflow_quietly()
     from imdb_dist.launch import launch
 
-    launch(cfg)
+    launch(cfg, changes=args.changes)
     return 0
 
 

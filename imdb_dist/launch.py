@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imdb_dist import rundir, storage
+from imdb_dist import fingerprint, rundir, storage
 from imdb_dist.config import Config, config_from_dict, to_dict
 from imdb_dist.data.sources import load_training_splits
 from imdb_dist.errors import ConfigError, DataError, InputError, RunError
@@ -72,13 +72,17 @@ def run_location(cfg: Config) -> storage.Location:
     return storage.parse(cfg.ray.storage_path, "ray.storage_path").child(cfg.ray.name)
 
 
-def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = ()) -> storage.Location:
+def launch(
+    cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = (), changes: Sequence[str] = ()
+) -> storage.Location:
     """Prepare the data, run the Ray Train job to the end, and return the run directory.
 
     Args:
         cfg: the job; its ``ray`` section sizes the cluster job.
         worker_callbacks: extra Keras callbacks for every worker's training
             loop (pickled to the workers).
+        changes: model-defining keys this command means to change in a run
+            it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
 
     Raises:
         InputError: bad config, data or storage, or a cluster without the
@@ -98,13 +102,13 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
     if run.local:
         run_dir = run.local_path()
         rundir.check_writable(run_dir)
-        if rundir.already_complete(run_dir, cfg):
+        if rundir.already_complete(run_dir, cfg, changes):
             log.info("%s already holds a complete run of this config; nothing to do", run)
             return run
-        prepare(cfg, run_dir, before_writing=join_cluster)
+        prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
     else:
         with tempfile.TemporaryDirectory(prefix="imdb-dist-driver-") as mirror:
-            if not _prepare_remote(cfg, run, Path(mirror), before_writing=join_cluster):
+            if not _prepare_remote(cfg, run, Path(mirror), before_writing=join_cluster, changes=changes):
                 log.info("%s already holds a complete run of this config; nothing to do", run)
                 return run
     _fit(cfg, run, list(worker_callbacks))
@@ -112,7 +116,12 @@ def launch(cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] 
 
 
 def _prepare_remote(
-    cfg: Config, run: storage.Location, mirror: Path, *, before_writing: Callable[[], None] = lambda: None
+    cfg: Config,
+    run: storage.Location,
+    mirror: Path,
+    *,
+    before_writing: Callable[[], None] = lambda: None,
+    changes: Sequence[str] = (),
 ) -> bool:
     """:func:`prepare` for a run on remote storage, through a local mirror of its small files.
 
@@ -122,21 +131,25 @@ def _prepare_remote(
 
     manifest = f"{PREPARED}/{shards.MANIFEST}"
     try:
-        storage.download(run, mirror, only=[rundir.CONFIG, rundir.REPORT, rundir.VOCAB, manifest])
+        small = [rundir.CONFIG, rundir.REPORT, rundir.VOCAB, manifest, fingerprint.FINGERPRINT, fingerprint.CHANGES]
+        storage.download(run, mirror, only=small)
         foreign = not (mirror / rundir.CONFIG).exists() and storage.has_files(run)
     except OSError as exc:
         raise InputError(f"ray.storage_path {run}: cannot read there: {storage.reason(exc)}") from None
     if foreign:
         raise InputError(f"ray.storage_path: {run} is not empty and holds no {rundir.CONFIG}: not an imdb-dist run")
     # Decided before any write, so resubmitting a finished job changes nothing in the bucket.
-    if rundir.already_complete(mirror, cfg):
+    if rundir.already_complete(mirror, cfg, changes):
         return False
     storage.check_writable(run, "ray.storage_path")
     prepared_before = (mirror / manifest).exists() and (mirror / rundir.VOCAB).exists()
-    prepare(cfg, mirror, before_writing=before_writing)
+    prepare(cfg, mirror, before_writing=before_writing, changes=changes)
     # As rundir.begin: the stale report goes first, then the config.
     storage.delete(run.child(rundir.REPORT))
     storage.upload(mirror / rundir.CONFIG, run.child(rundir.CONFIG))
+    for name in (fingerprint.FINGERPRINT, fingerprint.CHANGES):
+        if (mirror / name).exists():
+            storage.upload(mirror / name, run.child(name))
     if not prepared_before:
         storage.upload(mirror / rundir.VOCAB, run.child(rundir.VOCAB))
         data = mirror / PREPARED
@@ -175,11 +188,15 @@ def _check_replicas(cfg: Config) -> None:
         )
 
 
-def prepare(cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = lambda: None) -> Path:
-    """Open the run dir (config), and write vocabulary and TFRecord shards once; a resumed run reuses them.
+def prepare(
+    cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = lambda: None, changes: Sequence[str] = ()
+) -> Path:
+    """Open the run dir (config, fingerprint), and write vocabulary and TFRecord shards once; a resume reuses them.
 
     ``before_writing`` runs once the data is read and checked, before the
-    first write: :func:`launch` joins the cluster there and checks it.
+    first write: :func:`launch` joins the cluster there and checks it. A
+    resume is checked against the run's fingerprint first
+    (:mod:`imdb_dist.fingerprint`; ``changes``: keys meant to change).
 
     Raises:
         DataError: the source is missing or malformed (nothing is written then).
@@ -189,16 +206,27 @@ def prepare(cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = 
     target = run_dir / PREPARED
     if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
         log.info("reusing the prepared data in %s", target)
+        previous = fingerprint.read(run_dir)
+        # The prepared shards are the data this run trains on, wherever data.path points now.
+        current = None if previous is None else _fingerprint(cfg, previous.data)
+        _check_fingerprint(run_dir, previous, current, changes)
         before_writing()
         rundir.begin(run_dir, cfg)
+        if current is not None:
+            fingerprint.record(run_dir, previous, current, at=_progress(run_dir))
         return target
     train, val = load_training_splits(cfg.data)
     if len(train) < cfg.train.batch_size:
         raise DataError(
             f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
         )
+    previous = fingerprint.read(run_dir)
+    digest = fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)])
+    current = _fingerprint(cfg, digest)
+    _check_fingerprint(run_dir, previous, current, changes)
     before_writing()
     rundir.begin(run_dir, cfg)
+    fingerprint.record(run_dir, previous, current, at=_progress(run_dir))
     # Fitted once, here, so every replica shares the same token ids.
     rundir.write_vocab(run_dir, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
     shards.write_prepared(
@@ -206,6 +234,35 @@ def prepare(cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = 
     )
     log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), target)
     return target
+
+
+def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
+    """The run's fingerprint, with the precision its workers will resolve (GPU workers: ``auto`` is float16)."""
+    from imdb_dist.data.plan import PLAN_VERSION
+    from imdb_dist.distribute import resolve_precision
+
+    gpu = cfg.ray.use_gpu and not cfg.distribution.cpu_devices
+    return fingerprint.Fingerprint.of(
+        cfg,
+        precision=resolve_precision(cfg.train.mixed_precision, gpu=gpu),
+        plan_version=PLAN_VERSION,
+        data=digest,
+    )
+
+
+def _progress(run_dir: Path) -> dict[str, int]:
+    """Where a change takes effect: the epochs the run has finished."""
+    from imdb_dist.callbacks import read_metrics
+
+    return {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
+
+
+def _check_fingerprint(
+    run_dir: Path, previous: fingerprint.Fingerprint | None, current: fingerprint.Fingerprint | None,
+    changes: Sequence[str],
+) -> None:
+    if previous is not None and current is not None:
+        fingerprint.refuse_unnamed(fingerprint.differences(previous.parts(), current.parts()), changes, run_dir)
 
 
 def connect() -> None:
@@ -483,7 +540,7 @@ def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Pa
 
     names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
     if chief:
-        names += [rundir.METRICS, rundir.STEPS]
+        names += [rundir.METRICS, rundir.STEPS, fingerprint.CHANGES]
     storage.download(run, work, only=names)
     manifest = shards.read_manifest(work / PREPARED)
     if manifest is None:

@@ -6,14 +6,15 @@ complete when ``report.json`` exists: it is written last, atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imdb_dist.config import Config, dump_yaml, load_config, to_dict
+from imdb_dist import fingerprint
+from imdb_dist.config import Config, dump_yaml, load_config
 from imdb_dist.errors import ConfigError, InputError
 
 CONFIG = "config.yaml"
@@ -25,9 +26,6 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 REPORT = "report.json"
 CURVES = "curves.png"
-# Keys that may change between an interrupted run and its resumption:
-# more epochs extend a run; the directory may have been moved.
-_RESUMABLE_CHANGES = {"train.epochs", "run.output_dir"}
 
 
 def check_writable(path: Path) -> None:
@@ -61,45 +59,36 @@ def prior_config(run_dir: Path) -> Config | None:
         raise InputError(f"{saved} cannot be resumed: {exc}") from None
 
 
-def check_resumable(previous: Config, current: Config, run_dir: Path) -> None:
-    """Refuse to mix two different runs' checkpoints in one directory."""
-    old, new = _flatten(to_dict(previous)), _flatten(to_dict(current))
-    changed = sorted(
-        k
-        for k in old.keys() | new.keys()
-        # The tune section only steers `imdb-dist tune`; a run does not read it.
-        if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES and not k.startswith("tune.")
-    )
-    if changed:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-        raise InputError(
-            f"run.output_dir {run_dir} holds a run with a different config ({detail}); "
-            "choose another run.output_dir or remove it"
-        )
+def check_resumable(previous: Config, current: Config, run_dir: Path, changes: Sequence[str] = ()) -> None:
+    """Refuse, before any data is read, a resume whose config would train another model.
 
-
-def already_complete(run_dir: Path, current: Config) -> bool:
-    """True if ``run_dir`` holds a finished run of exactly ``current``.
+    Only the model-defining keys count (:mod:`imdb_dist.fingerprint`), and
+    ``train.epochs`` under a cosine schedule; ``changes`` names the keys
+    meant to change. The data's content, the resolved precision and the
+    plan version are checked once the data is read (:func:`imdb_dist.fingerprint.refuse_unnamed`).
 
     Raises:
-        InputError: the directory is not a run, or holds a run of another config.
+        InputError: naming the first key that differs and was not named.
+    """
+    changed = fingerprint.differences(fingerprint.model_config(previous), fingerprint.model_config(current))
+    cosine = "cosine" in (previous.train.lr_schedule, current.train.lr_schedule)
+    if cosine and previous.train.epochs != current.train.epochs:
+        changed["train.epochs"] = (previous.train.epochs, current.train.epochs)
+    fingerprint.refuse_unnamed(changed, changes, run_dir)
+
+
+def already_complete(run_dir: Path, current: Config, changes: Sequence[str] = ()) -> bool:
+    """True if ``run_dir`` holds a finished run of ``current``'s model and epochs (operational keys aside).
+
+    Raises:
+        InputError: the directory is not a run, or holds a run of another model.
     """
     previous = prior_config(run_dir)
     if previous is None:
         return False
-    check_resumable(previous, current, run_dir)
-    same = dataclasses.replace(previous, tune=current.tune) == current
-    return same and (run_dir / REPORT).exists()
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    check_resumable(previous, current, run_dir, changes)
+    same = fingerprint.model_config(previous) == fingerprint.model_config(current)
+    return same and previous.train.epochs == current.train.epochs and (run_dir / REPORT).exists()
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist import __version__, aggregation, rundir, storage
+from imdb_dist import __version__, aggregation, fingerprint, rundir, storage
 from imdb_dist.callbacks import EpochMetrics, FiniteLoss, StepMetrics, log_every, read_metrics
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
@@ -83,6 +83,8 @@ class TrainingData:
     train_examples: Callable[[], tf.data.Dataset]  # (text, label), in the split's order
     val_examples: Callable[[], tf.data.Dataset]
     val_reviews: Callable[[], Reviews]
+    # sha256 of the reviews (imdb_dist.fingerprint.data_digest); None for prepared shards (the launcher checks).
+    digest: str | None = None
 
 
 def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -> TrainingData:
@@ -94,6 +96,7 @@ def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -
         train_examples=lambda: tf.data.Dataset.from_tensor_slices((train.texts, train.labels)),
         val_examples=lambda: tf.data.Dataset.from_tensor_slices((val.texts, val.labels)),
         val_reviews=lambda: val,
+        digest=fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]),
     )
 
 
@@ -122,6 +125,7 @@ def run(
     stop: StopRequest | None = None,
     startup_s: float | None = None,
     reading: ReadAhead | None = None,
+    changes: Sequence[str] = (),
 ) -> Path:
     """Train, export and evaluate as ``cfg`` says; return the run directory.
 
@@ -144,6 +148,8 @@ def run(
         reading: the training splits, already being read
             (:func:`imdb_dist.data.sources.read_ahead`), instead of reading
             the configured source here.
+        changes: model-defining keys this command means to change in a run
+            it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
 
     Raises:
         InputError: bad config, data or output directory (nothing is written).
@@ -171,14 +177,28 @@ def run(
             data = prepared_data(prepared)
         _check_sizes(cfg, data)
     else:
-        if _already_complete(cfg, run_dir):
+        if _already_complete(cfg, run_dir, changes):
             return run_dir
         # Read and check the data before creating anything: bad data leaves no run dir.
         with timings.phase("data"):
             data = in_memory_data(cfg, reading.result() if reading is not None else None)
         _check_sizes(cfg, data)
+        assert data.digest is not None
+        current = fingerprint.Fingerprint.of(
+            cfg,
+            precision=worker.precision,
+            plan_version=plan.PLAN_VERSION,
+            data=data.digest,
+        )
+        previous = fingerprint.read(run_dir)
+        if previous is not None:
+            fingerprint.refuse_unnamed(
+                fingerprint.differences(previous.parts(), current.parts()), changes, run_dir
+            )
         if worker.chief:
             rundir.begin(run_dir, cfg)
+            done = {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
+            fingerprint.record(run_dir, previous, current, at=done)
     with timings.phase("tokenize"):
         tokenizer, encoded = _tokenize(cfg, run_dir, data, worker)
     model = _train(
@@ -233,9 +253,9 @@ def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
     return Worker(strategy, chief, num_workers, index, precision)
 
 
-def _already_complete(cfg: Config, run_dir: Path) -> bool:
-    """Check a previous run in ``run_dir``; True if it already finished this exact job."""
-    if rundir.already_complete(run_dir, cfg):
+def _already_complete(cfg: Config, run_dir: Path, changes: Sequence[str]) -> bool:
+    """Check a previous run in ``run_dir``; True if it already finished this model's run."""
+    if rundir.already_complete(run_dir, cfg, changes):
         log.info("%s already holds a complete run of this config; nothing to do", run_dir)
         return True
     done = read_metrics(run_dir / rundir.METRICS)
@@ -451,6 +471,8 @@ def _finish(
     process_s = since_process_start()
     report = {
         "validation": validation,
+        # Deliberate changes made on resumes (--change), oldest first.
+        "changes": fingerprint.read_changes(run_dir),
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
         "optimizer_steps": int(model.optimizer.iterations.numpy()),

@@ -116,7 +116,7 @@ def test_a_complete_run_is_not_repeated(trained_run: Path) -> None:
 
 def test_a_different_config_is_refused_in_the_same_dir(trained_run: Path) -> None:
     saved = (trained_run / rundir.CONFIG).read_text()
-    with pytest.raises(InputError, match=r"data\.max_len: 32 -> 48"):
+    with pytest.raises(InputError, match=r"data\.max_len is 32, not 48"):
         run(load_config(trained_run / rundir.CONFIG, ["data.max_len=48"]))
     assert (trained_run / rundir.CONFIG).read_text() == saved
 

@@ -1,0 +1,184 @@
+"""What a trained model depends on, recorded in its run directory and checked when the run resumes.
+
+A resumed run must train the model the run began: the same data, batches,
+network, optimisation and precision. Everything else is operational and may
+change between attempts: how many workers and replicas train it, how often
+it checkpoints or logs, Ray's retries and storage, where the data file
+lives (if its content is the same), determinism, ``steps_per_execution``.
+
+The fingerprint holds the model-defining config keys (:data:`MODEL_KEYS`,
+every ``model.*``), the resolved precision (``auto`` is float16 on GPUs and
+float32 on CPUs: not a config value), the cosine schedule's length (its
+epochs), the data plan's version (:data:`imdb_dist.data.plan.PLAN_VERSION`),
+and a hash of the training and validation reviews in order. A resume that
+would change one of them stops (exit 2) naming the key, unless the command
+names it as meant to change (``--change KEY``, e.g. the lower learning rate
+the loss guard advises); each such change is kept in ``changes.jsonl`` and
+in ``report.json``. The fingerprint is ``fingerprint.json`` in the run
+directory, beside the config and checkpoints it describes.
+
+``train.epochs``: with a constant learning rate more epochs extend the run
+(the steps so far are the start of the longer run's). A cosine schedule's
+curve is as long as the whole run, so more epochs would make it a different
+run: refused unless named, and then the learning rate follows the longer
+curve from the step the run is at (it jumps up to that curve's value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imdb_dist.config import Config, to_dict
+from imdb_dist.errors import InputError
+
+FINGERPRINT = "fingerprint.json"
+CHANGES = "changes.jsonl"
+
+# Config keys the trained weights depend on (besides every model.* key):
+# which reviews train and validate, how they are cut into batches and
+# encoded, and the optimisation. Not here, because a resume may change them
+# freely: the data's location (its content is hashed instead), the
+# distribution, precision's config value (its resolved value is kept),
+# train.epochs (see the module docstring), steps_per_execution and
+# determinism (the same steps; tested bitwise), checkpoints, logging, ray.*.
+MODEL_KEYS = frozenset({
+    "data.validation_fraction", "data.folds", "data.fold", "data.seed", "data.vocab_size", "data.max_len",
+    "data.bucketing", "data.bucket_width",
+    "train.batch_size", "train.learning_rate", "train.lr_schedule", "train.seed", "train.early_stopping_patience",
+})
+# What the derived parts of the fingerprint are named by, in errors and in --change.
+DERIVED_KEYS = {
+    "precision": "train.mixed_precision",
+    "schedule_epochs": "train.epochs",
+    "plan_version": "data.plan_version",
+    "data": "data.content",
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def model_config(cfg: Config) -> dict[str, Any]:
+    """The model-defining keys of ``cfg`` and their values."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k in MODEL_KEYS or k.startswith("model.")}
+
+
+def changeable_keys(cfg: Config) -> frozenset[str]:
+    """Every name ``--change`` accepts: the model-defining config keys and the derived parts."""
+    return frozenset(model_config(cfg)) | frozenset(DERIVED_KEYS.values())
+
+
+def check_changes(cfg: Config, changes: Sequence[str]) -> None:
+    """Refuse a ``--change`` that names nothing a resume checks (a typo would otherwise pass silently)."""
+    known = changeable_keys(cfg)
+    for key in changes:
+        if key not in known:
+            raise InputError(
+                f"--change {key}: not a key a resume checks; operational keys (workers, checkpoints, paths, "
+                f"ray.*) may change without it. It accepts: {', '.join(sorted(known))}"
+            )
+
+
+def data_digest(splits: Iterable[tuple[Sequence[str], np.ndarray]]) -> str:
+    """sha256 over the reviews and labels of each split, in order: the data's content, wherever it is read from."""
+    digest = hashlib.sha256()
+    for texts, labels in splits:
+        digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        for text in texts:
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little"))
+            digest.update(encoded)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What the run's model depends on (see the module docstring)."""
+
+    config: dict[str, Any]
+    precision: str
+    # The epochs a cosine schedule's curve spans (its length in steps is
+    # that times the steps per epoch, which the data and batch size fix);
+    # None for a constant learning rate, which any number of epochs extends.
+    schedule_epochs: int | None
+    plan_version: int
+    data: str
+
+    @classmethod
+    def of(cls, cfg: Config, *, precision: str, plan_version: int, data: str) -> Fingerprint:
+        cosine = cfg.train.lr_schedule == "cosine"
+        return cls(model_config(cfg), precision, cfg.train.epochs if cosine else None, plan_version, data)
+
+    def parts(self) -> dict[str, Any]:
+        """Every checked value by the name errors and ``--change`` use."""
+        named = {DERIVED_KEYS[k]: v for k, v in dataclasses.asdict(self).items() if k in DERIVED_KEYS}
+        return {**self.config, **named}
+
+
+def read(run_dir: Path) -> Fingerprint | None:
+    """The fingerprint saved in ``run_dir``, or None (a new run, or one from before fingerprints)."""
+    path = run_dir / FINGERPRINT
+    if not path.exists():
+        return None
+    return Fingerprint(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for every key whose value differs."""
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def refuse_unnamed(changed: dict[str, tuple[Any, Any]], named: Sequence[str], run_dir: Path | str) -> None:
+    """Raise for the first change the command did not name.
+
+    Raises:
+        InputError: naming the key, its old and new value, and how to proceed.
+    """
+    unnamed = [key for key in changed if key not in named]
+    if unnamed:
+        key = unnamed[0]
+        old, new = changed[key]
+        more = f" (and {', '.join(unnamed[1:])})" if len(unnamed) > 1 else ""
+        raise InputError(
+            f"run.output_dir {run_dir} holds a run whose {key} is {old!r}, not {new!r}{more}: resuming would "
+            f"train another model; to change it from here on, add --change {key} (recorded in the report), "
+            "or choose another run directory"
+        )
+
+
+def record(run_dir: Path, previous: Fingerprint | None, current: Fingerprint, at: dict[str, int]) -> None:
+    """Save ``current`` and append the changes from ``previous`` (named ones: the check has passed) to changes.jsonl."""
+    from imdb_dist.rundir import atomic_write
+
+    if previous is not None:
+        changed = differences(previous.parts(), current.parts())
+        if changed:
+            lines = "".join(
+                json.dumps({"key": key, "from": old, "to": new, **at}) + "\n" for key, (old, new) in changed.items()
+            )
+            existing = (run_dir / CHANGES).read_text(encoding="utf-8") if (run_dir / CHANGES).exists() else ""
+            atomic_write(run_dir / CHANGES, existing + lines)
+    atomic_write(run_dir / FINGERPRINT, json.dumps(dataclasses.asdict(current), indent=2, sort_keys=True) + "\n")
+
+
+def read_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """The deliberate changes made to the run so far, oldest first."""
+    path = run_dir / CHANGES
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
