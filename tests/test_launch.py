@@ -27,7 +27,7 @@ from conftest import REPO, TINY, installed_script, tiny_overrides, write_aclimdb
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
-from imdb_dist.errors import ConfigError, RunError
+from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.launch import launch
 from imdb_dist.model import build_model
 
@@ -252,12 +252,20 @@ def test_the_gpu_rehearsal_config_runs_two_workers_of_two_replicas_each(cluster,
 def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: Path) -> None:
     log = tmp_path / "events.txt"
     launch(ray_config(tmp_path, "train.epochs=1"), worker_callbacks=[RecordEpochs(str(log))])
-    # The same name and storage_path, more epochs: a new Ray Train run picks up the checkpoint.
-    run_dir = launch(ray_config(tmp_path, "train.epochs=2"), worker_callbacks=[RecordEpochs(str(log))]).local_path()
+    # A resubmit that would train another model is refused in the driver, naming the key, before it writes.
+    saved = (tmp_path / "storage" / "job" / rundir.CONFIG).read_text()
+    with pytest.raises(InputError, match=r"whose model\.lstm_units is 8, not 5.*--change model\.lstm_units"):
+        launch(ray_config(tmp_path, "train.epochs=2", "model.lstm_units=5"))
+    assert (tmp_path / "storage" / "job" / rundir.CONFIG).read_text() == saved
+    # The same name and storage_path, more epochs, and operational changes (the retries the
+    # launcher's own failure message suggests raising): a new Ray Train run picks up the checkpoint.
+    resubmit = ray_config(tmp_path, "train.epochs=2", "ray.max_failures=2", "ray.checkpoints_to_keep=3")
+    run_dir = launch(resubmit, worker_callbacks=[RecordEpochs(str(log))]).local_path()
     begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 0 and event == "begin"]
     assert begun == [1, 2]
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+    assert report["changes"] == []
 
 
 def test_without_retries_a_failed_worker_fails_the_run(cluster, tmp_path: Path) -> None:
