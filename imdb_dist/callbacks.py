@@ -234,8 +234,9 @@ class FiniteLoss(keras.callbacks.Callback):
     nan or inf stays in that mean, so it is caught at the next point, which
     comes before any checkpoint.
 
-    The checkpoint of the last finished epoch is left as it was, so the run
-    can be resumed (e.g. with a lower learning rate in a new run dir).
+    The last checkpoint is left as it was, so the run can be resumed, e.g.
+    with a lower learning rate named as a deliberate change (``--change``,
+    :mod:`imdb_dist.fingerprint`).
     """
 
     def __init__(self) -> None:
@@ -248,4 +249,8 @@ class FiniteLoss(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            raise RunError(f"training loss became {loss} by epoch {self._epoch + 1} step {batch + 1}")
+            raise RunError(
+                f"training loss became {loss} by epoch {self._epoch + 1} step {batch + 1}; the last checkpoint "
+                "is kept: to resume from it with a lower learning rate, run again with "
+                "--set train.learning_rate=<lower> --change train.learning_rate"
+            )
