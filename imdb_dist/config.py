@@ -220,7 +220,13 @@ class RayConfig:
     two resumes from the last checkpoint there.
     """
 
-    num_workers: int = 2
+    # An int: that many workers. [min, max]: Ray Train's elastic scaling: the
+    # job starts once min workers fit, continues with the workers that fit
+    # after losing some, and grows back from the latest checkpoint when
+    # capacity returns (checked every resize_interval_s). The global batch
+    # is the same at every size (imdb_dist.data.plan).
+    num_workers: int | tuple[int, int] = 2
+    resize_interval_s: float = 60.0
     use_gpu: bool = False
     # e.g. {CPU: 8, GPU: 8} for one worker per 8-GPU node.
     resources_per_worker: dict[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 1.0})
@@ -238,7 +244,13 @@ class RayConfig:
     gpu_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_range("ray.num_workers", self.num_workers, 1, 100_000)
+        if isinstance(self.num_workers, tuple):
+            low, high = self.num_workers
+            _check_range("ray.num_workers[0]", low, 1, 100_000)
+            _check_range("ray.num_workers[1]", high, low, 100_000)
+        else:
+            _check_range("ray.num_workers", self.num_workers, 1, 100_000)
+        _check_range("ray.resize_interval_s", self.resize_interval_s, 0.0, 86_400.0)
         _check_range("ray.max_failures", self.max_failures, -1, 100_000)
         _check_range("ray.checkpoints_to_keep", self.checkpoints_to_keep, 1, 100_000)
         _check_range("ray.num_shards", self.num_shards, 1, 100_000)
@@ -249,6 +261,16 @@ class RayConfig:
             raise ConfigError("ray.resources_per_worker", "use_gpu needs a GPU count, e.g. {CPU: 8, GPU: 8}")
         if not self.name.strip() or "/" in self.name:
             raise ConfigError("ray.name", f"{self.name!r} must be a non-empty name without '/'")
+
+    @property
+    def worker_counts(self) -> range:
+        """Every size the worker group may have: one, or min..max when elastic."""
+        low, high = self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers,) * 2
+        return range(low, high + 1)
+
+    @property
+    def elastic(self) -> bool:
+        return len(self.worker_counts) > 1
 
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -459,6 +481,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+def _describe(hint: Any) -> str:
+    """A type hint in words: ``int``, ``a list of 2 int``, ``a list of str``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {args[0].__name__}" if Ellipsis in args else f"a list of {len(args)} {args[0].__name__}"
+    return getattr(hint, "__name__", str(hint))
+
+
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against ``hint``; the only conversions are int/numeric str->float and list->tuple."""
     if hint is Any:
@@ -472,8 +502,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, inner, value)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(key, inner[0], value)
+        for option in inner:  # int | tuple[int, int]: the first that fits
+            try:
+                return _coerce(key, option, value)
+            except ConfigError:
+                pass
+        kinds = " or ".join(_describe(option) for option in inner)
+        raise ConfigError(key, f"expected {kinds}, got {type(value).__name__} {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
@@ -481,7 +519,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
+        if Ellipsis not in args and len(value) != len(args):  # tuple[int, int]: exactly two
+            raise ConfigError(key, f"expected a list of {len(args)}, got {len(value)}: {list(value)!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0 if Ellipsis in args else i], v) for i, v in enumerate(value))
     # bool is an int subclass: never let `true` pass for a count, or 1 for a flag.
     if hint is bool and isinstance(value, bool):
         return value

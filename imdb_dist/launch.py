@@ -168,12 +168,15 @@ def _check_replicas(cfg: Config) -> None:
         per_worker = cfg.distribution.cpu_devices
     else:
         per_worker = max(int(cfg.ray.resources_per_worker.get("GPU", 0)), 1) if cfg.ray.use_gpu else 1
-    replicas = cfg.ray.num_workers * per_worker
-    if cfg.train.batch_size % replicas:
+    # Elastic: the global batch is the same at every size the group may take, so each must split it.
+    misfits = [n for n in cfg.ray.worker_counts if cfg.train.batch_size % (n * per_worker)]
+    if misfits:
+        sizes = ", ".join(f"{n} workers x {per_worker} devices = {n * per_worker} replicas" for n in misfits)
+        key = "train.batch_size" if not cfg.ray.elastic else "ray.num_workers"
         raise ConfigError(
-            "train.batch_size",
-            f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas "
-            f"({cfg.ray.num_workers} workers x {per_worker} devices)",
+            key,
+            f"global batch {cfg.train.batch_size} is not divisible by the replicas of {sizes}"
+            + (f" (every size in {list(cfg.ray.num_workers)} must split it)" if cfg.ray.elastic else ""),
         )
     # A CPU rehearsal (cpu_devices) may run mixed_float16 emulated, to try loss scaling.
     if cfg.train.mixed_precision == "mixed_float16" and not cfg.ray.use_gpu and not cfg.distribution.cpu_devices:
@@ -325,12 +328,17 @@ def check_gpus(cfg: Config) -> None:
     if not cfg.ray.use_gpu:
         return
     per_worker = float(cfg.ray.resources_per_worker["GPU"])  # RayConfig: > 0 with use_gpu
-    if _gpu_workers_placeable(per_worker) >= cfg.ray.num_workers:
+    if _gpu_workers_placeable(per_worker) >= _needed(cfg):
         return
     waited = bool(cfg.ray.gpu_wait_s)
     if waited and _wait_for_gpus(cfg, per_worker):
         return
     raise InputError(_gpu_shortfall(cfg, per_worker, waited=waited))
+
+
+def _needed(cfg: Config) -> int:
+    """The workers the job needs to start: all of them, or an elastic job's minimum."""
+    return cfg.ray.worker_counts[0]
 
 
 def _gpu_workers_placeable(per_worker: float) -> int:
@@ -346,23 +354,23 @@ def _wait_for_gpus(cfg: Config, per_worker: float) -> bool:
     """Ask the autoscaler for the workers' bundles; True once the cluster holds them, False after ``gpu_wait_s``."""
     from ray.autoscaler.sdk import request_resources
 
-    bundles = [dict(cfg.ray.resources_per_worker) for _ in range(cfg.ray.num_workers)]
+    bundles = [dict(cfg.ray.resources_per_worker) for _ in range(_needed(cfg))]
     log.info(
         "the Ray cluster lacks GPUs for %d workers of %s: asked its autoscaler for them, waiting up to %g s "
         "(ray.gpu_wait_s)",
-        cfg.ray.num_workers,
+        _needed(cfg),
         bundles[0],
         cfg.ray.gpu_wait_s,
     )
     deadline = time.monotonic() + cfg.ray.gpu_wait_s
     request_resources(bundles=bundles)
     try:
-        while _gpu_workers_placeable(per_worker) < cfg.ray.num_workers:
+        while _gpu_workers_placeable(per_worker) < _needed(cfg):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             time.sleep(min(_GPU_POLL_S, left))
-        log.info("the Ray cluster now has GPUs for %d workers", cfg.ray.num_workers)
+        log.info("the Ray cluster now has GPUs for %d workers", _needed(cfg))
         return True
     finally:
         request_resources(bundles=[])
@@ -383,7 +391,7 @@ def _gpu_shortfall(cfg: Config, per_worker: float, *, waited: bool) -> str:
     where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
     if gpus:
         lacks = (
-            f"has GPUs for only {_gpu_workers_placeable(per_worker)} of the job's {cfg.ray.num_workers} workers "
+            f"has GPUs for only {_gpu_workers_placeable(per_worker)} of the job's {_needed(cfg)} workers "
             f"of {per_worker:g} GPU{'s' * (per_worker != 1)} each (on one node)"
         )
     else:
@@ -409,6 +417,7 @@ def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callba
         train_loop_config={"config": to_dict(cfg), "callbacks": worker_callbacks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
+            elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
             use_gpu=cfg.ray.use_gpu,
             resources_per_worker=dict(cfg.ray.resources_per_worker),
         ),

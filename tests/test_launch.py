@@ -282,6 +282,21 @@ def test_a_batch_that_does_not_split_across_workers_is_refused_before_starting(t
     assert not (tmp_path / "storage").exists()
 
 
+def test_an_elastic_range_with_a_size_that_cannot_split_the_batch_is_refused_naming_it(tmp_path: Path) -> None:
+    # Global batch 16: 1, 2 and 4 workers split it, 3 does not.
+    with pytest.raises(ConfigError, match=r"ray\.num_workers: .*16 .*3 workers x 1 devices = 3 replicas \(every size"):
+        launch(ray_config(tmp_path, "ray.num_workers=[1, 4]"))
+    assert not (tmp_path / "storage").exists()
+
+
+def test_an_elastic_job_starts_with_the_workers_that_fit_and_trains_to_the_end(cluster, tmp_path: Path) -> None:
+    # The cluster's 2 CPUs hold both workers of [1, 2]: Ray Train's elastic policy starts with 2.
+    run_dir = launch(ray_config(tmp_path, "ray.num_workers=[1, 2]", "ray.resize_interval_s=5")).local_path()
+    report = json.loads((run_dir / rundir.REPORT).read_text())
+    assert report["workers"] == 2 and report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+    assert report["config"]["ray"]["num_workers"] == [1, 2]
+
+
 def test_mixed_float16_without_gpu_workers_is_refused_before_starting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.mixed_precision.*ray\.use_gpu"):
         launch(ray_config(tmp_path, "train.mixed_precision=mixed_float16"))
