@@ -43,6 +43,7 @@ import posixpath
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -414,7 +415,8 @@ def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callba
     parent = posixpath.dirname(run.path)
     trainer = TensorflowTrainer(
         _worker_loop,
-        train_loop_config={"config": to_dict(cfg), "callbacks": worker_callbacks},
+        # One id per submission: a worker group started again under it is a restart or a resize.
+        train_loop_config={"config": to_dict(cfg), "callbacks": worker_callbacks, "submission": uuid.uuid4().hex},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
             elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
@@ -518,6 +520,8 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     else:
         work = _fetch_worker_files(run, scratch / "run", chief=chief)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work)))
+    if chief:
+        record_worker_group(work, context.get_world_size(), payload["submission"], local if checkpoint else None)
 
     def hand_to_ray(metrics: dict[str, Any]) -> None:
         if chief and not run.local:
@@ -543,13 +547,56 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint: Path | None) -> dict[str, Any]:
+    """Append this worker group's start to ``worker_groups.jsonl`` and log one line; returns the entry.
+
+    The cause is read from the history: the first group of a run starts it;
+    a later one of the same submission is Ray Train's doing, a resize
+    (elastic: fewer workers after losing some, more when capacity returned)
+    or a restart after a failure at the same size; one of a new submission
+    resumes a resubmitted job. ``checkpoint``: the restored checkpoint,
+    whose position the group starts from.
+    """
+    history = rundir.read_worker_groups(run_dir)
+    epoch, step = _checkpoint_position(checkpoint) if checkpoint is not None else (0, 0)
+    if not history:
+        cause = "start"
+    elif history[-1]["submission"] != submission:
+        cause = "resubmitted"
+    elif workers < history[-1]["workers"]:
+        cause = "shrunk: lost workers"
+    elif workers > history[-1]["workers"]:
+        cause = "grown: capacity returned"
+    else:
+        cause = "restarted after a failure"
+    entry = {"workers": workers, "epoch": epoch + 1, "step": step, "cause": cause, "submission": submission,
+             "time": time.time()}
+    previous = f" (was {history[-1]['workers']})" if history else ""
+    log.info("worker group: %d worker(s)%s, %s; training from epoch %d step %d", workers, previous, cause,
+             epoch + 1, step)
+    lines = "".join(json.dumps(item) + "\n" for item in [*history, entry])
+    rundir.atomic_write(run_dir / rundir.WORKER_GROUPS, lines)
+    return entry
+
+
+def _checkpoint_position(directory: Path) -> tuple[int, int]:
+    """(epoch, step) a checkpoint resumes at (0-based epoch), read from its ResumeState variables."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(directory))
+    if latest is None:
+        return 0, 0
+    reader = tf.train.load_checkpoint(latest)
+    return tuple(int(reader.get_tensor(f"state/{name}/.ATTRIBUTES/VARIABLE_VALUE")) for name in ("epoch", "step"))
+
+
 def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Path:
     """A local working copy of what this worker reads: config, vocabulary, prepared data (the chief: its logs too)."""
     from imdb_dist.data import shards
 
     names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
     if chief:
-        names += [rundir.METRICS, rundir.STEPS, fingerprint.CHANGES]
+        names += [rundir.METRICS, rundir.STEPS, fingerprint.CHANGES, rundir.WORKER_GROUPS]
     storage.download(run, work, only=names)
     manifest = shards.read_manifest(work / PREPARED)
     if manifest is None:
@@ -563,7 +610,7 @@ def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Pa
 
 
 def _upload_progress(work: Path, run: storage.Location) -> None:
-    for name in (rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD):
+    for name in (rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD, rundir.WORKER_GROUPS):
         if (work / name).exists():
             storage.upload(work / name, run.child(name))
 
@@ -571,7 +618,7 @@ def _upload_progress(work: Path, run: storage.Location) -> None:
 def _publish(work: Path, run: storage.Location) -> None:
     """Upload the finished run: the model, curves and logs first, ``report.json`` last (it marks completion)."""
     storage.upload(work / rundir.MODEL, run.child(rundir.MODEL))
-    for name in (rundir.CURVES, rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD):
+    for name in (rundir.CURVES, rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD, rundir.WORKER_GROUPS):
         if (work / name).exists():
             storage.upload(work / name, run.child(name))
     storage.upload(work / rundir.REPORT, run.child(rundir.REPORT))

@@ -26,6 +26,8 @@ CHECKPOINTS = "checkpoints"
 MODEL = "model"
 REPORT = "report.json"
 CURVES = "curves.png"
+# Ray runs: one line per worker group that trained the run (size, cause, where it started).
+WORKER_GROUPS = "worker_groups.jsonl"
 
 
 def check_writable(path: Path) -> None:
@@ -135,3 +137,11 @@ def read_vocab(run_dir: Path) -> list[str] | None:
 
 def write_vocab(run_dir: Path, tokens: list[str]) -> None:
     atomic_write(run_dir / VOCAB, "".join(f"{t}\n" for t in tokens))
+
+
+def read_worker_groups(run_dir: Path) -> list[dict[str, Any]]:
+    """The Ray worker groups that trained the run so far, oldest first (empty outside Ray)."""
+    path = run_dir / WORKER_GROUPS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -473,6 +473,8 @@ def _finish(
         "validation": validation,
         # Deliberate changes made on resumes (--change), oldest first.
         "changes": fingerprint.read_changes(run_dir),
+        # Under Ray: every worker group that trained it (size, cause: start, shrunk, grown, restarted, resubmitted).
+        "worker_groups": rundir.read_worker_groups(run_dir),
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
         "optimizer_steps": int(model.optimizer.iterations.numpy()),

@@ -205,6 +205,9 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     # The optimizer's step counter equals an uninterrupted run's: nothing lost, nothing twice.
     assert report["optimizer_steps"] == 3 * STEPS_PER_EPOCH
     assert [r["epoch"] for r in read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
+    # The history: the first group, then Ray Train's restart at the same size from epoch 2's start.
+    groups = [(g["workers"], g["cause"], g["epoch"], g["step"]) for g in report["worker_groups"]]
+    assert groups == [(2, "start", 1, 0), (2, "restarted after a failure", 2, 0)]
 
 
 @pytest.mark.timeout(600)  # a run, a SIGKILL, Ray noticing it, a restarted worker group
@@ -266,6 +269,7 @@ def test_a_resubmitted_job_resumes_from_its_last_checkpoint(cluster, tmp_path: P
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
     assert report["changes"] == []
+    assert [(g["cause"], g["epoch"]) for g in report["worker_groups"]] == [("start", 1), ("resubmitted", 2)]
 
 
 def test_without_retries_a_failed_worker_fails_the_run(cluster, tmp_path: Path) -> None:
@@ -295,6 +299,7 @@ def test_an_elastic_job_starts_with_the_workers_that_fit_and_trains_to_the_end(c
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["workers"] == 2 and report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
     assert report["config"]["ray"]["num_workers"] == [1, 2]
+    assert [(g["workers"], g["cause"]) for g in report["worker_groups"]] == [(2, "start")]
 
 
 def test_mixed_float16_without_gpu_workers_is_refused_before_starting(tmp_path: Path) -> None:
