@@ -371,3 +371,28 @@ def test_cpu_devices_is_off_or_a_split_into_two_or_more():
         load_config(None, ["distribution.cpu_devices=2", "distribution.strategy=default"])
     with pytest.raises(ConfigError, match="config key distribution.cpu_devices: .*set one"):
         load_config(None, ["distribution.cpu_devices=2", "distribution.devices=[/cpu:0]"])
+
+
+def test_num_workers_is_a_count_or_an_elastic_range_and_round_trips_through_yaml(tmp_path):
+    elastic = load_config(None, ["ray.num_workers=[1, 4]"])
+    assert elastic.ray.num_workers == (1, 4) and elastic.ray.elastic and list(elastic.ray.worker_counts) == [1, 2, 3, 4]
+    fixed = load_config(None, ["ray.num_workers=3"])
+    assert fixed.ray.num_workers == 3 and not fixed.ray.elastic and list(fixed.ray.worker_counts) == [3]
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(elastic))
+    assert load_config(saved) == elastic
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[3, 1]", r"ray\.num_workers\[1\]: 1 is out of range \[3, "),
+        ("[0, 2]", r"ray\.num_workers\[0\]: 0 is out of range \[1, "),
+        ("[1, 2, 3]", r"ray\.num_workers: expected int or a list of 2 int, got list \[1, 2, 3\]"),
+        ("true", r"ray\.num_workers: expected int or a list of 2 int, got bool True"),
+        ("two", r"ray\.num_workers: expected int or a list of 2 int, got str 'two'"),
+    ],
+)
+def test_a_bad_num_workers_is_refused_naming_the_key(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"ray.num_workers={value}"])
