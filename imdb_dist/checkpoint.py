@@ -82,6 +82,18 @@ class ResumeState(tf.Module):
             model.set_weights([best.numpy() for best in self.best_weights])
 
 
+def saved_position(directory: Path) -> tuple[int, int]:
+    """``(epoch, step)`` the latest checkpoint in ``directory`` resumes at (0-based epoch); ``(0, 0)`` if none.
+
+    Read from the checkpoint's :class:`ResumeState` variables without building a model.
+    """
+    latest = tf.train.latest_checkpoint(str(directory))
+    if latest is None:
+        return 0, 0
+    reader = tf.train.load_checkpoint(latest)
+    return tuple(int(reader.get_tensor(f"state/{name}/.ATTRIBUTES/VARIABLE_VALUE")) for name in ("epoch", "step"))
+
+
 class Checkpointer:
     """Saves and restores the run's one checkpoint (model, optimizer, metrics, :class:`ResumeState`).
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from imdb_dist import rundir
 from imdb_dist.config import Config, to_dict
 from imdb_dist.errors import InputError
 
@@ -130,6 +131,52 @@ class Fingerprint:
         return {**self.config, **named}
 
 
+def check_config(previous: Config, current: Config, run_dir: Path, changes: Sequence[str] = ()) -> None:
+    """Refuse, before any data is read, a resume whose config would train another model.
+
+    Only the model-defining keys count, and ``train.epochs`` under a cosine
+    schedule; ``changes`` names the keys meant to change. The data's
+    content, the resolved precision and the plan version are checked once
+    the data is read (:func:`check`).
+
+    Raises:
+        InputError: naming the first key that differs and was not named.
+    """
+    changed = differences(model_config(previous), model_config(current))
+    cosine = "cosine" in (previous.train.lr_schedule, current.train.lr_schedule)
+    if cosine and previous.train.epochs != current.train.epochs:
+        changed["train.epochs"] = (previous.train.epochs, current.train.epochs)
+    refuse_unnamed(changed, changes, run_dir)
+
+
+def already_complete(run_dir: Path, current: Config, changes: Sequence[str] = ()) -> bool:
+    """True if ``run_dir`` holds a finished run of ``current``'s model and epochs (operational keys aside).
+
+    Raises:
+        InputError: the directory is not a run, or holds a run of another model.
+    """
+    previous = rundir.prior_config(run_dir)
+    if previous is None:
+        return False
+    check_config(previous, current, run_dir, changes)
+    same = model_config(previous) == model_config(current)
+    return same and previous.train.epochs == current.train.epochs and (run_dir / rundir.REPORT).exists()
+
+
+def check(run_dir: Path, current: Fingerprint, changes: Sequence[str]) -> Fingerprint | None:
+    """Refuse a resume whose fingerprint differs from the run's in a key ``changes`` does not name.
+
+    Returns the run's saved fingerprint (None for a new run), for :func:`record`.
+
+    Raises:
+        InputError: naming the key (see :func:`refuse_unnamed`).
+    """
+    previous = read(run_dir)
+    if previous is not None:
+        refuse_unnamed(differences(previous.parts(), current.parts()), changes, run_dir)
+    return previous
+
+
 def read(run_dir: Path) -> Fingerprint | None:
     """The fingerprint saved in ``run_dir``, or None (a new run, or one from before fingerprints)."""
     path = run_dir / FINGERPRINT
@@ -163,8 +210,6 @@ def refuse_unnamed(changed: dict[str, tuple[Any, Any]], named: Sequence[str], ru
 
 def record(run_dir: Path, previous: Fingerprint | None, current: Fingerprint, at: dict[str, int]) -> None:
     """Save ``current`` and append the changes from ``previous`` (named ones: the check has passed) to changes.jsonl."""
-    from imdb_dist.rundir import atomic_write
-
     if previous is not None:
         changed = differences(previous.parts(), current.parts())
         if changed:
@@ -172,8 +217,8 @@ def record(run_dir: Path, previous: Fingerprint | None, current: Fingerprint, at
                 json.dumps({"key": key, "from": old, "to": new, **at}) + "\n" for key, (old, new) in changed.items()
             )
             existing = (run_dir / CHANGES).read_text(encoding="utf-8") if (run_dir / CHANGES).exists() else ""
-            atomic_write(run_dir / CHANGES, existing + lines)
-    atomic_write(run_dir / FINGERPRINT, json.dumps(dataclasses.asdict(current), indent=2, sort_keys=True) + "\n")
+            rundir.atomic_write(run_dir / CHANGES, existing + lines)
+    rundir.atomic_write(run_dir / FINGERPRINT, json.dumps(dataclasses.asdict(current), indent=2, sort_keys=True) + "\n")
 
 
 def read_changes(run_dir: Path) -> list[dict[str, Any]]:

@@ -103,7 +103,7 @@ def launch(
     if run.local:
         run_dir = run.local_path()
         rundir.check_writable(run_dir)
-        if rundir.already_complete(run_dir, cfg, changes):
+        if fingerprint.already_complete(run_dir, cfg, changes):
             log.info("%s already holds a complete run of this config; nothing to do", run)
             return run
         prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
@@ -140,7 +140,7 @@ def _prepare_remote(
     if foreign:
         raise InputError(f"ray.storage_path: {run} is not empty and holds no {rundir.CONFIG}: not an imdb-dist run")
     # Decided before any write, so resubmitting a finished job changes nothing in the bucket.
-    if rundir.already_complete(mirror, cfg, changes):
+    if fingerprint.already_complete(mirror, cfg, changes):
         return False
     storage.check_writable(run, "ray.storage_path")
     prepared_before = (mirror / manifest).exists() and (mirror / rundir.VOCAB).exists()
@@ -210,10 +210,11 @@ def prepare(
     target = run_dir / PREPARED
     if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
         log.info("reusing the prepared data in %s", target)
-        previous = fingerprint.read(run_dir)
-        # The prepared shards are the data this run trains on, wherever data.path points now.
-        current = None if previous is None else _fingerprint(cfg, previous.data)
-        _check_fingerprint(run_dir, previous, current, changes)
+        saved = fingerprint.read(run_dir)
+        # The prepared shards are the data this run trains on, wherever data.path points now
+        # (a run prepared before fingerprints existed is not checked).
+        current = None if saved is None else _fingerprint(cfg, saved.data)
+        previous = None if current is None else fingerprint.check(run_dir, current, changes)
         before_writing()
         rundir.begin(run_dir, cfg)
         if current is not None:
@@ -224,10 +225,9 @@ def prepare(
         raise DataError(
             f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
         )
-    previous = fingerprint.read(run_dir)
     digest = fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)])
     current = _fingerprint(cfg, digest)
-    _check_fingerprint(run_dir, previous, current, changes)
+    previous = fingerprint.check(run_dir, current, changes)
     before_writing()
     rundir.begin(run_dir, cfg)
     fingerprint.record(run_dir, previous, current, at=_progress(run_dir))
@@ -259,14 +259,6 @@ def _progress(run_dir: Path) -> dict[str, int]:
     from imdb_dist.callbacks import read_metrics
 
     return {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
-
-
-def _check_fingerprint(
-    run_dir: Path, previous: fingerprint.Fingerprint | None, current: fingerprint.Fingerprint | None,
-    changes: Sequence[str],
-) -> None:
-    if previous is not None and current is not None:
-        fingerprint.refuse_unnamed(fingerprint.differences(previous.parts(), current.parts()), changes, run_dir)
 
 
 def connect() -> None:
@@ -557,8 +549,10 @@ def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint
     resumes a resubmitted job. ``checkpoint``: the restored checkpoint,
     whose position the group starts from.
     """
+    from imdb_dist.checkpoint import saved_position
+
     history = rundir.read_worker_groups(run_dir)
-    epoch, step = _checkpoint_position(checkpoint) if checkpoint is not None else (0, 0)
+    epoch, step = saved_position(checkpoint) if checkpoint is not None else (0, 0)
     if not history:
         cause = "start"
     elif history[-1]["submission"] != submission:
@@ -577,17 +571,6 @@ def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint
     lines = "".join(json.dumps(item) + "\n" for item in [*history, entry])
     rundir.atomic_write(run_dir / rundir.WORKER_GROUPS, lines)
     return entry
-
-
-def _checkpoint_position(directory: Path) -> tuple[int, int]:
-    """(epoch, step) a checkpoint resumes at (0-based epoch), read from its ResumeState variables."""
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(str(directory))
-    if latest is None:
-        return 0, 0
-    reader = tf.train.load_checkpoint(latest)
-    return tuple(int(reader.get_tensor(f"state/{name}/.ATTRIBUTES/VARIABLE_VALUE")) for name in ("epoch", "step"))
 
 
 def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Path:

@@ -1,4 +1,6 @@
-"""The run directory: its layout, resume rules and atomic writes.
+"""The run directory: its layout, the config a previous run left, and atomic writes.
+
+Whether a run may resume in it is :mod:`imdb_dist.fingerprint`'s decision.
 
 Only the chief calls the writing functions here. A run directory is
 complete when ``report.json`` exists: it is written last, atomically.
@@ -9,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imdb_dist import fingerprint
 from imdb_dist.config import Config, dump_yaml, load_config
 from imdb_dist.errors import ConfigError, InputError
 
@@ -48,7 +48,7 @@ def prior_config(run_dir: Path) -> Config | None:
 
     Raises:
         InputError: the directory holds files but is not an imdb-dist run,
-            or its config differs from a resumable change.
+            or its config cannot be read.
     """
     saved = run_dir / CONFIG
     if not saved.exists():
@@ -59,38 +59,6 @@ def prior_config(run_dir: Path) -> Config | None:
         return load_config(saved)
     except ConfigError as exc:
         raise InputError(f"{saved} cannot be resumed: {exc}") from None
-
-
-def check_resumable(previous: Config, current: Config, run_dir: Path, changes: Sequence[str] = ()) -> None:
-    """Refuse, before any data is read, a resume whose config would train another model.
-
-    Only the model-defining keys count (:mod:`imdb_dist.fingerprint`), and
-    ``train.epochs`` under a cosine schedule; ``changes`` names the keys
-    meant to change. The data's content, the resolved precision and the
-    plan version are checked once the data is read (:func:`imdb_dist.fingerprint.refuse_unnamed`).
-
-    Raises:
-        InputError: naming the first key that differs and was not named.
-    """
-    changed = fingerprint.differences(fingerprint.model_config(previous), fingerprint.model_config(current))
-    cosine = "cosine" in (previous.train.lr_schedule, current.train.lr_schedule)
-    if cosine and previous.train.epochs != current.train.epochs:
-        changed["train.epochs"] = (previous.train.epochs, current.train.epochs)
-    fingerprint.refuse_unnamed(changed, changes, run_dir)
-
-
-def already_complete(run_dir: Path, current: Config, changes: Sequence[str] = ()) -> bool:
-    """True if ``run_dir`` holds a finished run of ``current``'s model and epochs (operational keys aside).
-
-    Raises:
-        InputError: the directory is not a run, or holds a run of another model.
-    """
-    previous = prior_config(run_dir)
-    if previous is None:
-        return False
-    check_resumable(previous, current, run_dir, changes)
-    same = fingerprint.model_config(previous) == fingerprint.model_config(current)
-    return same and previous.train.epochs == current.train.epochs and (run_dir / REPORT).exists()
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

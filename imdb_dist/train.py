@@ -190,11 +190,7 @@ def run(
             plan_version=plan.PLAN_VERSION,
             data=data.digest,
         )
-        previous = fingerprint.read(run_dir)
-        if previous is not None:
-            fingerprint.refuse_unnamed(
-                fingerprint.differences(previous.parts(), current.parts()), changes, run_dir
-            )
+        previous = fingerprint.check(run_dir, current, changes)
         if worker.chief:
             rundir.begin(run_dir, cfg)
             done = {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
@@ -255,7 +251,7 @@ def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
 
 def _already_complete(cfg: Config, run_dir: Path, changes: Sequence[str]) -> bool:
     """Check a previous run in ``run_dir``; True if it already finished this model's run."""
-    if rundir.already_complete(run_dir, cfg, changes):
+    if fingerprint.already_complete(run_dir, cfg, changes):
         log.info("%s already holds a complete run of this config; nothing to do", run_dir)
         return True
     done = read_metrics(run_dir / rundir.METRICS)
