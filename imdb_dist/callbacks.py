@@ -12,6 +12,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
+from imdb_dist.digest import BatchDigest
 from imdb_dist.errors import RunError
 from imdb_dist.rundir import atomic_write
 
@@ -110,9 +111,11 @@ class StepMetrics(keras.callbacks.Callback):
         every: int,
         steps_per_epoch: int,
         global_batch: int,
+        digest: BatchDigest | None = None,
         echo: bool = True,
     ) -> None:
         super().__init__()
+        self.digest = digest
         self.path, self.tensorboard, self.every = path, tensorboard, every
         self.steps_per_epoch, self.global_batch, self.echo = steps_per_epoch, global_batch, echo
         self._writer: Any = None
@@ -164,6 +167,9 @@ class StepMetrics(keras.callbacks.Callback):
         record["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
         record["examples_per_s"] = steps * self.global_batch / (now - self._window_start)
         record["wall_s"] = self._wall_offset + now - self._run_start
+        if self.digest is not None and self.digest.value is not None:
+            # Read by the loop on every worker at this point (imdb_dist.digest).
+            record["batches_digest"] = self.digest.value
         self._window, self._window_start = (step_in_epoch, running), now
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -48,6 +48,8 @@ class ResumeState(tf.Module):
             self.best_val_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
             self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)  # 1-based; 0: none yet
             self.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # The batch digest of every step up to this checkpoint (imdb_dist.digest).
+            self.batches_digest = tf.Variable(0.0, dtype=tf.float64, trainable=False)
             # The best epoch's weights, only kept when early stopping restores them.
             self.best_weights = (
                 [tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False) for w in model.weights]

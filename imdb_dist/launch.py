@@ -514,6 +514,33 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work)))
     if chief:
         record_worker_group(work, context.get_world_size(), payload["submission"], local if checkpoint else None)
+        if not run.local:
+            # Now, not at the first checkpoint: a group lost before it saves anything is history too.
+            storage.upload(work / rundir.WORKER_GROUPS, run.child(rundir.WORKER_GROUPS))
+
+    noticed: set[str] = set()
+
+    def preemption_notice() -> bool:
+        """Whether a node of this worker group is draining for preemption: then checkpoint at every step point.
+
+        Ray's answer is rank 0's, broadcast (every worker asks at the same
+        step points), so all workers checkpoint together. At the drain's
+        deadline Ray Train restarts the group from the latest checkpoint on
+        the nodes that remain (elastic: with the workers that fit), so every
+        step trained after a notice is lost unless saved: from the notice on,
+        a checkpoint at every step point keeps the loss under
+        ``run.log_every_steps`` steps.
+        """
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        if chief and not set(info.preempted_node_ids) <= noticed:
+            left = f", {info.deadline_ms / 1000 - time.time():.0f} s before its deadline" if info.deadline_ms else ""
+            log.info("preemption notice: node(s) %s (rank(s) %s) draining%s; checkpointing now and at every step "
+                     "point until Ray Train restarts the group", ", ".join(info.preempted_node_ids),
+                     ", ".join(map(str, info.preempted_ranks)), left)
+        noticed.update(info.preempted_node_ids)
+        return True
 
     def hand_to_ray(metrics: dict[str, Any]) -> None:
         if chief and not run.local:
@@ -531,6 +558,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
             prepared=work / PREPARED,
             backup_dir=local,
             after_checkpoint=hand_to_ray,
+            checkpoint_now=preemption_notice,
             extra_callbacks=payload["callbacks"],
         )
         if chief and not run.local:

@@ -33,6 +33,7 @@ import tf_keras as keras
 
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.data.plan import replica_rows
+from imdb_dist.digest import BatchDigest
 from imdb_dist.distribute import local_replicas
 from imdb_dist.interrupt import Interrupted, StopRequest
 from imdb_dist.timings import Timings
@@ -77,7 +78,9 @@ def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
     return strategy.experimental_distribute_values_from_function(replica_batch)
 
 
-def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf.Tensor]]:
+def make_train_function(
+    model: keras.Model, digest: BatchDigest | None = None
+) -> Callable[[Any, int], dict[str, tf.Tensor]]:
     """A function running ``steps`` of ``model.train_step`` on an iterator of this worker's blocks.
 
     Each block (:func:`imdb_dist.data.plan.stream`) holds the rows of all of
@@ -89,11 +92,19 @@ def make_train_function(model: keras.Model) -> Callable[[Any, int], dict[str, tf
     the first replica's values are the run's. One step and several steps are
     two compiled functions: tracing the model's step is a large part of a
     short run's first epoch, and a run that never groups steps traces it once.
+    With ``digest``, each replica also adds its slice to the run's batch
+    digest (:mod:`imdb_dist.digest`), locally.
     """
     strategy = model.distribute_strategy
 
+    def replica_step(batch: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        if digest is not None:
+            # The step about to run: read before train_step increments it.
+            digest.add(batch[0], batch[1], model.optimizer.iterations)
+        return model.train_step(batch)
+
     def one_step(iterator: Any) -> dict[str, tf.Tensor]:
-        outputs = strategy.run(model.train_step, args=(per_replica(strategy, next(iterator)),))
+        outputs = strategy.run(replica_step, args=(per_replica(strategy, next(iterator)),))
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
     # One step has no tensor-dependent Python control flow (the model's layers
@@ -187,8 +198,17 @@ class TrainingLoop:
         validation_batches: how many blocks ``validation`` holds.
         after_save: called on every worker after each checkpoint, with the
             latest metrics (the Ray launcher reports the checkpoint there).
+        checkpoint_now: asked at every step point inside an epoch, on every
+            worker (the points are the same on all, so it may be a
+            collective): True saves a checkpoint at once and training goes on
+            (the Ray launcher asks whether a node of the job is being
+            preempted). The epoch's last step is not asked: its checkpoint
+            follows the validation.
         stop: a signal-driven stop request, honoured after the current
             execution: a checkpoint, then :class:`Interrupted`.
+        digest: the run's batch digest (:mod:`imdb_dist.digest`): added to
+            by every step, read at every step point (before the batch-end
+            hooks, which may record it), folded into ``state`` at every checkpoint.
         timings: where the loop's time goes: ``meet`` (waiting for every
             worker before the first step), ``first_step`` (tracing and
             compiling the step, and running it), ``steps`` (the other
@@ -198,7 +218,9 @@ class TrainingLoop:
             metrics: across workers, a collective that waits for every
             worker's last step), ``validation``, ``checkpoints`` and
             ``after_checkpoint`` (``after_save``: under Ray, handing the
-            checkpoint to Ray Train, a barrier of all workers).
+            checkpoint to Ray Train, a barrier of all workers), and
+            ``checkpoint_now`` (under Ray: asking for a preemption notice, a
+            barrier of all workers at every step point).
     """
 
     model: keras.Model
@@ -210,8 +232,10 @@ class TrainingLoop:
     checkpointer: Checkpointer
     callbacks: keras.callbacks.CallbackList
     after_save: Callable[[dict[str, Any]], None] | None = None
+    checkpoint_now: Callable[[], bool] | None = None
     stop: StopRequest = dataclasses.field(default_factory=StopRequest)
     timings: Timings = dataclasses.field(default_factory=Timings)
+    digest: BatchDigest | None = None
 
     def run(self) -> None:
         """Train to the end; with early stopping, leave the best epoch's weights in the model.
@@ -220,7 +244,7 @@ class TrainingLoop:
             Interrupted: a stop was requested (a checkpoint was saved first).
             RunError: a checkpoint could not be written, or a callback stopped the run.
         """
-        train = make_train_function(self.model)
+        train = make_train_function(self.model, self.digest)
         evaluate = make_evaluate_function(self.model, self.validation_batches)
         with self.timings.phase("plan"):
             iterator = iter(self.batches(*self.state.position()))
@@ -300,9 +324,15 @@ class TrainingLoop:
             with self.timings.phase("steps"):
                 # Reading the metrics waits for the device to finish the steps.
                 logs = {name: float(value) for name, value in outputs.items()}
+                if self.digest is not None:
+                    self.digest.read()  # a collective: every worker is at this point
             with self.timings.phase("callbacks"):
                 self._batch_hook("on_train_batch_end", step - 1, logs)
-            if periodic or self.stop.requested:
+            notice = False
+            if point and step < steps and self.checkpoint_now is not None:
+                with self.timings.phase("checkpoint_now"):
+                    notice = self.checkpoint_now()
+            if periodic or self.stop.requested or notice:
                 where = f"epoch {epoch + 1} step {step}"
                 self.state.step.assign(step)
                 self._save(where, {"epoch": epoch + 1, "step": step, **logs})
@@ -325,6 +355,8 @@ class TrainingLoop:
 
     def _save(self, what: str, logs: dict[str, Any]) -> None:
         with self.timings.phase("checkpoints"):
+            if self.digest is not None:
+                self.digest.fold()
             self.checkpointer.save(what)
         if self.after_save is not None:
             with self.timings.phase("after_checkpoint"):

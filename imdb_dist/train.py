@@ -29,6 +29,7 @@ from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, plan, shards
 from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits
+from imdb_dist.digest import BatchDigest
 from imdb_dist.distribute import (
     check_devices,
     is_chief,
@@ -121,6 +122,7 @@ def run(
     prepared: Path | None = None,
     backup_dir: Path | None = None,
     after_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_now: Callable[[], bool] | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
     stop: StopRequest | None = None,
     startup_s: float | None = None,
@@ -137,6 +139,9 @@ def run(
         backup_dir: where checkpoints live (default ``run_dir/checkpoints``).
         after_checkpoint: called with the latest metrics on every worker right
             after each checkpoint is written.
+        checkpoint_now: asked at every step point, on every worker alike
+            (it may be a collective): True saves a checkpoint there, and
+            training goes on (under Ray: a preemption notice).
         extra_callbacks: more Keras callbacks for the training loop (run before checkpointing).
         stop: a signal-driven stop request (``imdb_dist.interrupt``): when it
             is set during training, checkpoint after the current step and raise
@@ -197,7 +202,7 @@ def run(
             fingerprint.record(run_dir, previous, current, at=done)
     with timings.phase("tokenize"):
         tokenizer, encoded = _tokenize(cfg, run_dir, data, worker)
-    model = _train(
+    model, batches_digest = _train(
         cfg,
         worker,
         run_dir,
@@ -207,11 +212,22 @@ def run(
         checkpoints=backup_dir or run_dir / rundir.CHECKPOINTS,
         callbacks=list(extra_callbacks),
         after_save=after_checkpoint,
+        checkpoint_now=checkpoint_now,
         stop=stop,
         timings=timings,
     )
     if worker.chief:
-        _finish(cfg, worker, run_dir, tokenizer, model, data.val_reviews(), timings, time.perf_counter() - started)
+        _finish(
+            cfg,
+            worker,
+            run_dir,
+            tokenizer,
+            model,
+            data.val_reviews(),
+            timings,
+            time.perf_counter() - started,
+            batches_digest=batches_digest,
+        )
     return run_dir
 
 
@@ -302,10 +318,14 @@ def _train(
     checkpoints: Path,
     callbacks: list[keras.callbacks.Callback],
     after_save: Callable[[dict[str, Any]], None] | None,
+    checkpoint_now: Callable[[], bool] | None,
     stop: StopRequest | None,
     timings: Timings,
-) -> keras.Model:
-    """Build the model under the strategy, restore the last checkpoint if any, and train to the end."""
+) -> tuple[keras.Model, int | None]:
+    """Build the model under the strategy, restore the last checkpoint if any, and train to the end.
+
+    Returns the model and the batch digest of the steps that trained it (:mod:`imdb_dist.digest`).
+    """
     global_plan = data_plan(cfg, encoded.lengths)
     steps = global_plan.steps_per_epoch
 
@@ -314,6 +334,7 @@ def _train(
 
     with timings.phase("build"):
         model, state, checkpointer = _build(cfg, worker, tokenizer.vocabulary_size(), steps, checkpoints)
+        digest = BatchDigest(worker.strategy, state.batches_digest)
     schedule = Schedule(
         epochs=cfg.train.epochs,
         steps_per_epoch=steps,
@@ -325,7 +346,7 @@ def _train(
     )
     with timings.phase("callbacks"):
         callback_list = keras.callbacks.CallbackList(
-            [*_callbacks(cfg, worker, run_dir, steps), *callbacks],
+            [*_callbacks(cfg, worker, run_dir, steps, digest), *callbacks],
             add_progbar=worker.chief and sys.stdout.isatty(),
             model=model,
             verbose=1,
@@ -343,10 +364,12 @@ def _train(
         checkpointer=checkpointer,
         callbacks=callback_list,
         after_save=after_save,
+        checkpoint_now=checkpoint_now,
         stop=stop or StopRequest(),
         timings=timings,
+        digest=digest,
     ).run()
-    return model
+    return model, digest.value
 
 
 def _build(
@@ -420,7 +443,9 @@ def _validation(cfg: Config, worker: Worker, tokenizer: Tokenizer, data: Trainin
     return plan.padded_blocks(batches, size, worker.share), -(-data.n_val // size)
 
 
-def _callbacks(cfg: Config, worker: Worker, run_dir: Path, steps: int) -> list[keras.callbacks.Callback]:
+def _callbacks(
+    cfg: Config, worker: Worker, run_dir: Path, steps: int, digest: BatchDigest
+) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [
         FiniteLoss(),
         EpochMetrics(run_dir / rundir.METRICS if worker.chief else None, cfg.train.batch_size),
@@ -436,6 +461,7 @@ def _callbacks(cfg: Config, worker: Worker, run_dir: Path, steps: int) -> list[k
                 every=log_every(cfg.run.log_every_steps, steps),
                 steps_per_epoch=steps,
                 global_batch=cfg.train.batch_size,
+                digest=digest,
                 # A terminal has the progress bar; logs (Ray jobs, pods) get a line per point.
                 echo=not sys.stdout.isatty(),
             )
@@ -452,6 +478,8 @@ def _finish(
     val_set: Reviews,
     timings: Timings,
     wall_s: float,
+    *,
+    batches_digest: int | None,
 ) -> None:
     """Export a float32 copy of the model, score the validation split with it, draw the curves, write the report."""
     with timings.phase("export"):
@@ -474,6 +502,9 @@ def _finish(
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
         "optimizer_steps": int(model.optimizer.iterations.numpy()),
+        # Every step's global batch that made the model, in order (imdb_dist.digest):
+        # equal in two runs that trained the same batches at the same steps, whatever their topology.
+        "batches_digest": batches_digest,
         "examples_per_s_median": statistics.median(r["examples_per_s"] for r in records) if records else None,
         "wall_s": wall_s,
         # Seconds per phase of this process (a resumed run: of the resuming

@@ -313,7 +313,8 @@ def test_preset_loads_with_its_values(preset):
     raw.get("data", {}).pop("path", None)  # the override above wins
     for section, values in raw.items():
         for field, value in values.items():
-            assert getattr(getattr(cfg, section), field) == value, f"{section}.{field}"
+            expected = tuple(value) if isinstance(value, list) else value  # a YAML list loads as a tuple
+            assert getattr(getattr(cfg, section), field) == expected, f"{section}.{field}"
 
 
 @pytest.mark.parametrize("key", ["train.learning_rate", "data.validation_fraction", "model.dropout"])

@@ -1,13 +1,15 @@
 """The Kubernetes manifests in k8s/, validated offline.
 
-The RayJob is checked against KubeRay's CRD schema made strict
+Every RayJob (the fixed one, k8s/rayjob.yaml, and the elastic one,
+k8s/rayjob-elastic.yaml) is checked against KubeRay's CRD schema made strict
 (../shared/schemas/rayjob-v1.strict.schema.json: unknown fields fail, as with
 `kubectl apply` under strict field validation); core kinds against the
 Kubernetes OpenAPI schemas that kubernetes-validate ships, strict, for a
 pinned Kubernetes version. Beyond the schemas, the tests check that the
 manifests agree with the project: the commands name configs that exist and
-load, the mounts are where those configs point, the GPU counts match the Ray
-config, and every pod runs as the image's non-root user.
+load, the mounts are where those configs point, the GPU counts (and the
+elastic worker group's bounds) match the Ray config, and every pod runs as
+the image's non-root user.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from imdb_dist.config import Config, load_config
+from imdb_dist.config import Config, load_config, to_dict
 
 try:
     import tomllib
@@ -81,18 +83,45 @@ def the(kind: str) -> dict[str, Any]:
     return obj
 
 
-RAYJOB = the("RayJob")
+def component(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
 JOB = the("Job")
 LOADER = the("Pod")
 PVC = the("PersistentVolumeClaim")
-HEAD = RAYJOB["spec"]["rayClusterSpec"]["headGroupSpec"]
-(WORKERS,) = RAYJOB["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+# Every RayJob in the manifests: the RayJob tests below run for each.
+RAYJOBS = [doc for _, _, doc in DOCUMENTS if doc["kind"] == "RayJob"]
+RAYJOB_NAMES = [r["metadata"]["name"] for r in RAYJOBS]
+(FIXED,) = [r for r in RAYJOBS if component(r) == "ray"]
+(ELASTIC,) = [r for r in RAYJOBS if component(r) == "ray-elastic"]
 
 
-def ray_config() -> tuple[Path, Config]:
-    args = shlex.split(RAYJOB["spec"]["entrypoint"])
+@pytest.fixture(params=RAYJOBS, ids=RAYJOB_NAMES)
+def rayjob(request) -> dict[str, Any]:
+    return request.param
+
+
+def head(rayjob: dict[str, Any]) -> dict[str, Any]:
+    return rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]
+
+
+def workers(rayjob: dict[str, Any]) -> dict[str, Any]:
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return group
+
+
+def entrypoint_args(rayjob: dict[str, Any]) -> list[str]:
+    return shlex.split(rayjob["spec"]["entrypoint"])
+
+
+def ray_config(rayjob: dict[str, Any]) -> tuple[Path, Config]:
+    """The config the entrypoint runs: its --config file with its --set overrides, as the job CLI loads them."""
+    args = entrypoint_args(rayjob)
     path = REPO / args[args.index("--config") + 1]
-    return path, load_config(path)
+    overrides = [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
+    overrides += [arg.split("=", 1)[1] for arg in args if arg.startswith("--set=")]
+    return path, load_config(path, overrides)
 
 
 def job_config_file() -> Path:
@@ -109,16 +138,21 @@ def job_config_file() -> Path:
 
 def pod_specs() -> dict[str, dict[str, Any]]:
     """Every pod template the manifests (and KubeRay, from them) create."""
-    return {
-        "ray head": HEAD["template"]["spec"],
-        "ray gpu workers": WORKERS["template"]["spec"],
-        "ray job submitter": RAYJOB["spec"]["submitterPodTemplate"]["spec"],
-        "single-node job": JOB["spec"]["template"]["spec"],
-        "data loader": LOADER["spec"],
-    }
+    specs = {}
+    for rj in RAYJOBS:
+        name = rj["metadata"]["name"]
+        specs[f"{name} ray head"] = head(rj)["template"]["spec"]
+        specs[f"{name} ray gpu workers"] = workers(rj)["template"]["spec"]
+        specs[f"{name} ray job submitter"] = rj["spec"]["submitterPodTemplate"]["spec"]
+    specs["single-node job"] = JOB["spec"]["template"]["spec"]
+    specs["data loader"] = LOADER["spec"]
+    return specs
 
 
-TRAINING_PODS = ["ray head", "ray gpu workers", "single-node job"]
+TRAINING_PODS = [
+    *(f"{name} {group}" for name in RAYJOB_NAMES for group in ("ray head", "ray gpu workers")),
+    "single-node job",
+]
 
 
 def image_uid() -> int:
@@ -170,8 +204,13 @@ def test_every_manifest_is_in_the_kustomization_and_exists():
         assert (K8S / name).is_file()
 
 
-def test_rayjob_passes_the_strict_kuberay_schema(rayjob_validator):
-    errors = sorted(rayjob_validator.iter_errors(RAYJOB), key=lambda e: list(e.absolute_path))
+def test_the_rayjobs_are_the_fixed_and_the_elastic_one():
+    assert sorted(component(r) for r in RAYJOBS) == ["ray", "ray-elastic"]
+    assert len(set(RAYJOB_NAMES)) == len(RAYJOBS), "each RayJob needs its own name"
+
+
+def test_rayjob_passes_the_strict_kuberay_schema(rayjob_validator, rayjob):
+    errors = sorted(rayjob_validator.iter_errors(rayjob), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
 
 
@@ -185,14 +224,32 @@ def test_rayjob_passes_the_strict_kuberay_schema(rayjob_validator):
     ],
     ids=["spec.shutdownAfterJobFinishes", "workerGroupSpecs", "head-volumeMounts", "worker-tolerations"],
 )
-def test_strict_schema_rejects_a_misspelt_field(rayjob_validator, path, field, typo):
-    broken = copy.deepcopy(RAYJOB)
+def test_strict_schema_rejects_a_misspelt_field(rayjob_validator, rayjob, path, field, typo):
+    broken = copy.deepcopy(rayjob)
     node = broken
     for key in path:
         node = node[key]
     node[typo] = node.pop(field)
     messages = [e.message for e in rayjob_validator.iter_errors(broken)]
     assert any(f"'{typo}' was unexpected" in m for m in messages), messages
+
+
+@pytest.mark.parametrize(
+    ("field", "typo"),
+    [("idleTimeoutSeconds", "idleTimeoutSecond"), ("upscalingMode", "upscaleMode"), ("version", "versions")],
+)
+def test_strict_schema_rejects_a_misspelt_autoscaler_option(rayjob_validator, field, typo):
+    broken = copy.deepcopy(ELASTIC)
+    options = broken["spec"]["rayClusterSpec"]["autoscalerOptions"]
+    options[typo] = options.pop(field)
+    messages = [e.message for e in rayjob_validator.iter_errors(broken)]
+    assert any(f"'{typo}' was unexpected" in m for m in messages), messages
+
+
+def test_strict_schema_rejects_an_unknown_upscaling_mode(rayjob_validator):
+    broken = copy.deepcopy(ELASTIC)
+    broken["spec"]["rayClusterSpec"]["autoscalerOptions"]["upscalingMode"] = "Eager"
+    assert list(rayjob_validator.iter_errors(broken))
 
 
 CORE_OBJECTS = [doc for doc in all_objects() if not doc["apiVersion"].startswith("ray.io/")]
@@ -224,7 +281,7 @@ def test_kubernetes_schema_rejects_a_misspelt_field(kind, path, field, typo):
 
 def test_every_manifest_document_is_a_validated_kind():
     kinds = sorted(doc["kind"] for doc in all_objects())
-    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim", "Pod", "RayJob"]
+    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim", "Pod", "RayJob", "RayJob"]
 
 
 # --- kustomize ------------------------------------------------------------------------------
@@ -295,12 +352,14 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
         ("storage", ["PersistentVolumeClaim"]),
         ("data-loader", ["Pod"]),
         ("ray", ["RayJob"]),
+        ("ray-elastic", ["RayJob"]),
         ("single-node", ["ConfigMap", "Job"]),
     ],
 )
 def test_readme_label_selector_picks_the_intended_objects(component, kinds):
     selector = f"-l app.kubernetes.io/component={component}"
-    assert f"kubectl apply -k k8s/ {selector}" in README
+    # The whole label: component=ray must not be found inside component=ray-elastic.
+    assert re.search(rf"kubectl apply -k k8s/ {re.escape(selector)}(?![\w-])", README), selector
     selected = [o for o in all_objects() if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
     assert sorted(o["kind"] for o in selected) == kinds
 
@@ -314,37 +373,37 @@ def test_readme_uses_only_existing_label_selectors():
 # --- the commands in the manifests are real -------------------------------------------------
 
 
-def test_rayjob_entrypoint_names_a_config_that_loads():
-    args = shlex.split(RAYJOB["spec"]["entrypoint"])
+def test_rayjob_entrypoint_names_a_config_that_loads(rayjob):
+    args = entrypoint_args(rayjob)
     assert args[:2] == ["python", "job/train.py"]
     assert (REPO / args[1]).is_file()
-    path, cfg = ray_config()
+    path, cfg = ray_config(rayjob)
     assert path.is_relative_to(REPO / "job" / "configs")
     assert cfg.ray.use_gpu and cfg.distribution.strategy == "multi_worker"
 
 
-def test_rayjob_runs_from_the_images_code_directory():
+def test_rayjob_runs_from_the_images_code_directory(rayjob):
     """Relative paths in the entrypoint resolve against the Ray containers' workingDir, the image's WORKDIR."""
-    for spec in (HEAD["template"]["spec"], WORKERS["template"]["spec"]):
+    for spec in (head(rayjob)["template"]["spec"], workers(rayjob)["template"]["spec"]):
         for container in spec["containers"]:
             assert container["workingDir"] == image_workdir() == "/app"
 
 
-def _runtime_env() -> dict[str, str]:
-    return yaml.safe_load(RAYJOB["spec"]["runtimeEnvYAML"])["env_vars"]
+def _runtime_env(rayjob: dict[str, Any]) -> dict[str, str]:
+    return yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["env_vars"]
 
 
-def test_rayjob_runtime_env_sets_legacy_keras_like_job_runtime_env():
-    env = _runtime_env()
+def test_rayjob_runtime_env_sets_legacy_keras_like_job_runtime_env(rayjob):
+    env = _runtime_env(rayjob)
     assert env["TF_USE_LEGACY_KERAS"] == "1"
     assert env == yaml.safe_load((REPO / "job" / "runtime_env.yaml").read_text(encoding="utf-8"))["env_vars"]
 
 
-def test_rayjob_entrypoint_runs_help():
-    args = shlex.split(RAYJOB["spec"]["entrypoint"])
+def test_rayjob_entrypoint_runs_help(rayjob):
+    args = entrypoint_args(rayjob)
     result = subprocess.run(
         [sys.executable, args[1], "--help"],
-        cwd=REPO, env={**os.environ, **_runtime_env()}, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env={**os.environ, **_runtime_env(rayjob)}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: imdb-dist launch")
@@ -372,21 +431,21 @@ def test_job_train_command_runs_help():
 # --- lifecycle ------------------------------------------------------------------------------
 
 
-def test_rayjob_cleans_up_retries_and_has_a_deadline():
-    spec = RAYJOB["spec"]
+def test_rayjob_cleans_up_retries_and_has_a_deadline(rayjob):
+    spec = rayjob["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] >= 1
     assert spec["activeDeadlineSeconds"] > 0
-    _, cfg = ray_config()
+    _, cfg = ray_config(rayjob)
     assert cfg.ray.max_failures >= 1, "worker failures inside an attempt are retried by Ray Train"
 
 
-def test_rayjob_ray_version_matches_the_image():
+def test_rayjob_ray_version_matches_the_image(rayjob):
     deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     (ray,) = [d for d in deps if d.startswith("ray[")]
     pinned = re.search(r"~=(\d+\.\d+)", ray).group(1)
-    assert RAYJOB["spec"]["rayClusterSpec"]["rayVersion"].startswith(pinned + ".")
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"].startswith(pinned + ".")
 
 
 def test_job_retries_resumable_failures_only():
@@ -406,19 +465,109 @@ def test_grace_period_leaves_time_for_a_checkpoint(pod):
 # --- GPUs, storage, shared memory -----------------------------------------------------------
 
 
-def test_gpu_workers_match_the_ray_config():
-    _, cfg = ray_config()
-    assert WORKERS["replicas"] == WORKERS["minReplicas"] == WORKERS["maxReplicas"] == cfg.ray.num_workers
-    (container,) = WORKERS["template"]["spec"]["containers"]
+def test_gpu_workers_match_the_ray_config(rayjob):
+    _, cfg = ray_config(rayjob)
+    group = workers(rayjob)
+    # One pod per Ray Train worker: the group spans every size the job may take.
+    assert range(group["minReplicas"], group["maxReplicas"] + 1) == cfg.ray.worker_counts
+    assert group["replicas"] == cfg.ray.worker_counts[0]
+    (container,) = group["template"]["spec"]["containers"]
     resources = container["resources"]
     gpus = cfg.ray.resources_per_worker["GPU"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == gpus
     assert quantity(resources["limits"]["cpu"]) >= cfg.ray.resources_per_worker["CPU"]
-    tolerations = WORKERS["template"]["spec"]["tolerations"]
+    tolerations = group["template"]["spec"]["tolerations"]
     assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in tolerations)
-    for head in HEAD["template"]["spec"]["containers"]:
-        assert "nvidia.com/gpu" not in head["resources"].get("limits", {})
-    assert cfg.train.batch_size % (cfg.ray.num_workers * gpus) == 0
+    for container in head(rayjob)["template"]["spec"]["containers"]:
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    for n in cfg.ray.worker_counts:
+        assert cfg.train.batch_size % (n * gpus) == 0, f"{n} workers x {gpus} GPUs do not split the global batch"
+
+
+def test_fixed_rayjob_has_a_fixed_worker_group_and_no_autoscaler():
+    _, cfg = ray_config(FIXED)
+    assert not cfg.ray.elastic and isinstance(cfg.ray.num_workers, int)
+    group = workers(FIXED)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == cfg.ray.num_workers
+    assert FIXED["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is False
+
+
+# --- the elastic RayJob ---------------------------------------------------------------------
+
+
+def test_elastic_rayjob_worker_group_spans_the_configs_min_and_max():
+    """ray.num_workers [min, max] is the GPU group's minReplicas/maxReplicas; it starts at min."""
+    path, cfg = ray_config(ELASTIC)
+    assert path == REPO / "job" / "configs" / "ray-elastic.yaml"
+    assert cfg.ray.elastic and isinstance(cfg.ray.num_workers, tuple)
+    low, high = cfg.ray.num_workers
+    group = workers(ELASTIC)
+    assert (group["minReplicas"], group["maxReplicas"]) == (low, high)
+    # KubeRay submits the job once the cluster's pods are ready: start with the pods the job needs to start.
+    assert group["replicas"] == low
+    assert (low, high) == (1, 4), "README.md and the manifest's comments describe 1 to 4 GPU pods"
+
+
+def test_elastic_rayjob_runs_kuberays_autoscaler():
+    """The autoscaler turns Ray Train's demand into worker pods; without it the group would stay at replicas."""
+    cluster = ELASTIC["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert options["version"] == "v2"
+    assert options["upscalingMode"] in ("Default", "Aggressive"), "regain every lost pod at once"
+    # The autoscaler V2 runs Ray pods that are replaced, never restarted in place.
+    for spec in (head(ELASTIC)["template"]["spec"], workers(ELASTIC)["template"]["spec"]):
+        assert spec["restartPolicy"] == "Never"
+    # It talks to the Kubernetes API with the head pod's service account (KubeRay creates it).
+    head_spec = head(ELASTIC)["template"]["spec"]
+    assert head_spec.get("automountServiceAccountToken", True) is not False
+    assert "serviceAccountName" not in head_spec
+
+
+def test_elastic_autoscaler_keeps_a_joining_pod_until_ray_train_looks():
+    """A pod that has just joined is idle until Ray Train's next resize check: it must outlive that wait."""
+    _, cfg = ray_config(ELASTIC)
+    idle = ELASTIC["spec"]["rayClusterSpec"]["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert idle > cfg.ray.resize_interval_s
+    raw = yaml.safe_load((REPO / "job" / "configs" / "ray-elastic.yaml").read_text(encoding="utf-8"))
+    assert "resize_interval_s" in raw["ray"], "set explicitly: the manifest's idle timeout is sized on it"
+
+
+def test_elastic_run_survives_losing_every_worker_pod_once():
+    _, cfg = ray_config(ELASTIC)
+    assert cfg.ray.max_failures == -1 or cfg.ray.max_failures >= cfg.ray.worker_counts[-1]
+    _, fixed = ray_config(FIXED)
+    assert cfg.ray.name != fixed.ray.name, "its own run directory: a changed config is refused in an existing one"
+    assert ELASTIC["metadata"]["name"] != FIXED["metadata"]["name"]
+
+
+def test_elastic_autoscaler_container_is_hardened_like_the_others():
+    options = ELASTIC["spec"]["rayClusterSpec"]["autoscalerOptions"]
+    context = options["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context.get("privileged", False) is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert "image" not in options, "the sidecar uses the head's image, which the kustomization names"
+    assert quantity(options["resources"]["limits"]["memory"]) >= quantity(options["resources"]["requests"]["memory"])
+    assert not options.get("env") and not options.get("envFrom")
+
+
+# What the elastic config may change from the fixed RayJob's ray-gpu.yaml, and
+# nothing else: the same model, data, epochs and mounts, made elastic.
+ELASTIC_CHANGES = {
+    "ray.num_workers", "ray.resize_interval_s", "ray.max_failures", "ray.name",
+    "train.batch_size", "train.learning_rate",  # every size must split the global batch
+    "run.checkpoint_steps",  # a resize restarts from the latest checkpoint
+}
+
+
+def test_the_elastic_config_is_the_fixed_config_made_elastic():
+    fixed, elastic = (to_dict(ray_config(rj)[1]) for rj in (FIXED, ELASTIC))
+    differ = {
+        f"{section}.{key}" for section in fixed for key in fixed[section] if fixed[section][key] != elastic[section][key]
+    }
+    assert differ <= ELASTIC_CHANGES, sorted(differ - ELASTIC_CHANGES)
+    assert {"ray.num_workers", "ray.name"} <= differ
 
 
 def test_single_node_job_takes_all_gpus_of_one_node():
@@ -440,13 +589,14 @@ def test_storage_claim_is_shared_read_write_many():
 
 
 def _training_containers() -> list[tuple[str, dict[str, Any], dict[str, Any], Config]]:
-    _, ray_cfg = ray_config()
-    job_cfg = load_config(job_config_file())
-    return [
-        ("ray head", HEAD["template"]["spec"], HEAD["template"]["spec"]["containers"][0], ray_cfg),
-        ("ray gpu workers", WORKERS["template"]["spec"], WORKERS["template"]["spec"]["containers"][0], ray_cfg),
-        ("single-node job", JOB["spec"]["template"]["spec"], JOB["spec"]["template"]["spec"]["containers"][0], job_cfg),
-    ]
+    result = []
+    for rj in RAYJOBS:
+        _, ray_cfg = ray_config(rj)
+        for group, spec in (("ray head", head(rj)["template"]["spec"]), ("ray gpu workers", workers(rj)["template"]["spec"])):
+            result.append((f"{rj['metadata']['name']} {group}", spec, spec["containers"][0], ray_cfg))
+    job_spec = JOB["spec"]["template"]["spec"]
+    result.append(("single-node job", job_spec, job_spec["containers"][0], load_config(job_config_file())))
+    return result
 
 
 @pytest.mark.parametrize("pod", TRAINING_PODS)
@@ -488,8 +638,8 @@ def test_dev_shm_is_a_sized_memory_volume(pod):
 
 
 @pytest.mark.parametrize("group", ["head", "workers"])
-def test_ray_object_store_fits_in_dev_shm(group):
-    spec = HEAD if group == "head" else WORKERS
+def test_ray_object_store_fits_in_dev_shm(rayjob, group):
+    spec = head(rayjob) if group == "head" else workers(rayjob)
     store = quantity(spec["rayStartParams"]["object-store-memory"])
     (shm,) = [v for v in spec["template"]["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
     assert store <= quantity(shm["emptyDir"]["sizeLimit"])
@@ -525,5 +675,8 @@ def test_manifests_hold_no_secrets():
             for env in container.get("env", []):
                 assert not (secretish.search(env["name"]) and "value" in env), env["name"]
     # Ray's token is generated by KubeRay into a Secret of its own.
-    assert RAYJOB["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
-    assert not secretish.search(RAYJOB["spec"]["runtimeEnvYAML"])
+    for rayjob in RAYJOBS:
+        assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+        assert not secretish.search(rayjob["spec"]["runtimeEnvYAML"])
+        for env in rayjob["spec"]["rayClusterSpec"].get("autoscalerOptions", {}).get("env", []):
+            assert not (secretish.search(env["name"]) and "value" in env), env["name"]

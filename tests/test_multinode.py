@@ -8,12 +8,19 @@ travel over the network. The cluster is started as the README says on a
 fresh machine: `ray get-auth-token --generate`, `ray start --head`, the token
 copied to the second host, `RAY_AUTH_MODE=token ray start --address=...`,
 then `RAY_AUTH_MODE=token ray job submit`.
+
+Two jobs run on the real reviews with the same settings: one with a fixed 2
+workers, and an elastic one (``ray.num_workers=[1, 2]``) whose worker host is
+lost mid-epoch (every process of it killed) and started again; the elastic
+run must end with the fixed run's batches at every step and its accuracy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, installed_script, write_aclimdb
+from conftest import REAL_DATA, REPO, installed_script
 
 from imdb_dist import rundir
 
-# Two Ray nodes, an S3 server and a submitted job: about 75 s on a fast CPU.
+# Two Ray nodes, an S3 server and two submitted jobs on the real reviews.
 pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.timeout(600)]
 
 SUBNET = "10.213.77"
@@ -103,101 +110,299 @@ def wait_for(check, what: str, proc: subprocess.Popen | None = None, timeout: fl
         time.sleep(2)
 
 
-def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(hosts, tmp_path: Path) -> None:
-    head_ns, worker_ns = hosts
-    ray = installed_script("ray")
-    homes = {name: tmp_path / f"home-{name}" for name in ("head", "worker", "client")}
-    for home in homes.values():
-        home.mkdir()
-    # Short paths: Ray's unix sockets live in the temp dir.
-    temps = {name: tempfile.mkdtemp(prefix=f"ray{name[0]}-", dir="/tmp") for name in ("head", "worker")}
-    # "1": a real multi-node cluster (the test session sets 0, loopback-only single-node mode).
-    env = {**CREDENTIALS, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    procs: list[subprocess.Popen] = []
+class Cluster:
+    """A Ray head (with the S3 server) in one namespace and a Ray worker node in the other, each a fresh machine."""
 
-    def start(command: list[str], log: str) -> subprocess.Popen:
-        handle = open(tmp_path / log, "w")  # noqa: SIM115 - closed with the test's tmp_path
+    def __init__(self, head_ns: str, worker_ns: str, root: Path) -> None:
+        self.head_ns, self.worker_ns, self.root = head_ns, worker_ns, root
+        self.ray = installed_script("ray")
+        self.homes = {name: root / f"home-{name}" for name in ("head", "worker", "client")}
+        for home in self.homes.values():
+            home.mkdir()
+        # Short paths: Ray's unix sockets live in the temp dir.
+        self.temps: list[str] = []
+        # "1": a real multi-node cluster (the test session sets 0, loopback-only single-node mode).
+        self.env = {**CREDENTIALS, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        self.client = {"RAY_AUTH_MODE": "token", **self.env}
+        self.address = f"http://{HEAD}:{DASHBOARD_PORT}"
+        self.procs: list[subprocess.Popen] = []
+        self.worker_node: subprocess.Popen | None = None
+
+    def start(self, command: list[str], log: str) -> subprocess.Popen:
+        handle = open(self.root / log, "a")  # noqa: SIM115 - closed with the test's tmp_path
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(proc)
+        self.procs.append(proc)
         return proc
 
-    try:
-        s3 = start(in_ns(head_ns, homes["head"], sys.executable, "-m", "moto.server", "-H", HEAD, "-p",
-                         str(S3_PORT), **env), "moto.log")
+    def client_run(self, *command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(in_ns(self.head_ns, self.homes["client"], *command, **(env or self.client)),
+                              capture_output=True, text=True)
+
+    def up(self) -> None:
+        s3 = self.start(in_ns(self.head_ns, self.homes["head"], sys.executable, "-m", "moto.server", "-H", HEAD,
+                              "-p", str(S3_PORT), **self.env), "moto.log")
         create = (f"import boto3; boto3.client('s3', endpoint_url='http://{HEAD}:{S3_PORT}')"
                   f".create_bucket(Bucket='{BUCKET}')")
-        wait_for(lambda: subprocess.run(in_ns(head_ns, homes["head"], sys.executable, "-c", create, **env),
-                                        capture_output=True).returncode == 0, "the S3 server", s3)
-
+        wait_for(lambda: self.client_run(sys.executable, "-c", create, env=self.env).returncode == 0,
+                 "the S3 server", s3)
         # The README's route on a fresh machine: a token first, then the head.
-        subprocess.run(in_ns(head_ns, homes["head"], ray, "get-auth-token", "--generate"), check=True,
-                       capture_output=True, timeout=120)
-        token = homes["head"] / ".ray" / "auth_token"
+        subprocess.run(in_ns(self.head_ns, self.homes["head"], self.ray, "get-auth-token", "--generate"),
+                       check=True, capture_output=True, timeout=120)
+        token = self.homes["head"] / ".ray" / "auth_token"
         assert token.is_file(), "ray get-auth-token --generate wrote no token"
         for other in ("worker", "client"):  # the token reaches the other machines out of band
-            (homes[other] / ".ray").mkdir()
-            shutil.copy(token, homes[other] / ".ray" / "auth_token")
-        head = start(in_ns(head_ns, homes["head"], ray, "start", "--head", "--block", f"--node-ip-address={HEAD}",
-                           f"--port={GCS_PORT}", f"--dashboard-host={HEAD}", f"--dashboard-port={DASHBOARD_PORT}",
-                           "--num-cpus=1", f"--temp-dir={temps['head']}", **env), "head.log")
-        address = f"http://{HEAD}:{DASHBOARD_PORT}"
-        client = {"RAY_AUTH_MODE": "token", **env}
-        wait_for(lambda: subprocess.run(in_ns(head_ns, homes["client"], ray, "job", "list", "--address", address,
-                                              **client), capture_output=True).returncode == 0, "the head", head)
-        worker = start(in_ns(worker_ns, homes["worker"], ray, "start", "--block", f"--address={HEAD}:{GCS_PORT}",
-                             f"--node-ip-address={WORKER}", "--num-cpus=1", f"--temp-dir={temps['worker']}",
-                             # A joining node reads its token file only in token mode (measured: without
-                             # it, "InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'").
-                             RAY_AUTH_MODE="token", **env), "worker.log")
+            (self.homes[other] / ".ray").mkdir()
+            shutil.copy(token, self.homes[other] / ".ray" / "auth_token")
+        temp = self._temp("h")
+        head = self.start(in_ns(self.head_ns, self.homes["head"], self.ray, "start", "--head", "--block",
+                                f"--node-ip-address={HEAD}", f"--port={GCS_PORT}", f"--dashboard-host={HEAD}",
+                                f"--dashboard-port={DASHBOARD_PORT}", "--num-cpus=1", f"--temp-dir={temp}",
+                                # A lost host is noticed in about 2 s instead of Ray's ~15 s: the test's time only.
+                                RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
+                                RAY_health_check_failure_threshold="4",
+                                # Ray Train's wait for a worker group that cannot be placed (default 60 s):
+                                # after a lost host it may first try the old size, see the README.
+                                RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20", **self.env), "head.log")
+        wait_for(lambda: self.client_run(self.ray, "job", "list", "--address", self.address).returncode == 0,
+                 "the head", head)
+        self.start_worker_node()
+
+    def _temp(self, tag: str) -> str:
+        self.temps.append(tempfile.mkdtemp(prefix=f"ray{tag}-", dir="/tmp"))
+        return self.temps[-1]
+
+    def alive_nodes(self) -> list[str]:
         nodes = (f"import ray, json; ray.init(address='{HEAD}:{GCS_PORT}');"
                  "print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))")
-        wait_for(lambda: json.loads((subprocess.run(
-            in_ns(head_ns, homes["client"], sys.executable, "-c", nodes, **client),
-            capture_output=True, text=True).stdout.strip().splitlines() or ["[]"])[-1]) == [HEAD, WORKER],
-            "the second node to join", worker)
+        listed = self.client_run(sys.executable, "-c", nodes).stdout.strip().splitlines()
+        return json.loads(listed[-1]) if listed else []
 
-        data = write_aclimdb(tmp_path / "data", {"train": 100})
-        storage = f"s3://{BUCKET}/runs?endpoint_override={HEAD}:{S3_PORT}&scheme=http"
-        sets = [f"data.path={data}", f"ray.storage_path={storage}", "ray.name=two-hosts", "ray.num_workers=2",
-                "ray.num_shards=4", *TINY]
-        submitted = subprocess.run(
-            in_ns(head_ns, homes["client"], ray, "job", "submit", "--address", address, "--working-dir", ".",
-                  "--runtime-env", "job/runtime_env.yaml", "--", sys.executable, "job/train.py",
-                  "--config", "job/configs/ray-local.yaml", *[arg for item in sets for arg in ("--set", item)],
-                  **client),
-            cwd=REPO, capture_output=True, text=True, timeout=900,
-        )
-        output = submitted.stdout + submitted.stderr
-        assert submitted.returncode == 0, output[-4000:]
-        assert "succeeded" in output
-        # TF_CONFIG names both hosts, and each host ran one worker.
-        placements = [json.loads(line.split("worker placement: ", 1)[1]) for line in output.splitlines()
-                      if "worker placement: " in line]
-        assert sorted(p["node"] for p in placements) == [HEAD, WORKER], output[-4000:]
-        for placement in placements:
-            assert sorted(host.split(":")[0] for host in placement["tf_config_workers"]) == [HEAD, WORKER]
+    def start_worker_node(self) -> None:
+        """Start (again) the second host's Ray node and wait until the head lists it."""
+        self.worker_node = self.start(
+            in_ns(self.worker_ns, self.homes["worker"], self.ray, "start", "--block", f"--address={HEAD}:{GCS_PORT}",
+                  f"--node-ip-address={WORKER}", "--num-cpus=1", f"--temp-dir={self._temp('w')}",
+                  # A joining node reads its token file only in token mode (measured: without
+                  # it, "InvalidAuthToken ... RAY_AUTH_MODE is currently 'disabled'").
+                  RAY_AUTH_MODE="token", **self.env), "worker.log")
+        wait_for(lambda: self.alive_nodes() == [HEAD, WORKER], "the second node to join", self.worker_node)
 
-        report_source = (
-            f"import boto3, sys; s3 = boto3.client('s3', endpoint_url='http://{HEAD}:{S3_PORT}');"
-            f"sys.stdout.write(s3.get_object(Bucket='{BUCKET}', Key='runs/two-hosts/{rundir.REPORT}')['Body'].read()"
-            ".decode())"
-        )
-        fetched = subprocess.run(in_ns(head_ns, homes["client"], sys.executable, "-c", report_source, **env),
-                                 capture_output=True, text=True, check=True)
-        report = json.loads(fetched.stdout)
-        assert report["workers"] == 2 and report["strategy"] == "CollectiveAllReduceStrategy"
-        assert report["optimizer_steps"] > 0
-    finally:
-        for proc in reversed(procs):
+    def lose_worker_host(self) -> None:
+        """Kill every process of the second host at once (its raylet, object store, Ray Train worker): a lost host."""
+        pids = subprocess.run(["ip", "netns", "pids", self.worker_ns], capture_output=True, text=True).stdout.split()
+        assert pids, "the worker host runs nothing"
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def drain_worker_node(self, deadline_s: int) -> str:
+        """``ray drain-node`` the second host's node for preemption, as a spot reclaim would; returns its node id."""
+        nodes = (f"import ray, json; ray.init(address='{HEAD}:{GCS_PORT}');"
+                 f"print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['NodeManagerAddress'] == '{WORKER}'][0])")
+        node = self.client_run(sys.executable, "-c", nodes).stdout.strip().splitlines()[-1]
+        drained = self.client_run(self.ray, "drain-node", f"--address={HEAD}:{GCS_PORT}", f"--node-id={node}",
+                                  "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim",
+                                  f"--deadline-remaining-seconds={deadline_s}")
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        return node
+
+    def submit(self, sets: list[str], log: Path) -> subprocess.Popen:
+        """``ray job submit`` (following the job to its end), its output to ``log``."""
+        command = in_ns(self.head_ns, self.homes["client"], self.ray, "job", "submit", "--address", self.address,
+                        "--working-dir", ".", "--runtime-env", "job/runtime_env.yaml", "--", sys.executable,
+                        "job/train.py", "--config", "job/configs/ray-local.yaml",
+                        *[arg for item in sets for arg in ("--set", item)], **self.client)
+        handle = open(log, "w")  # noqa: SIM115 - closed with the test's tmp_path
+        return subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, text=True)
+
+    def s3_text(self, key: str) -> str:
+        source = (f"import boto3, sys; s3 = boto3.client('s3', endpoint_url='http://{HEAD}:{S3_PORT}');"
+                  f"sys.stdout.write(s3.get_object(Bucket='{BUCKET}', Key='{key}')['Body'].read().decode())")
+        fetched = self.client_run(sys.executable, "-c", source, env=self.env)
+        assert fetched.returncode == 0, fetched.stderr[-2000:]
+        return fetched.stdout
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in reversed(procs):
+        for proc in reversed(self.procs):
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        for temp in temps.values():
+        for temp in self.temps:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if not REAL_DATA.is_file():
+        pytest.skip(f"real IMDB data not found at {REAL_DATA} (set IMDB_REAL_DATA or provide ../shared)")
+    started = Cluster(*hosts, tmp_path_factory.mktemp("cluster"))
+    try:
+        started.up()
+        yield started
+    finally:
+        started.close()
+
+
+STORAGE = f"s3://{BUCKET}/runs?endpoint_override={HEAD}:{S3_PORT}&scheme=http"
+# ray-local.yaml on the real reviews (cut to 100 tokens) for 2 epochs, 2 x 351 steps of 64: long
+# enough for the elastic run to lose its second host, go on alone and grow back before it ends.
+CHECKPOINT_STEPS = 20
+SETS = [f"data.path={REAL_DATA}", f"ray.storage_path={STORAGE}", "ray.num_shards=4", "train.epochs=2",
+        "data.max_len=100", f"run.checkpoint_steps={CHECKPOINT_STEPS}", f"run.log_every_steps={CHECKPOINT_STEPS}"]
+
+
+@dataclasses.dataclass
+class Finished:
+    output: str
+    report: dict
+    steps: list[dict]
+
+
+def _finished(cluster: Cluster, name: str, proc: subprocess.Popen, log: Path) -> Finished:
+    proc.wait(timeout=900)
+    output = log.read_text()
+    assert proc.returncode == 0 and "succeeded" in output, output[-6000:]
+    report = json.loads(cluster.s3_text(f"runs/{name}/{rundir.REPORT}"))
+    steps = [json.loads(line) for line in cluster.s3_text(f"runs/{name}/{rundir.STEPS}").splitlines()]
+    return Finished(output, report, steps)
+
+
+@pytest.fixture(scope="module")
+def fixed_run(cluster: Cluster) -> Finished:
+    """The job with a fixed 2 workers, one per host."""
+    log = cluster.root / "fixed.log"
+    proc = cluster.submit([*SETS, "ray.name=fixed", "ray.num_workers=2"], log)
+    return _finished(cluster, "fixed", proc, log)
+
+
+def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(fixed_run: Finished) -> None:
+    # TF_CONFIG names both hosts, and each host ran one worker.
+    placements = [json.loads(line.split("worker placement: ", 1)[1]) for line in fixed_run.output.splitlines()
+                  if "worker placement: " in line]
+    assert sorted(p["node"] for p in placements) == [HEAD, WORKER], fixed_run.output[-4000:]
+    for placement in placements:
+        assert sorted(host.split(":")[0] for host in placement["tf_config_workers"]) == [HEAD, WORKER]
+    report = fixed_run.report
+    assert report["workers"] == 2 and report["strategy"] == "CollectiveAllReduceStrategy"
+    assert report["optimizer_steps"] == 2 * 351
+    assert [(g["workers"], g["cause"]) for g in report["worker_groups"]] == [(2, "start")]
+
+
+GROUP = re.compile(r"worker group: (\d+) worker\(s\)(?: \(was \d+\))?, ([^;]+); training from epoch (\d+) step (\d+)")
+STEP = re.compile(r"step (\d+) \(epoch \d+, \d+/(\d+)\)")
+
+
+class JobLog:
+    """What the job has said so far: its worker groups, and the step points logged since the last group started."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def groups(self) -> list[tuple[int, str, int]]:
+        """``(workers, cause, global step it starts from)`` of each worker group so far."""
+        text = self.path.read_text() if self.path.exists() else ""
+        steps = self.steps_per_epoch() or 0
+        return [(int(m[1]), m[2], (int(m[3]) - 1) * steps + int(m[4])) for m in GROUP.finditer(text)]
+
+    def steps_per_epoch(self) -> int | None:
+        found = STEP.search(self.path.read_text()) if self.path.exists() else None
+        return int(found[2]) if found else None
+
+    def last_step_of_group(self, index: int) -> int:
+        """The last step point logged after the ``index``-th worker group started (0: none yet)."""
+        text = self.path.read_text()
+        starts = [m.start() for m in GROUP.finditer(text)]
+        if len(starts) <= index:
+            return 0
+        end = starts[index + 1] if len(starts) > index + 1 else len(text)
+        return max((int(m[1]) for m in STEP.finditer(text, starts[index], end)), default=0)
+
+
+def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_runs_model(
+    cluster: Cluster, fixed_run: Finished
+) -> None:
+    log = cluster.root / "elastic.log"
+    proc = cluster.submit([*SETS, "ray.name=elastic", "ray.num_workers=[1,2]", "ray.resize_interval_s=5",
+                           "ray.max_failures=2"], log)
+    job = JobLog(log)
+    # Two workers, one per host, and a checkpoint behind them: then the second host is lost.
+    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
+             "the 2-worker group's second checkpoint", proc, timeout=300)
+    cluster.lose_worker_host()
+    # The chief (on the head) cannot finish a step without its peer; what it logged
+    # before the loss reaches the driver's log within a second or two.
+    time.sleep(5)
+    lost_after = job.last_step_of_group(0)
+    # The job goes on with the one worker that fits, from the latest checkpoint, and saves.
+    wait_for(lambda: len(job.groups()) >= 2 and job.last_step_of_group(1) >= job.groups()[1][2] + CHECKPOINT_STEPS,
+             "the 1-worker group's first checkpoint", proc, timeout=300)
+    workers, cause, resumed_at = job.groups()[1]
+    assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
+    # Lost work: at most the steps since the last checkpoint.
+    assert lost_after - CHECKPOINT_STEPS <= resumed_at <= lost_after, (lost_after, resumed_at)
+    # The host comes back; within ray.resize_interval_s the job grows back to it.
+    cluster.start_worker_node()
+    wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
+    elastic = _finished(cluster, "elastic", proc, log)
+
+    history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
+    assert history == [(2, "start"), (1, "shrunk: lost workers"), (2, "grown: capacity returned")], history
+    starts = [(g["epoch"] - 1) * 351 + g["step"] for g in elastic.report["worker_groups"]]
+    assert starts[0] == 0 < starts[1] < starts[2] < 2 * 351  # each group trained steps the run kept
+    # The same optimizer steps, and at every step point the digest of every batch trained so
+    # far: each step of the plan trained once, in order, in the lineage that made the model.
+    assert elastic.report["optimizer_steps"] == fixed_run.report["optimizer_steps"]
+    digests = [(r["step"], r["batches_digest"]) for r in elastic.steps]
+    assert digests == [(r["step"], r["batches_digest"]) for r in fixed_run.steps]
+    assert elastic.report["batches_digest"] == fixed_run.report["batches_digest"]
+    # Up to float summation order (1 or 2 replicas add the gradients in another order).
+    accuracy = elastic.report["validation"]["accuracy"], fixed_run.report["validation"]["accuracy"]
+    assert abs(accuracy[0] - accuracy[1]) <= 0.01, accuracy
+
+
+NOTICE = re.compile(r"preemption notice: node\(s\) (\S+) \(rank\(s\) ([\d, ]+)\) draining")
+
+
+def test_a_preemption_notice_checkpoints_at_once_and_the_job_resumes_from_there(
+    cluster: Cluster, fixed_run: Finished
+) -> None:
+    # The fixed run's job, checkpointing only at epoch ends: a resume from the middle
+    # of an epoch can only start from a checkpoint taken because of the notice.
+    if cluster.alive_nodes() != [HEAD, WORKER]:
+        cluster.start_worker_node()
+    log = cluster.root / "preempted.log"
+    proc = cluster.submit([*SETS, "ray.name=preempted", "ray.num_workers=[1,2]", "ray.max_failures=1",
+                           "run.checkpoint_steps=0"], log)
+    job = JobLog(log)
+    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
+             "the 2-worker group's training", proc, timeout=300)
+    # What a spot node's reclaim does on Ray (a `ray start --block` node drains itself
+    # so on SIGTERM): the node is marked draining for preemption, with a deadline.
+    drained = cluster.drain_worker_node(deadline_s=15)
+    wait_for(lambda: NOTICE.search(log.read_text()) is not None, "the preemption notice", proc, timeout=60)
+    text = log.read_text()
+    notice = NOTICE.search(text)
+    assert notice[1] == drained and notice[2].strip() == "1", notice[0]  # the worker host's rank
+    noticed_at = [int(m[1]) for m in STEP.finditer(text, 0, notice.start())][-1]
+    # At the deadline Ray Train restarts the group on what remains, from the last
+    # checkpoint: one taken at a step point since the notice.
+    wait_for(lambda: len(job.groups()) >= 2, "the group's restart", proc, timeout=300)
+    workers, cause, resumed_at = job.groups()[1]
+    assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
+    assert noticed_at <= resumed_at < 2 * 351 and resumed_at % 351 != 0, (noticed_at, resumed_at)
+    assert job.last_step_of_group(0) - resumed_at <= CHECKPOINT_STEPS  # lost: under one step point's steps
+    preempted = _finished(cluster, "preempted", proc, log)
+    # Every step of the plan trained once, in order, as in the fixed run.
+    assert preempted.report["optimizer_steps"] == fixed_run.report["optimizer_steps"]
+    assert [(r["step"], r["batches_digest"]) for r in preempted.steps] == [
+        (r["step"], r["batches_digest"]) for r in fixed_run.steps
+    ]

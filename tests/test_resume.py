@@ -57,7 +57,14 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     # The lost attempt's step points past the checkpoint are dropped: each step is logged once, in order.
     got_steps, want_steps = ([r["step"] for r in read_metrics(d / rundir.STEPS)] for d in (resumed, uninterrupted))
     assert got_steps == want_steps
+    # Every step trained the same global batch, once (imdb_dist.digest): a lost attempt's
+    # steps after its checkpoint are not in the resumed run's digest.
+    got_digests, want_digests = (
+        [r["batches_digest"] for r in read_metrics(d / rundir.STEPS)] for d in (resumed, uninterrupted)
+    )
+    assert got_digests == want_digests and len(set(want_digests)) == len(want_digests)
     reports = [json.loads((d / rundir.REPORT).read_text()) for d in (resumed, uninterrupted)]
+    assert reports[0]["batches_digest"] == reports[1]["batches_digest"] == want_digests[-1]
     assert reports[0]["optimizer_steps"] == reports[1]["optimizer_steps"]
     assert reports[0]["validation"] == reports[1]["validation"]
 

@@ -186,12 +186,13 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.mark.timeout(400)
 def test_one_step_from_the_same_weights_gives_the_same_weights_on_every_topology(tmp_path: Path):
     data = write_aclimdb(tmp_path / "data", {"train": 100})
-    runs = {}
+    runs, digests = {}, set()
     for workers, local in TOPOLOGIES:
         out = tmp_path / f"{workers}x{local}"
         report = _one_step(data, out, workers, local)
         assert (report["workers"], report["replicas"], report["optimizer_steps"]) == (workers, workers * local, 1)
         runs[workers, local] = _weights(out)
+        digests.add(report["batches_digest"])
     reference = runs[1, 1]
     for (workers, local), weights in runs.items():
         assert weights.keys() == reference.keys() and len(reference) >= 5
@@ -199,9 +200,12 @@ def test_one_step_from_the_same_weights_gives_the_same_weights_on_every_topology
             np.testing.assert_allclose(
                 weights[key], reference[key], rtol=0, atol=1e-6, err_msg=f"{workers}x{local} {key}"
             )
-    # The tolerance tells batches apart: the same 160 reviews in another order
-    # (each at another place in the batch, so under another dropout mask) move
-    # the weights far more than 1e-6.
-    _one_step(data, tmp_path / "reordered", 1, 1, "data.seed=12")
+    # The tolerance tells batches apart: another data.seed (which also draws
+    # the validation split, so the step trains other reviews, in another order
+    # and under other dropout masks) moves the weights far more than 1e-6.
+    reordered_report = _one_step(data, tmp_path / "reordered", 1, 1, "data.seed=12")
     reordered = _weights(tmp_path / "reordered")
     assert max(float(np.max(np.abs(reordered[k] - reference[k]))) for k in reference) > 1e-4
+    # Every topology's replicas together trained the same rows at the step
+    # (imdb_dist.digest), and the digest tells the other seed's batch apart.
+    assert len(digests) == 1 and reordered_report["batches_digest"] not in digests
