@@ -329,16 +329,25 @@ class JobLog:
         return max((int(m[1]) for m in STEP.finditer(text, starts[index], end)), default=0)
 
 
+def _elastic_job_training_on_both_hosts(
+    cluster: Cluster, name: str, *extra: str
+) -> tuple[Path, subprocess.Popen, JobLog]:
+    """Submit a ``[1, 2]`` job named ``name``; return once its 2-worker group has trained 2 step points."""
+    log = cluster.root / f"{name}.log"
+    proc = cluster.submit([*SETS, f"ray.name={name}", "ray.num_workers=[1,2]", *extra], log)
+    job = JobLog(log)
+    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
+             "the 2-worker group's second step point", proc, timeout=300)
+    return log, proc, job
+
+
 def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_runs_model(
     cluster: Cluster, fixed_run: Finished
 ) -> None:
-    log = cluster.root / "elastic.log"
-    proc = cluster.submit([*SETS, "ray.name=elastic", "ray.num_workers=[1,2]", "ray.resize_interval_s=5",
-                           "ray.max_failures=2"], log)
-    job = JobLog(log)
     # Two workers, one per host, and a checkpoint behind them: then the second host is lost.
-    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
-             "the 2-worker group's second checkpoint", proc, timeout=300)
+    log, proc, job = _elastic_job_training_on_both_hosts(
+        cluster, "elastic", "ray.resize_interval_s=5", "ray.max_failures=2"
+    )
     cluster.lose_worker_host()
     # The chief (on the head) cannot finish a step without its peer; what it logged
     # before the loss reaches the driver's log within a second or two.
@@ -381,12 +390,9 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_job_resumes_from_there(
     # of an epoch can only start from a checkpoint taken because of the notice.
     if cluster.alive_nodes() != [HEAD, WORKER]:
         cluster.start_worker_node()
-    log = cluster.root / "preempted.log"
-    proc = cluster.submit([*SETS, "ray.name=preempted", "ray.num_workers=[1,2]", "ray.max_failures=1",
-                           "run.checkpoint_steps=0"], log)
-    job = JobLog(log)
-    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
-             "the 2-worker group's training", proc, timeout=300)
+    log, proc, job = _elastic_job_training_on_both_hosts(
+        cluster, "preempted", "ray.max_failures=1", "run.checkpoint_steps=0"
+    )
     # What a spot node's reclaim does on Ray (a `ray start --block` node drains itself
     # so on SIGTERM): the node is marked draining for preemption, with a deadline.
     drained = cluster.drain_worker_node(deadline_s=15)
