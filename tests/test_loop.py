@@ -7,6 +7,7 @@ logical CPUs conftest splits this process into: the multi-GPU shape.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,8 @@ def _train(
     loss_scale: dict | None = None,
     stop_at: int | None = None,
     extra: list[keras.callbacks.Callback] = (),
+    checkpoint_now: Callable[[], bool] | None = None,
+    after_save: Callable[[dict], None] | None = None,
 ) -> tuple[keras.Model, Points, bool]:
     """Train from ``checkpoints``' last checkpoint (if any) to the end of ``schedule`` or the stop at ``stop_at``.
 
@@ -133,6 +136,8 @@ def _train(
         checkpointer=checkpointer,
         callbacks=keras.callbacks.CallbackList([points, *extra], model=model),
         stop=stop,
+        checkpoint_now=checkpoint_now,
+        after_save=after_save,
     )
     try:
         loop.run()
@@ -174,6 +179,27 @@ def test_the_loss_guard_stops_at_the_next_point_before_any_checkpoint(tmp_path):
         _train(tmp_path / "ckpt", schedule, extra=[FiniteLoss(), PoisonAt()])
     # The guard ran at step 9 before the checkpoint there: no nan weights were saved.
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")) is None
+
+
+def test_a_notice_checkpoints_at_that_point_and_training_goes_on(tmp_path):
+    # What the Ray launcher does with a preemption notice: True from the second
+    # question on. Asked at the points inside the epoch (5, 10, 15; not 20,
+    # whose checkpoint follows the validation), never between them.
+    asked: list[int] = []
+    saved: list[tuple[int, int]] = []
+
+    def notice() -> bool:
+        asked.append(len(asked) + 1)
+        return len(asked) >= 2
+
+    schedule = Schedule(epochs=1, steps_per_epoch=20, log_every=5)
+    model, points, interrupted = _train(
+        tmp_path / "ckpt", schedule, checkpoint_now=notice,
+        after_save=lambda logs: saved.append((logs["epoch"], logs.get("step", 0))),
+    )
+    assert not interrupted and int(model.optimizer.iterations.numpy()) == 20  # trained to the end
+    assert asked == [1, 2, 3]
+    assert saved == [(1, 10), (1, 15), (1, 0)]  # the notice's points, then the epoch's end
 
 
 # --------------------------------------------------------------------------- padded validation

@@ -256,6 +256,7 @@ STORAGE = f"s3://{BUCKET}/runs?endpoint_override={HEAD}:{S3_PORT}&scheme=http"
 # ray-local.yaml on the real reviews (cut to 100 tokens) for 2 epochs, 2 x 351 steps of 64: long
 # enough for the elastic run to lose its second host, go on alone and grow back before it ends.
 CHECKPOINT_STEPS = 20
+STEPS_PER_EPOCH = 22_500 // 64  # 22,500 training reviews (validation_fraction 0.1), full global batches of 64
 SETS = [f"data.path={REAL_DATA}", f"ray.storage_path={STORAGE}", "ray.num_shards=4", "train.epochs=2",
         "data.max_len=100", f"run.checkpoint_steps={CHECKPOINT_STEPS}", f"run.log_every_steps={CHECKPOINT_STEPS}"]
 
@@ -280,7 +281,8 @@ def _finished(cluster: Cluster, name: str, proc: subprocess.Popen, log: Path) ->
 def fixed_run(cluster: Cluster) -> Finished:
     """The job with a fixed 2 workers, one per host."""
     log = cluster.root / "fixed.log"
-    # Checkpoints at epoch ends only (uploading one every 20 steps halves this run's speed):
+    # Checkpoints at epoch ends only (uploading one every 20 steps about halved this job's speed,
+    # docs/BENCHMARKS.md):
     # where checkpoints fall changes neither the batches nor the model.
     proc = cluster.submit([*SETS, "ray.name=fixed", "ray.num_workers=2", "run.checkpoint_steps=0"], log)
     return _finished(cluster, "fixed", proc, log)
@@ -295,7 +297,7 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(fixed_run: Fi
         assert sorted(host.split(":")[0] for host in placement["tf_config_workers"]) == [HEAD, WORKER]
     report = fixed_run.report
     assert report["workers"] == 2 and report["strategy"] == "CollectiveAllReduceStrategy"
-    assert report["optimizer_steps"] == 2 * 351
+    assert report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
     assert [(g["workers"], g["cause"]) for g in report["worker_groups"]] == [(2, "start")]
 
 
@@ -367,8 +369,8 @@ def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_r
 
     history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
     assert history == [(2, "start"), (1, "shrunk: lost workers"), (2, "grown: capacity returned")], history
-    starts = [(g["epoch"] - 1) * 351 + g["step"] for g in elastic.report["worker_groups"]]
-    assert starts[0] == 0 < starts[1] < starts[2] < 2 * 351  # each group trained steps the run kept
+    starts = [(g["epoch"] - 1) * STEPS_PER_EPOCH + g["step"] for g in elastic.report["worker_groups"]]
+    assert starts[0] == 0 < starts[1] < starts[2] < 2 * STEPS_PER_EPOCH  # each group trained steps the run kept
     # The same optimizer steps, and at every step point the digest of every batch trained so
     # far: each step of the plan trained once, in order, in the lineage that made the model.
     assert elastic.report["optimizer_steps"] == fixed_run.report["optimizer_steps"]
@@ -406,7 +408,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_job_resumes_from_there(
     wait_for(lambda: len(job.groups()) >= 2, "the group's restart", proc, timeout=300)
     workers, cause, resumed_at = job.groups()[1]
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
-    assert noticed_at <= resumed_at < 2 * 351 and resumed_at % 351 != 0, (noticed_at, resumed_at)
+    assert noticed_at <= resumed_at < 2 * STEPS_PER_EPOCH and resumed_at % STEPS_PER_EPOCH != 0, (noticed_at, resumed_at)
     assert job.last_step_of_group(0) - resumed_at <= CHECKPOINT_STEPS  # lost: under one step point's steps
     preempted = _finished(cluster, "preempted", proc, log)
     # Every step of the plan trained once, in order, as in the fixed run.

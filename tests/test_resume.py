@@ -27,6 +27,7 @@ from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
+from imdb_dist.checkpoint import saved_position
 
 # Each test trains two or three real processes (and the first of a setting its reference run).
 pytestmark = pytest.mark.timeout(300)
@@ -112,8 +113,7 @@ def uninterrupted(data: Path, root: Path, *extra: str) -> Path:
 
 def _saved_position(out: Path) -> tuple[int, int]:
     """(epoch, step) of the run's latest checkpoint, 0-based epoch."""
-    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(out / rundir.CHECKPOINTS)))
-    return tuple(int(reader.get_tensor(f"state/{name}/.ATTRIBUTES/VARIABLE_VALUE")) for name in ("epoch", "step"))
+    return saved_position(out / rundir.CHECKPOINTS)
 
 
 def _in_epoch_two(points: Path) -> bool:
