@@ -365,6 +365,9 @@ def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_r
     # The host comes back; within ray.resize_interval_s the job grows back to it.
     cluster.start_worker_node()
     wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
+    # The resize too restarts from the latest checkpoint: at most run.checkpoint_steps back.
+    alone_until, grown_at = job.last_step_of_group(1), job.groups()[2][2]
+    assert alone_until - CHECKPOINT_STEPS <= grown_at <= alone_until, (alone_until, grown_at)
     elastic = _finished(cluster, "elastic", proc, log)
 
     history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
