@@ -551,6 +551,9 @@ def _worker_loop(payload: dict[str, Any]) -> None:
             {k: float(v) for k, v in metrics.items()},
             checkpoint=ray.train.Checkpoint.from_directory(str(local)) if chief else None,
         )
+        if chief and noticed and "step" in metrics:
+            log.info("preemption: checkpoint at epoch %d step %d handed to Ray Train", metrics["epoch"],
+                     metrics["step"])
 
     try:
         train(
