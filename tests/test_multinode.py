@@ -361,7 +361,8 @@ def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_r
     workers, cause, resumed_at = job.groups()[1]
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
     # Lost work: at most the steps since the last checkpoint.
-    assert lost_after - CHECKPOINT_STEPS <= resumed_at <= lost_after, (lost_after, resumed_at)
+    # (Not bounded above: when rank 0 ran on the lost host, its last lines may die with it.)
+    assert 0 < resumed_at and lost_after - CHECKPOINT_STEPS <= resumed_at, (lost_after, resumed_at)
     # The host comes back; within ray.resize_interval_s the job grows back to it.
     cluster.start_worker_node()
     wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
