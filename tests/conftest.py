@@ -110,8 +110,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # AVX-512, 2026-12-01):
 # launch 303, bench 265, resume 141, storage 132, job_submit 124,
 # tune 78, faults 60; every other file under 30. Since 2026-12-02
-# multinode (three jobs on the real reviews, one losing a host and one
-# drained for preemption) takes about 490 s alone: it goes first.
+# multinode (two jobs on the real reviews, one of them losing a host and
+# drained for preemption) is the longest: it goes first.
 LONGEST_FIRST = (
     "test_multinode.py", "test_launch.py", "test_bench.py", "test_resume.py", "test_storage.py",
     "test_job_submit.py", "test_tune.py", "test_loop.py", "test_faults.py", "test_devices.py", "test_topology.py",

@@ -11,8 +11,9 @@ then `RAY_AUTH_MODE=token ray job submit`.
 
 Two jobs run on the real reviews with the same settings: one with a fixed 2
 workers, and an elastic one (``ray.num_workers=[1, 2]``) whose worker host is
-lost mid-epoch (every process of it killed) and started again; the elastic
-run must end with the fixed run's batches at every step and its accuracy.
+lost mid-epoch (every process of it killed) and started again, and then
+drained for preemption; the elastic run must end with the fixed run's
+batches at every step and its accuracy.
 """
 
 from __future__ import annotations
@@ -253,12 +254,15 @@ def cluster(hosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
 
 
 STORAGE = f"s3://{BUCKET}/runs?endpoint_override={HEAD}:{S3_PORT}&scheme=http"
-# ray-local.yaml on the real reviews (cut to 100 tokens) for 2 epochs, 2 x 351 steps of 64: long
-# enough for the elastic run to lose its second host, go on alone and grow back before it ends.
-CHECKPOINT_STEPS = 20
+# ray-local.yaml on the real reviews (cut to 100 tokens) for 3 epochs, 3 x 351 steps of 64: long
+# enough for the elastic job to lose its second host, go on alone, grow back and be drained
+# for preemption before it ends.
+POINT_STEPS = 20  # run.log_every_steps: the step points, where the batch digests are compared
+CHECKPOINT_STEPS = 60  # the elastic job's run.checkpoint_steps (the fixed one: epoch ends only)
 STEPS_PER_EPOCH = 22_500 // 64  # 22,500 training reviews (validation_fraction 0.1), full global batches of 64
-SETS = [f"data.path={REAL_DATA}", f"ray.storage_path={STORAGE}", "ray.num_shards=4", "train.epochs=2",
-        "data.max_len=100", f"run.checkpoint_steps={CHECKPOINT_STEPS}", f"run.log_every_steps={CHECKPOINT_STEPS}"]
+EPOCHS = 3
+SETS = [f"data.path={REAL_DATA}", f"ray.storage_path={STORAGE}", "ray.num_shards=4", f"train.epochs={EPOCHS}",
+        "data.max_len=100", f"run.log_every_steps={POINT_STEPS}"]
 
 
 @dataclasses.dataclass
@@ -297,7 +301,7 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(fixed_run: Fi
         assert sorted(host.split(":")[0] for host in placement["tf_config_workers"]) == [HEAD, WORKER]
     report = fixed_run.report
     assert report["workers"] == 2 and report["strategy"] == "CollectiveAllReduceStrategy"
-    assert report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
+    assert report["optimizer_steps"] == EPOCHS * STEPS_PER_EPOCH
     assert [(g["workers"], g["cause"]) for g in report["worker_groups"]] == [(2, "start")]
 
 
@@ -331,50 +335,72 @@ class JobLog:
         return max((int(m[1]) for m in STEP.finditer(text, starts[index], end)), default=0)
 
 
-def _elastic_job_training_on_both_hosts(
-    cluster: Cluster, name: str, *extra: str
-) -> tuple[Path, subprocess.Popen, JobLog]:
-    """Submit a ``[1, 2]`` job named ``name``; return once its 2-worker group has trained 2 step points."""
-    log = cluster.root / f"{name}.log"
-    proc = cluster.submit([*SETS, f"ray.name={name}", "ray.num_workers=[1,2]", *extra], log)
-    job = JobLog(log)
-    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) >= 2 * CHECKPOINT_STEPS,
-             "the 2-worker group's second step point", proc, timeout=300)
-    return log, proc, job
+NOTICE = re.compile(r"preemption notice: node\(s\) (\S+) \(rank\(s\) ([\d, ]+)\) draining")
 
 
-def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_runs_model(
+def test_an_elastic_job_loses_a_host_grows_back_is_preempted_and_ends_with_the_fixed_runs_model(
     cluster: Cluster, fixed_run: Finished
 ) -> None:
+    log = cluster.root / "elastic.log"
+    proc = cluster.submit([*SETS, "ray.name=elastic", "ray.num_workers=[1,2]", "ray.resize_interval_s=5",
+                           "ray.max_failures=3", f"run.checkpoint_steps={CHECKPOINT_STEPS}"], log)
+    job = JobLog(log)
     # Two workers, one per host, and a checkpoint behind them: then the second host is lost.
-    log, proc, job = _elastic_job_training_on_both_hosts(
-        cluster, "elastic", "ray.resize_interval_s=5", "ray.max_failures=2"
-    )
+    wait_for(lambda: job.groups()[:1] == [(2, "start", 0)] and job.last_step_of_group(0) > CHECKPOINT_STEPS,
+             "the 2-worker group's first checkpoint", proc, timeout=300)
     cluster.lose_worker_host()
-    # The chief (on the head) cannot finish a step without its peer; what it logged
-    # before the loss reaches the driver's log within a second or two.
+    # The survivor cannot finish a step without its peer; what was logged before the
+    # loss reaches the driver's log within a second or two.
     time.sleep(5)
     lost_after = job.last_step_of_group(0)
     # The job goes on with the one worker that fits, from the latest checkpoint, and saves.
-    wait_for(lambda: len(job.groups()) >= 2 and job.last_step_of_group(1) >= job.groups()[1][2] + CHECKPOINT_STEPS,
+    wait_for(lambda: len(job.groups()) >= 2 and job.last_step_of_group(1) > job.groups()[1][2] + CHECKPOINT_STEPS,
              "the 1-worker group's first checkpoint", proc, timeout=300)
     workers, cause, resumed_at = job.groups()[1]
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
     # Lost work: at most the steps since the last checkpoint.
     # (Not bounded above: when rank 0 ran on the lost host, its last lines may die with it.)
     assert 0 < resumed_at and lost_after - CHECKPOINT_STEPS <= resumed_at, (lost_after, resumed_at)
+
     # The host comes back; within ray.resize_interval_s the job grows back to it.
     cluster.start_worker_node()
     wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
     # The resize too restarts from the latest checkpoint: at most run.checkpoint_steps back.
     alone_until, grown_at = job.last_step_of_group(1), job.groups()[2][2]
     assert alone_until - CHECKPOINT_STEPS <= grown_at <= alone_until, (alone_until, grown_at)
+
+    # Then the host is drained for preemption with a deadline, as a spot reclaim does on Ray
+    # (a `ray start --block` node drains itself so on SIGTERM).
+    wait_for(lambda: job.last_step_of_group(2) >= grown_at + 2 * POINT_STEPS, "the grown group's training", proc,
+             timeout=300)
+    drained = cluster.drain_worker_node(deadline_s=10)
+    wait_for(lambda: NOTICE.search(log.read_text()) is not None, "the preemption notice", proc, timeout=60)
+    text = log.read_text()
+    notice = NOTICE.search(text)
+    # The rank on the drained host (Ray Train may put rank 0 on either host): the grown
+    # group's two placement lines are the last before the notice.
+    placed = [json.loads(line.split("worker placement: ", 1)[1]) for line in text[: notice.start()].splitlines()
+              if "worker placement: " in line][-2:]
+    on_worker = [p["rank"] for p in placed if p["node"] == WORKER]
+    assert notice[1] == drained and on_worker and notice[2].strip() == str(on_worker[0]), notice[0]
+    noticed_at = [int(m[1]) for m in STEP.finditer(text, 0, notice.start())][-1]
+    # From the notice on, a checkpoint at every step point; at the deadline Ray Train
+    # restarts the group on what remains, from the last of them.
+    wait_for(lambda: len(job.groups()) >= 4, "the restart after the preemption", proc, timeout=300)
+    workers, cause, preempted_at = job.groups()[3]
+    assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
+    epoch, step = divmod(noticed_at, STEPS_PER_EPOCH)
+    assert f"preemption: checkpoint at epoch {epoch + 1} step {step} " in log.read_text()  # the notice's own
+    assert noticed_at <= preempted_at < EPOCHS * STEPS_PER_EPOCH, (noticed_at, preempted_at)
+    # Lost: under one step point's steps, where run.checkpoint_steps alone would lose up to its own.
+    assert job.last_step_of_group(2) - preempted_at <= POINT_STEPS, (job.last_step_of_group(2), preempted_at)
     elastic = _finished(cluster, "elastic", proc, log)
 
     history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
-    assert history == [(2, "start"), (1, "shrunk: lost workers"), (2, "grown: capacity returned")], history
+    assert history == [(2, "start"), (1, "shrunk: lost workers"), (2, "grown: capacity returned"),
+                       (1, "shrunk: lost workers")], history
     starts = [(g["epoch"] - 1) * STEPS_PER_EPOCH + g["step"] for g in elastic.report["worker_groups"]]
-    assert starts[0] == 0 < starts[1] < starts[2] < 2 * STEPS_PER_EPOCH  # each group trained steps the run kept
+    assert starts == sorted(set(starts)) and starts[0] == 0  # each group trained steps the run kept
     # The same optimizer steps, and at every step point the digest of every batch trained so
     # far: each step of the plan trained once, in order, in the lineage that made the model.
     assert elastic.report["optimizer_steps"] == fixed_run.report["optimizer_steps"]
@@ -384,46 +410,3 @@ def test_an_elastic_job_loses_a_host_goes_on_alone_and_grows_back_to_the_fixed_r
     # Up to float summation order (1 or 2 replicas add the gradients in another order).
     accuracy = elastic.report["validation"]["accuracy"], fixed_run.report["validation"]["accuracy"]
     assert abs(accuracy[0] - accuracy[1]) <= 0.01, accuracy
-
-
-NOTICE = re.compile(r"preemption notice: node\(s\) (\S+) \(rank\(s\) ([\d, ]+)\) draining")
-
-
-def test_a_preemption_notice_checkpoints_at_once_and_the_job_resumes_from_there(
-    cluster: Cluster, fixed_run: Finished
-) -> None:
-    # The fixed run's job, checkpointing only at epoch ends: a resume from the middle
-    # of an epoch can only start from a checkpoint taken because of the notice.
-    if cluster.alive_nodes() != [HEAD, WORKER]:
-        cluster.start_worker_node()
-    log, proc, job = _elastic_job_training_on_both_hosts(
-        cluster, "preempted", "ray.max_failures=1", "run.checkpoint_steps=0"
-    )
-    # What a spot node's reclaim does on Ray (a `ray start --block` node drains itself
-    # so on SIGTERM): the node is marked draining for preemption, with a deadline.
-    drained = cluster.drain_worker_node(deadline_s=15)
-    wait_for(lambda: NOTICE.search(log.read_text()) is not None, "the preemption notice", proc, timeout=60)
-    text = log.read_text()
-    notice = NOTICE.search(text)
-    # The rank on the drained host (Ray Train may put rank 0 on either host).
-    placed = [json.loads(line.split("worker placement: ", 1)[1]) for line in text[: notice.start()].splitlines()
-              if "worker placement: " in line]
-    on_worker = [p["rank"] for p in placed if p["node"] == WORKER]
-    assert notice[1] == drained and on_worker and notice[2].strip() == str(on_worker[0]), notice[0]
-    noticed_at = [int(m[1]) for m in STEP.finditer(text, 0, notice.start())][-1]
-    # At the deadline Ray Train restarts the group on what remains, from the last
-    # checkpoint: one taken at a step point since the notice.
-    wait_for(lambda: len(job.groups()) >= 2, "the group's restart", proc, timeout=300)
-    workers, cause, resumed_at = job.groups()[1]
-    assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
-    assert noticed_at <= resumed_at < 2 * STEPS_PER_EPOCH, (noticed_at, resumed_at)
-    # The notice's own checkpoint, mid-epoch: without the notice this job saves at epoch ends only.
-    at = f"preemption: checkpoint at epoch {noticed_at // STEPS_PER_EPOCH + 1} step {noticed_at % STEPS_PER_EPOCH} "
-    assert at in log.read_text(), log.read_text()[-6000:]
-    assert job.last_step_of_group(0) - resumed_at <= CHECKPOINT_STEPS  # lost: under one step point's steps
-    preempted = _finished(cluster, "preempted", proc, log)
-    # Every step of the plan trained once, in order, as in the fixed run.
-    assert preempted.report["optimizer_steps"] == fixed_run.report["optimizer_steps"]
-    assert [(r["step"], r["batches_digest"]) for r in preempted.steps] == [
-        (r["step"], r["batches_digest"]) for r in fixed_run.steps
-    ]
