@@ -23,7 +23,10 @@ from imdb_dist.interrupt import Interrupted, stop_on_signals
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
 
 EXIT_BAD_INPUT = 2
-_MODEL_HELP = "RUN_DIR/model or RUN_DIR/model/<version>; a local path or a storage URI (s3://...)"
+_MODEL_HELP = (
+    "a complete run directory (its published model), RUN_DIR/model (its newest complete version) or "
+    "RUN_DIR/model/<version>; a local path or a storage URI (s3://...)"
+)
 # Write failures that are the storage's state, not a bug: one line, exit 1.
 _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -144,9 +147,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from imdb_dist.data.sources import load_reviews
     from imdb_dist.evaluate import metrics, score_texts
     from imdb_dist.export import load_model
-    from imdb_dist.storage import local_copy
+    from imdb_dist.rundir import locate_model
 
-    with local_copy(args.model, "--model") as path:
+    with locate_model(args.model, "--model") as path:
         model = load_model(path)
     # The validation split must be carved exactly as in training.
     data = DataConfig(
@@ -168,9 +171,9 @@ def _predict(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from imdb_dist.evaluate import label_of, score_texts
     from imdb_dist.export import load_model
-    from imdb_dist.storage import local_copy
+    from imdb_dist.rundir import locate_model
 
-    with local_copy(args.model, "--model") as path:
+    with locate_model(args.model, "--model") as path:
         model = load_model(path)
     scores = score_texts(model, [text for _, text in keyed])
     for (key, _), score in zip(keyed, scores, strict=True):

@@ -40,6 +40,13 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _URL_SCHEMES = ("http://", "https://", "file://")
 
 
+def _no_credentials(key: str, location: str) -> None:
+    """Refuse a URI with credentials in it before it can be stored anywhere (:mod:`imdb_dist.storage`)."""
+    from imdb_dist.storage import check_no_credentials
+
+    check_no_credentials(location, key)
+
+
 def _check_range(
     key: str,
     value: float,
@@ -87,6 +94,9 @@ class DataConfig:
     bucket_width: int = 50
 
     def __post_init__(self) -> None:
+        if self.path is not None:
+            _no_credentials("data.path", self.path)
+        _no_credentials("data.url", self.url)
         _check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.5, low_open=True)
         if self.folds != 0:
             _check_range("data.folds", self.folds, 2, 100)
@@ -202,12 +212,21 @@ class RunConfig:
     # Training loss, accuracy, learning rate and examples/s every N optimizer
     # steps (steps.jsonl, TensorBoard, curves.png); 0 = about 40 points per epoch.
     log_every_steps: int = 0
+    # The run directory's lease (imdb_dist.lease): renewed every quarter of this; a run that stopped
+    # renewing it this long ago is dead, and its directory is taken over.
+    lease_s: float = 60.0
+    # How long each call to remote storage retries a refused connection or a server error, with
+    # exponential backoff, before the run fails (S3; other stores use their client's own retries).
+    storage_retry_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.output_dir.strip():
             raise ConfigError("run.output_dir", "must not be empty")
+        _no_credentials("run.output_dir", self.output_dir)
         _check_range("run.checkpoint_steps", self.checkpoint_steps, 0, 10_000_000)
         _check_range("run.log_every_steps", self.log_every_steps, 0, 10_000_000)
+        _check_range("run.lease_s", self.lease_s, 2.0, 86_400.0)
+        _check_range("run.storage_retry_s", self.storage_retry_s, 0.0, 3_600.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +263,7 @@ class RayConfig:
     gpu_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
+        _no_credentials("ray.storage_path", self.storage_path)
         if isinstance(self.num_workers, tuple):
             low, high = self.num_workers
             _check_range("ray.num_workers[0]", low, 1, 100_000)

@@ -76,6 +76,8 @@ def export_model(
 
     The SavedModel is written to a hidden sibling and renamed into place,
     so a crash leaves either the previous export or none, never a part.
+    ``version``: a run directory gives each export the next one
+    (``imdb_dist.rundir.RunDir.next_model_version``).
     """
     module = _Serving(tokenizer, model, max_len)
     model_root.mkdir(parents=True, exist_ok=True)
@@ -117,16 +119,20 @@ class ServedModel:
 
 
 def find_export(path: Path) -> Path:
-    """``path`` itself if it is a SavedModel, else its highest numbered version inside."""
+    """``path`` itself if it is a SavedModel, else its highest complete version inside (one holding :data:`METADATA`).
+
+    The metadata is written into a version last (``imdb_dist.rundir``), so a
+    version without it is one whose upload has not finished.
+    """
     if (path / "saved_model.pb").is_file():
         return path
     versions = sorted(
-        (int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
+        (int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / METADATA).is_file())
         if path.is_dir()
         else []
     )
     if not versions:
-        raise InputError(f"{path} is not an exported imdb-dist model (no saved_model.pb in it or in {path}/<version>/)")
+        raise InputError(f"{path} holds no complete imdb-dist model export (no <version>/{METADATA.as_posix()})")
     return path / str(versions[-1])
 
 

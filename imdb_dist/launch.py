@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREPARED = "data"
 # Keras 3 breaks MultiWorkerMirroredStrategy under Ray Train (ray#47464):
 # make `tf.keras` mean tf_keras in every worker, whatever a library imports.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -70,13 +69,17 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 def run_location(cfg: Config) -> storage.Location:
     """Ray's run directory, ``storage_path/name`` (a local path made absolute: workers may start elsewhere)."""
-    return storage.parse(cfg.ray.storage_path, "ray.storage_path").child(cfg.ray.name)
+    where = storage.parse(cfg.ray.storage_path, "ray.storage_path", retry_s=cfg.run.storage_retry_s)
+    return where.child(cfg.ray.name)
 
 
 def launch(
     cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = (), changes: Sequence[str] = ()
 ) -> storage.Location:
     """Prepare the data, run the Ray Train job to the end, and return the run directory.
+
+    The driver holds the run directory's lease (:mod:`imdb_dist.lease`)
+    from its first write until the job ends; the workers write under it.
 
     Args:
         cfg: the job; its ``ray`` section sizes the cluster job.
@@ -86,13 +89,16 @@ def launch(
             it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
 
     Raises:
-        InputError: bad config, data or storage, or a cluster without the
-            GPUs the job asks for (found before anything is written); or a
-            worker refused the job for bad input.
-        RunError: the workers failed more often than ``ray.max_failures``.
+        InputError: bad config, data or storage, a cluster without the GPUs
+            the job asks for (found before anything is written), another
+            live run on the run directory; or a worker refused the job for
+            bad input.
+        RunError: the workers failed more often than ``ray.max_failures``,
+            or the storage failed after its retries.
     """
-    run = run_location(cfg)
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run)))
+    location = run_location(cfg)
+    # The run directory as the user named it: what the report and the workers' config say.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(location)))
     _check_replicas(cfg)
 
     def join_cluster() -> None:
@@ -100,67 +106,15 @@ def launch(
         connect()
         check_gpus(cfg)
 
-    if run.local:
-        run_dir = run.local_path()
-        rundir.check_writable(run_dir)
-        if fingerprint.already_complete(run_dir, cfg, changes):
-            log.info("%s already holds a complete run of this config; nothing to do", run)
-            return run
-        prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
-    else:
-        with tempfile.TemporaryDirectory(prefix="imdb-dist-driver-") as mirror:
-            if not _prepare_remote(cfg, run, Path(mirror), before_writing=join_cluster, changes=changes):
-                log.info("%s already holds a complete run of this config; nothing to do", run)
-                return run
-    _fit(cfg, run, list(worker_callbacks))
-    return run
-
-
-def _prepare_remote(
-    cfg: Config,
-    run: storage.Location,
-    mirror: Path,
-    *,
-    before_writing: Callable[[], None] = lambda: None,
-    changes: Sequence[str] = (),
-) -> bool:
-    """:func:`prepare` for a run on remote storage, through a local mirror of its small files.
-
-    Returns False when the run is already complete (nothing is written then).
-    """
-    from imdb_dist.data import shards
-
-    manifest = f"{PREPARED}/{shards.MANIFEST}"
-    try:
-        small = [rundir.CONFIG, rundir.REPORT, rundir.VOCAB, manifest, fingerprint.FINGERPRINT, fingerprint.CHANGES]
-        storage.download(run, mirror, only=small)
-        foreign = not (mirror / rundir.CONFIG).exists() and storage.has_files(run)
-    except OSError as exc:
-        raise InputError(f"ray.storage_path {run}: cannot read there: {storage.reason(exc)}") from None
-    if foreign:
-        raise InputError(f"ray.storage_path: {run} is not empty and holds no {rundir.CONFIG}: not an imdb-dist run")
-    # Decided before any write, so resubmitting a finished job changes nothing in the bucket.
-    if fingerprint.already_complete(mirror, cfg, changes):
-        return False
-    storage.check_writable(run, "ray.storage_path")
-    prepared_before = (mirror / manifest).exists() and (mirror / rundir.VOCAB).exists()
-    prepare(cfg, mirror, before_writing=before_writing, changes=changes)
-    # As rundir.begin: the stale report goes first, then the config.
-    storage.delete(run.child(rundir.REPORT))
-    storage.upload(mirror / rundir.CONFIG, run.child(rundir.CONFIG))
-    for name in (fingerprint.FINGERPRINT, fingerprint.CHANGES):
-        if (mirror / name).exists():
-            storage.upload(mirror / name, run.child(name))
-    if not prepared_before:
-        storage.upload(mirror / rundir.VOCAB, run.child(rundir.VOCAB))
-        data = mirror / PREPARED
-        # The shards before the manifest: a manifest only ever names files that are there.
-        for file in sorted(data.iterdir()):
-            if file.name != shards.MANIFEST:
-                storage.upload(file, run.child(PREPARED, file.name))
-        storage.upload(data / shards.MANIFEST, run.child(PREPARED, shards.MANIFEST))
-        log.info("uploaded the prepared data to %s", run.child(PREPARED))
-    return True
+    with rundir.RunDir(location) as run_dir:
+        if not run_dir.remote:
+            run_dir.check_writable("ray.storage_path")
+        lease = prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
+        if lease is None:
+            log.info("%s already holds a complete run of this config; nothing to do", location)
+            return location
+        _fit(cfg, run_dir, lease, list(worker_callbacks))
+    return location
 
 
 def _check_replicas(cfg: Config) -> None:
@@ -193,51 +147,77 @@ def _check_replicas(cfg: Config) -> None:
 
 
 def prepare(
-    cfg: Config, run_dir: Path, *, before_writing: Callable[[], None] = lambda: None, changes: Sequence[str] = ()
-) -> Path:
-    """Open the run dir (config, fingerprint), and write vocabulary and TFRecord shards once; a resume reuses them.
+    cfg: Config,
+    run_dir: rundir.RunDir,
+    *,
+    before_writing: Callable[[], None] = lambda: None,
+    changes: Sequence[str] = (),
+) -> str | None:
+    """Lease and open the run directory, write vocabulary and TFRecord shards once (a resume reuses them), sync.
 
-    ``before_writing`` runs once the data is read and checked, before the
-    first write: :func:`launch` joins the cluster there and checks it. A
-    resume is checked against the run's fingerprint first
-    (:mod:`imdb_dist.fingerprint`; ``changes``: keys meant to change).
+    Decided before any write, so resubmitting a finished job changes
+    nothing: returns None when the run is already complete, else the id of
+    the lease this process now holds. ``before_writing`` runs once the data
+    is read and checked, before the first write: :func:`launch` joins the
+    cluster there and checks it. A resume is checked against the run's
+    fingerprint (:mod:`imdb_dist.fingerprint`; ``changes``: keys meant to
+    change).
 
     Raises:
         DataError: the source is missing or malformed (nothing is written then).
+        InputError: another live run holds the directory, or it is not a run.
     """
     from imdb_dist.data import pipeline, shards
 
-    target = run_dir / PREPARED
-    if shards.read_manifest(target) is not None and rundir.read_vocab(run_dir) is not None:
-        log.info("reusing the prepared data in %s", target)
-        saved = fingerprint.read(run_dir)
+    run_dir.fetch_state()
+    if _complete(cfg, run_dir, changes):
+        return None
+    if run_dir.remote:
+        run_dir.check_writable("ray.storage_path")
+    target = run_dir.work / rundir.PREPARED
+    prepared = shards.read_manifest(target) is not None and rundir.read_vocab(run_dir.work) is not None
+    if prepared:
+        log.info("reusing the prepared data in %s", run_dir.location.child(rundir.PREPARED))
+        saved = fingerprint.read(run_dir.work)
         # The prepared shards are the data this run trains on, wherever data.path points now
         # (a run prepared before fingerprints existed is not checked).
         current = None if saved is None else _fingerprint(cfg, saved.data)
-        previous = None if current is None else fingerprint.check(run_dir, current, changes)
-        before_writing()
-        rundir.begin(run_dir, cfg)
-        if current is not None:
-            fingerprint.record(run_dir, previous, current, at=_progress(run_dir))
-        return target
-    train, val = load_training_splits(cfg.data)
-    if len(train) < cfg.train.batch_size:
-        raise DataError(
-            f"{len(train)} training reviews are fewer than one global batch (train.batch_size {cfg.train.batch_size})"
-        )
-    digest = fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)])
-    current = _fingerprint(cfg, digest)
-    previous = fingerprint.check(run_dir, current, changes)
+        train = val = None
+    else:
+        train, val = load_training_splits(cfg.data)
+        if len(train) < cfg.train.batch_size:
+            raise DataError(
+                f"{len(train)} training reviews are fewer than one global batch "
+                f"(train.batch_size {cfg.train.batch_size})"
+            )
+        current = _fingerprint(cfg, fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]))
+    if current is not None:
+        fingerprint.check(run_dir.work, current, changes)
     before_writing()
-    rundir.begin(run_dir, cfg)
-    fingerprint.record(run_dir, previous, current, at=_progress(run_dir))
-    # Fitted once, here, so every replica shares the same token ids.
-    rundir.write_vocab(run_dir, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
-    shards.write_prepared(
-        target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
-    )
-    log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), target)
-    return target
+    lease = run_dir.acquire(cfg.run.lease_s)
+    # Again, now that no other run writes the directory: one may have moved it on since.
+    run_dir.fetch_state()
+    if _complete(cfg, run_dir, changes):
+        return None
+    previous = None if current is None else fingerprint.check(run_dir.work, current, changes)
+    run_dir.begin(cfg)
+    if current is not None:
+        fingerprint.record(run_dir.work, previous, current, at=_progress(run_dir.work))
+    if train is not None and val is not None:
+        # Fitted once, here, so every replica shares the same token ids.
+        rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
+        shards.write_prepared(
+            target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
+        )
+        log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
+    # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
+    run_dir.sync()
+    return lease
+
+
+def _complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
+    run_dir.prior_config()  # refuses a directory that is not a run
+    return fingerprint.already_complete(run_dir.work, cfg, changes)
 
 
 def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
@@ -400,15 +380,21 @@ def _gpu_shortfall(cfg: Config, per_worker: float, *, waited: bool) -> str:
     return f"{message}; {', or '.join(fixes)}"
 
 
-def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callbacks.Callback]) -> None:
+def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list[keras.callbacks.Callback]) -> None:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    run = run_dir.location
     parent = posixpath.dirname(run.path)
     trainer = TensorflowTrainer(
         _worker_loop,
-        # One id per submission: a worker group started again under it is a restart or a resize.
-        train_loop_config={"config": to_dict(cfg), "callbacks": worker_callbacks, "submission": uuid.uuid4().hex},
+        train_loop_config={
+            "config": to_dict(cfg),
+            "callbacks": worker_callbacks,
+            # One id per submission: a worker group started again under it is a restart or a resize.
+            "submission": uuid.uuid4().hex,
+            "lease": lease,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers,
             elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
@@ -417,7 +403,8 @@ def _fit(cfg: Config, run: storage.Location, worker_callbacks: list[keras.callba
         ),
         run_config=ray.train.RunConfig(
             name=cfg.ray.name,
-            # Ray Train writes its checkpoints through the same pyarrow filesystem.
+            # Ray Train writes its checkpoints through the same pyarrow filesystem, retries included
+            # (imdb_dist.storage.RetryingS3FileSystem keeps them when Ray pickles it).
             storage_path=parent,
             storage_filesystem=run.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
@@ -471,18 +458,18 @@ def _worker_input_error(exc: BaseException) -> tuple[int, InputError] | None:
 
 
 def _worker_loop(payload: dict[str, Any]) -> None:
-    """One Ray Train worker: restore the latest checkpoint, then ``imdb_dist.train.run``."""
+    """One Ray Train worker: restore the latest checkpoint, then ``imdb_dist.train.run`` under the driver's lease."""
     import ray.train
 
     setup_logging()
     import_tensorflow_quietly()
     from imdb_dist.distribute import size_thread_pools
+    from imdb_dist.train import Launched
     from imdb_dist.train import run as train
 
     cfg = config_from_dict(payload["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    chief = rank == 0
     # Where each rank runs and which hosts its TF_CONFIG (set by Ray Train) names: what to check first
     # when a multi-node job hangs in its first collective.
     hosts = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
@@ -497,7 +484,6 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         "tf_threads": threads,
     }
     log.info("worker placement: %s", json.dumps(placement))
-    run = storage.parse(cfg.run.output_dir, "run.output_dir")
     scratch = Path(tempfile.mkdtemp(prefix="imdb-dist-worker-"))
     # Per-worker local copy of the checkpoint: the training loop reads and
     # writes it; Ray Train moves it to and from storage_path.
@@ -507,16 +493,16 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     if checkpoint is not None:
         checkpoint.to_directory(str(local))
         log.info("restoring from the Ray Train checkpoint %s", checkpoint.path)
-    if run.local:
-        work = run.local_path()
-    else:
-        work = _fetch_worker_files(run, scratch / "run", chief=chief)
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(work)))
-    if chief:
-        record_worker_group(work, context.get_world_size(), payload["submission"], local if checkpoint else None)
-        if not run.local:
+    chief = False  # train.run says, once its strategy is built (on_start)
+
+    def on_start(is_chief: bool, run_dir: rundir.RunDir) -> None:
+        nonlocal chief
+        chief = is_chief
+        if chief:
+            record_worker_group(run_dir.work, context.get_world_size(), payload["submission"],
+                                local if checkpoint else None)
             # Now, not at the first checkpoint: a group lost before it saves anything is history too.
-            storage.upload(work / rundir.WORKER_GROUPS, run.child(rundir.WORKER_GROUPS))
+            run_dir.upload_only([rundir.WORKER_GROUPS])
 
     noticed: set[str] = set()
 
@@ -543,10 +529,8 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         return True
 
     def hand_to_ray(metrics: dict[str, Any]) -> None:
-        if chief and not run.local:
-            # The epoch lines and curves so far, before Ray records the checkpoint.
-            _upload_progress(work, run)
-        # A barrier: every worker calls it after every save, rank 0 uploads.
+        # train.run has synced the logs so far (chief) before this: Ray records the checkpoint after them.
+        # A barrier: every worker calls it after every save, the chief uploads.
         ray.train.report(
             {k: float(v) for k, v in metrics.items()},
             checkpoint=ray.train.Checkpoint.from_directory(str(local)) if chief else None,
@@ -558,14 +542,11 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     try:
         train(
             cfg,
-            prepared=work / PREPARED,
-            backup_dir=local,
+            launched=Launched(lease=payload["lease"], checkpoints=local, on_start=on_start),
             after_checkpoint=hand_to_ray,
             checkpoint_now=preemption_notice,
             extra_callbacks=payload["callbacks"],
         )
-        if chief and not run.local:
-            _publish(work, run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -602,38 +583,3 @@ def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint
     lines = "".join(json.dumps(item) + "\n" for item in [*history, entry])
     rundir.atomic_write(run_dir / rundir.WORKER_GROUPS, lines)
     return entry
-
-
-def _fetch_worker_files(run: storage.Location, work: Path, *, chief: bool) -> Path:
-    """A local working copy of what this worker reads: config, vocabulary, prepared data (the chief: its logs too)."""
-    from imdb_dist.data import shards
-
-    names = [rundir.CONFIG, rundir.VOCAB, f"{PREPARED}/{shards.MANIFEST}"]
-    if chief:
-        names += [rundir.METRICS, rundir.STEPS, fingerprint.CHANGES, rundir.WORKER_GROUPS]
-    storage.download(run, work, only=names)
-    manifest = shards.read_manifest(work / PREPARED)
-    if manifest is None:
-        raise RunError(f"{run.child(PREPARED)} holds no prepared data")
-    splits = manifest["splits"]
-    needed = [*splits["train"]["files"], *splits["validation"]["files"]]
-    storage.download(run.child(PREPARED), work / PREPARED, only=needed)
-    if chief:
-        storage.download(run.child(rundir.TENSORBOARD), work / rundir.TENSORBOARD)
-    return work
-
-
-def _upload_progress(work: Path, run: storage.Location) -> None:
-    for name in (rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD, rundir.WORKER_GROUPS):
-        if (work / name).exists():
-            storage.upload(work / name, run.child(name))
-
-
-def _publish(work: Path, run: storage.Location) -> None:
-    """Upload the finished run: the model, curves and logs first, ``report.json`` last (it marks completion)."""
-    storage.upload(work / rundir.MODEL, run.child(rundir.MODEL))
-    for name in (rundir.CURVES, rundir.METRICS, rundir.STEPS, rundir.TENSORBOARD, rundir.WORKER_GROUPS):
-        if (work / name).exists():
-            storage.upload(work / name, run.child(name))
-    storage.upload(work / rundir.REPORT, run.child(rundir.REPORT))
-    log.info("uploaded the model and report to %s", run)

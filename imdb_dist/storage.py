@@ -2,17 +2,29 @@
 
 ``s3://bucket/prefix``, ``gs://...``, ``abfs://...``, ``hdfs://...``, with
 the filesystem's options in the URI's query (an S3-compatible server:
-``s3://bucket/runs?endpoint_override=host:9000&scheme=http``). Credentials
-come from each filesystem's standard sources (``AWS_ACCESS_KEY_ID`` and
-friends, instance roles, ``GOOGLE_APPLICATION_CREDENTIALS``), never from a
-config file.
+``s3://bucket/runs?endpoint_override=host:9000&scheme=http``).
+
+Credentials come from each filesystem's standard sources
+(``AWS_ACCESS_KEY_ID`` and friends, instance roles,
+``GOOGLE_APPLICATION_CREDENTIALS``), never from a URI: a URI with userinfo
+(``s3://KEY:SECRET@bucket``) or a secret query key is refused
+(:func:`check_no_credentials`), because URIs are stored in configs and
+reports, shown in Ray's dashboard and printed in logs. Every URI this
+module prints goes through :func:`redact` all the same.
+
+Transient faults: an S3 filesystem is built with pyarrow's bounded,
+exponential retry strategy (:class:`RetryingS3FileSystem`), sized by
+``run.storage_retry_s``, and it keeps that strategy when pickled, so the
+copies Ray Train's controller and workers unpickle to write checkpoints
+retry too (a plain ``S3FileSystem`` pickles without it).
 
 TensorFlow reads and writes local files only (its cloud filesystems left
 the core wheel), so a run on remote storage works in a local directory and
-the functions below copy files between the two. They take remote
-locations only: a local run directory is written in place, atomically, by
-:mod:`imdb_dist.rundir`. On object stores one file is one object, which
-appears whole when its upload completes or not at all.
+:mod:`imdb_dist.rundir` copies files between the two with the functions
+below. They take remote locations only. :func:`write_bytes` makes each
+file appear whole or not at all on every backend: one object on object
+stores (an upload completes or leaves nothing), a hidden sibling moved
+into place elsewhere (HDFS, Azure).
 """
 
 from __future__ import annotations
@@ -21,14 +33,109 @@ import contextlib
 import dataclasses
 import posixpath
 import tempfile
+import urllib.parse
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from imdb_dist.errors import InputError
 
 _PROBE = ".imdb-dist-write-probe"
+# Query keys that carry credentials in some pyarrow filesystem's URI, or could: refused, and masked when printed.
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "access_key", "account_key", "sas", "signature")
+# The S3 options pyarrow reads from an s3:// URI's query (S3Options::FromUri), as S3FileSystem's arguments.
+_S3_QUERY = {
+    "region": str,
+    "scheme": str,
+    "endpoint_override": str,
+    "allow_bucket_creation": lambda v: v.lower() in ("1", "true"),
+    "allow_bucket_deletion": lambda v: v.lower() in ("1", "true"),
+    "tls_ca_file_path": str,
+}
+# pyarrow's AwsDefaultS3RetryStrategy waits 25 ms * 2**k before retry k (the AWS SDK's DefaultRetryStrategy).
+_FIRST_WAIT_S = 0.025
+DEFAULT_RETRY_S = 60.0
+
+
+def _secret_key(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def redact(location: str) -> str:
+    """``location`` with any userinfo and secret query values replaced by ``***``: safe to print or store."""
+    if not is_uri(location):
+        return location
+    parts = urllib.parse.urlsplit(location)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{name}={'***' if _secret_key(name) else value}" if sep else name
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_no_credentials(location: str, key: str) -> None:
+    """Refuse a URI that carries credentials (userinfo, or a secret query key).
+
+    Raises:
+        InputError: naming ``key`` and the URI redacted; the secret itself is never printed.
+    """
+    if not is_uri(location):
+        return
+    parts = urllib.parse.urlsplit(location)
+    found = ["userinfo (user:password@)"] if "@" in parts.netloc else []
+    found += [f"query key {name}" for name, _, _ in (i.partition("=") for i in parts.query.split("&")) if _secret_key(name)]
+    if found:
+        raise InputError(
+            f"{key} {redact(location)} carries credentials ({', '.join(found)}): URIs are stored in configs and "
+            "reports and printed in logs, so credentials come from the environment (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, an instance or pod role, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+        )
+
+
+def retry_attempts(retry_s: float) -> int:
+    """Attempts per storage call so that the waits between them add up to at least ``retry_s`` seconds.
+
+    The waits double from 25 ms: 10 attempts wait 12.8 s in all, 12 wait 51 s, 13 wait 102 s.
+    """
+    attempts, waited = 1, 0.0
+    while waited < retry_s:
+        waited += _FIRST_WAIT_S * 2 ** (attempts - 1)
+        attempts += 1
+    return attempts
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """An ``S3FileSystem`` with pyarrow's default (exponential) retry strategy that survives pickling.
+
+    ``S3FileSystem.__reduce__`` rebuilds the filesystem from its options
+    without its retry strategy, so the copy Ray Train unpickles in its
+    controller and workers would retry 3 times in 75 ms. This subclass
+    rebuilds itself with the strategy.
+    """
+
+    def __init__(self, options: dict[str, Any], attempts: int) -> None:
+        super().__init__(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts))
+        self.options, self.attempts = dict(options), attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RetryingS3FileSystem, (self.options, self.attempts)
+
+
+def _with_retries(filesystem: pafs.FileSystem, location: str, retry_s: float) -> pafs.FileSystem:
+    """The S3 filesystem ``from_uri`` built, rebuilt with retries; other filesystems as they are."""
+    if not isinstance(filesystem, pafs.S3FileSystem):
+        return filesystem
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)
+    options = {name: convert(query[name][-1]) for name, convert in _S3_QUERY.items() if name in query}
+    # from_uri resolved the bucket's region when the URI named none: keep its answer.
+    options["region"] = filesystem.region
+    return RetryingS3FileSystem(options, retry_attempts(retry_s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +144,7 @@ class Location:
 
     filesystem: pafs.FileSystem | None
     path: str
-    uri: str  # what the user wrote (plus any child parts): for messages and configs
+    uri: str  # what the user wrote (plus any child parts), with no credentials: for messages and configs
 
     @property
     def local(self) -> bool:
@@ -64,15 +171,20 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
-def parse(location: str, key: str) -> Location:
+def parse(location: str, key: str, *, retry_s: float = DEFAULT_RETRY_S) -> Location:
     """A local path (``~`` expanded, made absolute) or a filesystem URI.
 
+    ``retry_s``: how long each call to an S3 store keeps retrying a
+    connection or server error (:func:`retry_attempts`).
+
     Raises:
-        InputError: a URI whose scheme or form ``pyarrow.fs`` rejects (``key``
-            names the config key or option in the message).
+        InputError: a URI with credentials in it, or one whose scheme or
+            form ``pyarrow.fs`` rejects (``key`` names the config key or
+            option in the message).
     """
     if not is_uri(location):
         return Location(None, str(Path(location).expanduser().resolve()), str(Path(location).expanduser().resolve()))
+    check_no_credentials(location, key)
     try:
         filesystem, path = pafs.FileSystem.from_uri(location)
     except (ValueError, OSError, TypeError) as exc:  # pyarrow.ArrowInvalid is a ValueError
@@ -81,7 +193,7 @@ def parse(location: str, key: str) -> Location:
         return Location(None, path, path)
     if not path.strip("/"):
         raise InputError(f"{key} {location} names no bucket or directory")
-    return Location(filesystem, path.rstrip("/"), location)
+    return Location(_with_retries(filesystem, location, retry_s), path.rstrip("/"), location)
 
 
 def check_writable(location: Location, key: str) -> None:
@@ -117,12 +229,43 @@ def read_bytes(location: Location) -> bytes | None:
         return stream.read()
 
 
+def object_store(filesystem: pafs.FileSystem) -> bool:
+    """Whether a file appears only once its upload completes (S3, GCS): else it grows in place as written."""
+    return isinstance(filesystem, (pafs.S3FileSystem, pafs.GcsFileSystem))
+
+
 def write_bytes(location: Location, data: bytes) -> None:
-    """Replace the file with ``data``."""
+    """Replace the file with ``data``: readers see the old file or the new one, never a part."""
     filesystem = _remote(location)
-    filesystem.create_dir(posixpath.dirname(location.path), recursive=True)
-    with filesystem.open_output_stream(location.path) as stream:
-        stream.write(data)
+    parent = posixpath.dirname(location.path)
+    filesystem.create_dir(parent, recursive=True)
+    if object_store(filesystem):
+        with filesystem.open_output_stream(location.path) as stream:
+            stream.write(data)
+        return
+    staging = posixpath.join(parent, f".{posixpath.basename(location.path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with filesystem.open_output_stream(staging) as stream:
+            stream.write(data)
+        filesystem.move(staging, location.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            filesystem.delete_file(staging)
+        raise
+
+
+def list_files(location: Location) -> dict[str, int]:
+    """Every file below a remote directory: its path relative to ``location`` → size (empty if none)."""
+    filesystem = _remote(location)
+    if filesystem.get_file_info(location.path).type != pafs.FileType.Directory:
+        return {}
+    selector = pafs.FileSelector(location.path, recursive=True)
+    prefix = location.path.rstrip("/") + "/"
+    return {
+        info.path[len(prefix):]: info.size
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.path.startswith(prefix)
+    }
 
 
 def delete(location: Location) -> None:
@@ -164,28 +307,6 @@ def _remote(location: Location) -> pafs.FileSystem:
     if location.filesystem is None:
         raise ValueError(f"{location} is a local path: the run directory there is written in place")
     return location.filesystem
-
-
-@contextlib.contextmanager
-def local_copy(location: str, key: str) -> Iterator[Path]:
-    """A local path to read ``location`` from: itself, or a temporary download of a remote file or tree.
-
-    Raises:
-        InputError: a bad URI, unreachable storage, or nothing at ``location``.
-    """
-    where = parse(location, key)
-    if where.local:
-        yield where.local_path()
-        return
-    with tempfile.TemporaryDirectory(prefix="imdb-dist-download-") as scratch:
-        target = Path(scratch) / posixpath.basename(where.path)
-        try:
-            found = download(where, target)
-        except OSError as exc:
-            raise InputError(f"{key} {location}: cannot read it: {reason(exc)}") from None
-        if not found:
-            raise InputError(f"{key} {location} does not exist")
-        yield target
 
 
 def reason(exc: BaseException) -> str:

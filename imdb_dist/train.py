@@ -21,8 +21,14 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from imdb_dist import __version__, aggregation, fingerprint, rundir, storage
-from imdb_dist.callbacks import EpochMetrics, FiniteLoss, StepMetrics, log_every, read_metrics
+from imdb_dist import __version__, aggregation, fingerprint, rundir
+from imdb_dist.callbacks import (
+    EpochMetrics,
+    FiniteLoss,
+    StepMetrics,
+    log_every,
+    read_metrics,
+)
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
@@ -116,11 +122,25 @@ def prepared_data(directory: Path) -> TrainingData:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Launched:
+    """What a launcher gives each worker it starts (``imdb_dist.launch``: Ray Train).
+
+    The launcher has checked and prepared the run directory (config,
+    vocabulary, TFRecord shards) and holds its lease; deciding again in the
+    workers would race with one another.
+    """
+
+    lease: str  # the launcher's lease on the run directory: the chief checks it before each write
+    checkpoints: Path  # this worker's checkpoint directory (the launcher moves it to and from storage)
+    # Called once the strategy has said whether this worker is the chief, with the open run directory.
+    on_start: Callable[[bool, rundir.RunDir], None] = lambda chief, run_dir: None
+
+
 def run(
     cfg: Config,
     *,
-    prepared: Path | None = None,
-    backup_dir: Path | None = None,
+    launched: Launched | None = None,
     after_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     checkpoint_now: Callable[[], bool] | None = None,
     extra_callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -128,17 +148,19 @@ def run(
     startup_s: float | None = None,
     reading: ReadAhead | None = None,
     changes: Sequence[str] = (),
-) -> Path:
-    """Train, export and evaluate as ``cfg`` says; return the run directory.
+) -> Path | None:
+    """Train, export and evaluate as ``cfg`` says; return the run directory (None when it is remote).
+
+    ``run.output_dir`` is a local path or a storage URI
+    (:mod:`imdb_dist.rundir`): the chief holds its lease for the run, syncs
+    it after every checkpoint and publishes the model and report at the end.
 
     Args:
         cfg: the job.
-        prepared: read examples from these prepared shards instead of the
-            configured source (multi-worker runs; see ``imdb_dist.launch``,
-            which then owns the run directory's resume checks and config).
-        backup_dir: where checkpoints live (default ``run_dir/checkpoints``).
+        launched: this process is a worker a launcher started on a run
+            directory it prepared (read the examples from its shards).
         after_checkpoint: called with the latest metrics on every worker right
-            after each checkpoint is written.
+            after each checkpoint is written (and, on the chief, synced).
         checkpoint_now: asked at every step point, on every worker alike
             (it may be a collective): True saves a checkpoint there, and
             training goes on (under Ray: a preemption notice).
@@ -157,78 +179,69 @@ def run(
             it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
 
     Raises:
-        InputError: bad config, data or output directory (nothing is written).
-        RunError: the loss diverged or a checkpoint could not be written (the
-            last good checkpoint is kept); ``Interrupted`` after a stop request.
+        InputError: bad config, data or output directory (nothing is written),
+            or another live run holds the run directory.
+        RunError: the loss diverged, a checkpoint could not be written, or the
+            storage failed after its retries (the last good checkpoint is
+            kept); ``Interrupted`` after a stop request.
     """
     started = time.perf_counter()
     timings = Timings()
     if startup_s is not None:
         timings.add("start-up", startup_s)  # interpreter, imports, config
-    if storage.is_uri(cfg.run.output_dir):
-        raise ConfigError(
-            "run.output_dir",
-            f"{cfg.run.output_dir}: imdb-dist train writes to a local or mounted path; "
-            "for cloud storage use imdb-dist launch with ray.storage_path set to the URI",
-        )
-    with timings.phase("strategy"):
-        # Prepared shards come from imdb_dist.launch: this process is a Ray Train worker.
-        worker = _start_worker(cfg, ray_worker=prepared is not None)
-    run_dir = Path(cfg.run.output_dir)
-    if prepared is not None:
-        # The launcher has checked and opened the run dir before starting the
-        # workers: deciding again here would race with the other workers.
-        with timings.phase("data"):
-            data = prepared_data(prepared)
-        _check_sizes(cfg, data)
-    else:
-        if _already_complete(cfg, run_dir, changes):
-            return run_dir
-        # Read and check the data before creating anything: bad data leaves no run dir.
-        with timings.phase("data"):
-            data = in_memory_data(cfg, reading.result() if reading is not None else None)
-        _check_sizes(cfg, data)
-        assert data.digest is not None
-        current = fingerprint.Fingerprint.of(
-            cfg,
-            precision=worker.precision,
-            plan_version=plan.PLAN_VERSION,
-            data=data.digest,
-        )
-        previous = fingerprint.check(run_dir, current, changes)
+    with rundir.RunDir.open(cfg.run.output_dir, retry_s=cfg.run.storage_retry_s) as run_dir:
+        with timings.phase("strategy"):
+            worker = _start_worker(cfg, ray_worker=launched is not None)
         if worker.chief:
-            rundir.begin(run_dir, cfg)
-            done = {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
-            fingerprint.record(run_dir, previous, current, at=done)
-    with timings.phase("tokenize"):
-        tokenizer, encoded = _tokenize(cfg, run_dir, data, worker)
-    model, batches_digest = _train(
-        cfg,
-        worker,
-        run_dir,
-        tokenizer,
-        encoded,
-        data,
-        checkpoints=backup_dir or run_dir / rundir.CHECKPOINTS,
-        callbacks=list(extra_callbacks),
-        after_save=after_checkpoint,
-        checkpoint_now=checkpoint_now,
-        stop=stop,
-        timings=timings,
-    )
-    if worker.chief:
-        _finish(
+            run_dir.check_writable()
+        if launched is not None:
+            with timings.phase("data"):
+                data = _launched_data(run_dir, launched, chief=worker.chief)
+            _check_sizes(cfg, data)
+            launched.on_start(worker.chief, run_dir)
+            checkpoints = launched.checkpoints
+        else:
+            opened = _open_run(cfg, run_dir, worker, timings, reading, changes)
+            if opened is None:  # already complete
+                return None if run_dir.remote else run_dir.work
+            data = opened
+            checkpoints = run_dir.work / rundir.CHECKPOINTS
+        with timings.phase("tokenize"):
+            tokenizer, encoded = _tokenize(cfg, run_dir.work, data, worker)
+
+        def saved(metrics: dict[str, Any]) -> None:
+            if worker.chief:
+                run_dir.sync()  # the checkpoint (if ours to move) and the logs so far
+            if after_checkpoint is not None:
+                after_checkpoint(metrics)
+
+        model, batches_digest = _train(
             cfg,
             worker,
-            run_dir,
+            run_dir.work,
             tokenizer,
-            model,
-            data.val_reviews(),
-            timings,
-            time.perf_counter() - started,
-            batches_digest=batches_digest,
+            encoded,
+            data,
+            checkpoints=checkpoints,
+            callbacks=list(extra_callbacks),
+            after_save=saved,
+            checkpoint_now=checkpoint_now,
+            stop=stop,
+            timings=timings,
         )
-    return run_dir
+        if worker.chief:
+            _finish(
+                cfg,
+                worker,
+                run_dir,
+                tokenizer,
+                model,
+                data.val_reviews(),
+                timings,
+                time.perf_counter() - started,
+                batches_digest=batches_digest,
+            )
+        return None if run_dir.remote else run_dir.work
 
 
 def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
@@ -247,8 +260,6 @@ def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
     num_workers, index = worker_index(strategy)
     chief = is_chief(strategy)
     precision = resolve_precision(cfg.train.mixed_precision, gpu=gpu)
-    if chief:
-        rundir.check_writable(Path(cfg.run.output_dir))
     log.info(
         "strategy %s: %d worker(s), %d replica(s) in sync on %s; precision %s; global batch %d",
         type(strategy).__name__,
@@ -265,12 +276,65 @@ def _start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
     return Worker(strategy, chief, num_workers, index, precision)
 
 
-def _already_complete(cfg: Config, run_dir: Path, changes: Sequence[str]) -> bool:
+def _open_run(
+    cfg: Config,
+    run_dir: rundir.RunDir,
+    worker: Worker,
+    timings: Timings,
+    reading: ReadAhead | None,
+    changes: Sequence[str],
+) -> TrainingData | None:
+    """Decide new, resume or complete; read and check the data; the chief takes the lease and (re)opens the run.
+
+    Returns the data, or None when the run directory already holds this run, complete.
+    """
+    run_dir.fetch_state()
+    if _already_complete(cfg, run_dir, changes):
+        return None
+    # Read and check the data before creating anything: bad data leaves no run dir.
+    with timings.phase("data"):
+        data = in_memory_data(cfg, reading.result() if reading is not None else None)
+    _check_sizes(cfg, data)
+    assert data.digest is not None
+    current = fingerprint.Fingerprint.of(cfg, precision=worker.precision, plan_version=plan.PLAN_VERSION,
+                                         data=data.digest)
+    fingerprint.check(run_dir.work, current, changes)
+    if worker.chief:
+        run_dir.acquire(cfg.run.lease_s)
+        # Again, now that no other run writes the directory: one may have moved it on since.
+        run_dir.fetch_state()
+        if _already_complete(cfg, run_dir, changes):
+            return None
+        previous = fingerprint.check(run_dir.work, current, changes)
+        run_dir.begin(cfg)
+        done = {"epochs_done": len(read_metrics(run_dir.work / rundir.METRICS))}
+        fingerprint.record(run_dir.work, previous, current, at=done)
+    # Every worker restores the latest checkpoint.
+    run_dir.fetch(trees=[rundir.CHECKPOINTS])
+    return data
+
+
+def _launched_data(run_dir: rundir.RunDir, launched: Launched, *, chief: bool) -> TrainingData:
+    """The prepared shards a launcher left in the run directory; the chief also gets the logs it continues."""
+    run_dir.attach(launched.lease)
+    run_dir.fetch([rundir.CONFIG, rundir.VOCAB, rundir.MANIFEST])
+    if chief:
+        run_dir.fetch([rundir.METRICS, rundir.STEPS, fingerprint.CHANGES, rundir.WORKER_GROUPS])
+    manifest = shards.read_manifest(run_dir.work / rundir.PREPARED)
+    if manifest is None:
+        raise DataError(f"{run_dir}/{rundir.PREPARED} holds no prepared data")
+    splits = manifest["splits"]
+    run_dir.fetch(f"{rundir.PREPARED}/{name}" for name in [*splits["train"]["files"], *splits["validation"]["files"]])
+    return prepared_data(run_dir.work / rundir.PREPARED)
+
+
+def _already_complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
     """Check a previous run in ``run_dir``; True if it already finished this model's run."""
-    if fingerprint.already_complete(run_dir, cfg, changes):
+    run_dir.prior_config()  # refuses a directory that is not a run
+    if fingerprint.already_complete(run_dir.work, cfg, changes):
         log.info("%s already holds a complete run of this config; nothing to do", run_dir)
         return True
-    done = read_metrics(run_dir / rundir.METRICS)
+    done = read_metrics(run_dir.work / rundir.METRICS)
     if done:
         log.info("resuming the run in %s after epoch %d, from its last checkpoint", run_dir, done[-1]["epoch"])
     return False
@@ -472,7 +536,7 @@ def _callbacks(
 def _finish(
     cfg: Config,
     worker: Worker,
-    run_dir: Path,
+    run_dir: rundir.RunDir,
     tokenizer: Tokenizer,
     model: keras.Model,
     val_set: Reviews,
@@ -481,24 +545,29 @@ def _finish(
     *,
     batches_digest: int | None,
 ) -> None:
-    """Export a float32 copy of the model, score the validation split with it, draw the curves, write the report."""
+    """Export a float32 copy of the model, score it on the validation split, draw the curves, report, publish."""
+    work = run_dir.work
     with timings.phase("export"):
-        export = _export(cfg, run_dir, tokenizer, model)
+        export = _export(cfg, work, tokenizer, model, version=run_dir.next_model_version())
     with timings.phase("score"):
         # Scored through the export itself: the report describes what users will serve.
         validation = metrics(score_texts(load_model(export), val_set.texts), val_set.labels)
     # Drawn after, not in a thread beside the export: the two are mostly
     # Python, and sharing the GIL made the export 3x slower (measured).
     with timings.phase("curves"):
-        records = read_metrics(run_dir / rundir.METRICS)
-        plot_curves(records, read_metrics(run_dir / rundir.STEPS), run_dir / rundir.CURVES)
+        records = read_metrics(work / rundir.METRICS)
+        plot_curves(records, read_metrics(work / rundir.STEPS), work / rundir.CURVES)
     process_s = since_process_start()
     report = {
         "validation": validation,
         # Deliberate changes made on resumes (--change), oldest first.
-        "changes": fingerprint.read_changes(run_dir),
+        "changes": fingerprint.read_changes(work),
         # Under Ray: every worker group that trained it (size, cause: start, shrunk, grown, restarted, resubmitted).
-        "worker_groups": rundir.read_worker_groups(run_dir),
+        "worker_groups": rundir.read_worker_groups(work),
+        # The version of model/ this run published (TF-Serving layout).
+        "model_version": int(export.name),
+        # A run directory on remote storage: bytes this process uploaded at each sync (every checkpoint).
+        "uploaded_bytes_per_sync": run_dir.uploaded,
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
         "optimizer_steps": int(model.optimizer.iterations.numpy()),
@@ -522,7 +591,9 @@ def _finish(
             "python": platform.python_version(),
         },
     }
-    rundir.write_json(run_dir / rundir.REPORT, report)
+    rundir.write_json(work / rundir.REPORT, report)
+    with timings.phase("publish"):
+        run_dir.publish()
     log.info(
         "time: %s%s",
         timings.summary(),
@@ -533,11 +604,11 @@ def _finish(
         validation["accuracy"],
         validation["auc"],
         validation["n"],
-        export,
+        run_dir.location.child(rundir.MODEL, export.name),
     )
 
 
-def _export(cfg: Config, run_dir: Path, tokenizer: Tokenizer, model: keras.Model) -> Path:
+def _export(cfg: Config, run_dir: Path, tokenizer: Tokenizer, model: keras.Model, *, version: int) -> Path:
     # A fresh float32 model outside any strategy: the export then holds plain
     # variables and serves at full speed on CPUs, whatever the training policy.
     serving = build_model(cfg.model, vocab_size=tokenizer.vocabulary_size())
@@ -550,4 +621,4 @@ def _export(cfg: Config, run_dir: Path, tokenizer: Tokenizer, model: keras.Model
         "seed": cfg.data.seed,
         "imdb_dist_version": __version__,
     }
-    return export_model(run_dir / rundir.MODEL, tokenizer, serving, cfg.data.max_len, metadata)
+    return export_model(run_dir / rundir.MODEL, tokenizer, serving, cfg.data.max_len, metadata, version=version)

@@ -108,7 +108,7 @@ def test_usage_errors_are_one_line(capsys) -> None:
 def test_a_dir_that_is_not_a_model_exits_2(tmp_path: Path, capsys, command: str) -> None:
     extra = ["--data", str(tmp_path)] if command == "evaluate" else ["some text"]
     assert main([command, "--model", str(tmp_path), *extra]) == 2
-    assert_one_line_error(capsys, "not an exported imdb-dist model")
+    assert_one_line_error(capsys, "holds no complete imdb-dist model export")
 
 
 def test_predict_scores_each_review(trained_run: Path, capsys) -> None:

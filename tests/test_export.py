@@ -85,7 +85,7 @@ def test_the_run_export_is_found_from_the_run_model_dir(trained_run: Path) -> No
     "make, message",
     [
         (lambda p: p / "missing", "does not exist"),
-        (lambda p: p, "not an exported imdb-dist model"),
+        (lambda p: p, "holds no complete imdb-dist model export"),
         (lambda p: (p / "saved_model.pb").write_bytes(b"not a protobuf") and p, "not a loadable SavedModel"),
     ],
     ids=["missing", "empty-dir", "garbage-pb"],

@@ -67,7 +67,8 @@ def test_the_report_says_where_the_time_went(trained_run: Path) -> None:
     # (the CLI reports one: tests/test_bench.py's coldstart test).
     assert set(phases) == {
         "strategy", "data", "tokenize", "build", "callbacks", "plan", "meet",
-        "first_step", "steps", "epoch_metrics", "validation", "checkpoints", "export", "score", "curves",
+        "first_step", "steps", "epoch_metrics", "validation", "checkpoints", "after_checkpoint", "export",
+        "score", "curves",
     }  # fmt: skip
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["steps"] > 0 and phases["export"] > 0
@@ -179,7 +180,7 @@ def test_reopening_a_run_drops_its_stale_report_before_saving_the_config(trained
     run_dir.mkdir()
     (run_dir / rundir.REPORT).write_text((trained_run / rundir.REPORT).read_text())
     cfg = load_config(trained_run / rundir.CONFIG, ["train.epochs=3"])
-    rundir.begin(run_dir, cfg)
+    rundir.RunDir.open(str(run_dir)).begin(cfg)
     assert not (run_dir / rundir.REPORT).exists(), "a run training more epochs must not look complete"
     assert load_config(run_dir / rundir.CONFIG) == cfg
 
