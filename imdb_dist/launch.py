@@ -106,9 +106,9 @@ def launch(
         connect()
         check_gpus(cfg)
 
-    with rundir.RunDir(location) as run_dir:
+    with rundir.RunDir(location, "ray.storage_path") as run_dir:
         if not run_dir.remote:
-            run_dir.check_writable("ray.storage_path")
+            run_dir.check_writable()
         lease = prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
         if lease is None:
             log.info("%s already holds a complete run of this config; nothing to do", location)
@@ -173,7 +173,7 @@ def prepare(
     if _complete(cfg, run_dir, changes):
         return None
     if run_dir.remote:
-        run_dir.check_writable("ray.storage_path")
+        run_dir.check_writable()
     target = run_dir.work / rundir.PREPARED
     prepared = shards.read_manifest(target) is not None and rundir.read_vocab(run_dir.work) is not None
     if prepared:

@@ -88,7 +88,7 @@ class Lease:
     """This run's hold on a run directory; :meth:`acquire` it, then :meth:`release` it (a context manager too)."""
 
     def __init__(self, where: str, read: Read, write: Write, delete: Delete, *, ttl_s: float, settle_s: float) -> None:
-        self.where = where  # for messages: the run directory, redacted
+        self.where = where  # for messages: the config key and the run directory
         self._read, self._write, self._delete = read, write, delete
         self.ttl_s, self.settle_s = ttl_s, settle_s
         self.id = uuid.uuid4().hex
@@ -126,14 +126,14 @@ class Lease:
         current = self.holder()
         if current is None or current.id != self.id:
             if current is None:
-                raise InputError(f"run.output_dir {self.where}: the lease vanished while taking it; try again")
+                raise InputError(f"{self.where}: the lease vanished while taking it; try again")
             raise self._held(current, time.time())
         self._thread = threading.Thread(target=self._renew, name="imdb-dist-lease", daemon=True)
         self._thread.start()
 
     def _held(self, holder: Holder, now: float) -> InputError:
         return InputError(
-            f"run.output_dir {self.where} is in use by another run: its lease is held by {holder.describe(now)}; "
+            f"{self.where} is in use by another run: its lease is held by {holder.describe(now)}; "
             "wait for that run to end, or use another run directory"
         )
 

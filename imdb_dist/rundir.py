@@ -123,19 +123,21 @@ class RunDir:
         location: where the run directory is (:meth:`open` parses it).
     """
 
-    def __init__(self, location: storage.Location) -> None:
+    def __init__(self, location: storage.Location, key: str = "run.output_dir") -> None:
         self.location = location
+        self.key = key  # the config key that named it, for messages
         self._scratch = None if location.local else Path(tempfile.mkdtemp(prefix="imdb-dist-run-"))
         self.work = location.local_path() if location.local else self._scratch
         self._synced: dict[str, _Synced] = {}
         self._remote_files: dict[str, int] | None = None
         self.lease: Lease | None = None
         self._lease_id: str | None = None  # the launcher's lease, checked before each write (Ray workers)
-        self.uploaded: list[int] = []  # bytes per sync
+        # Per sync (every checkpoint, then the publish): bytes uploaded, and how many were the checkpoint's.
+        self.uploaded: list[dict[str, int]] = []
 
     @classmethod
     def open(cls, where: str, key: str = "run.output_dir", *, retry_s: float = storage.DEFAULT_RETRY_S) -> RunDir:
-        return cls(storage.parse(where, key, retry_s=retry_s))
+        return cls(storage.parse(where, key, retry_s=retry_s), key)
 
     @property
     def remote(self) -> bool:
@@ -160,10 +162,10 @@ class RunDir:
 
     # -- decisions ---------------------------------------------------------------------------------
 
-    def check_writable(self, key: str = "run.output_dir") -> None:
+    def check_writable(self) -> None:
         """Fail early, before any data is read, if the run directory cannot be created or written."""
         if self.remote:
-            storage.check_writable(self.location, key)
+            storage.check_writable(self.location, self.key)
         else:
             check_writable(self.work)
 
@@ -180,7 +182,7 @@ class RunDir:
             for name in sorted(wanted):
                 self._fetch_one(name, listing)
         except OSError as exc:
-            raise InputError(f"run.output_dir {self}: cannot read there: {storage.reason(exc)}") from None
+            raise InputError(f"{self.key} {self}: cannot read there: {storage.reason(exc)}") from None
 
     def fetch_state(self) -> None:
         """The files that decide new, resume or complete, and that a resume continues (remote runs)."""
@@ -218,7 +220,7 @@ class RunDir:
         if self.remote and not (self.work / CONFIG).exists():
             foreign = set(self._listing()) - {LEASE}
             if foreign:
-                raise InputError(f"run.output_dir {self} is not empty and holds no {CONFIG}: not an imdb-dist run")
+                raise InputError(f"{self.key} {self} is not empty and holds no {CONFIG}: not an imdb-dist run")
             return None
         return prior_config(self.work)
 
@@ -230,12 +232,12 @@ class RunDir:
         Raises:
             InputError: another live run holds it (one line naming it).
         """
-        lease = Lease(str(self), self._read_lease, self._write_lease, self._delete_lease, ttl_s=ttl_s,
+        lease = Lease(f"{self.key} {self}", self._read_lease, self._write_lease, self._delete_lease, ttl_s=ttl_s,
                       settle_s=2.0 if self.remote else 0.2)
         try:
             lease.acquire()
         except OSError as exc:
-            raise InputError(f"run.output_dir {self}: cannot write there: {storage.reason(exc)}") from None
+            raise InputError(f"{self.key} {self}: cannot write there: {storage.reason(exc)}") from None
         self.lease = lease
         return lease.id
 
@@ -299,19 +301,19 @@ class RunDir:
     def publish(self) -> int:
         """Upload the finished run: everything changed, the model's marker after its files, the report last.
 
-        Logs are uploaded whole, replacing their segments; model versions
-        older than the previous one are deleted.
+        Logs are uploaded whole, replacing their segments. Model versions
+        older than the newest complete one are deleted, but for the complete
+        one before it (a reader may have chosen it): an export a killed
+        publish left incomplete goes too.
         """
         sent = self._sync(final=True)
         self._prune_versions()
         return sent
 
     def _sync(self, *, final: bool) -> int:
+        self.check_lease()  # a local run writes in place, but it must stop as well
         if not self.remote:
-            if final:
-                self._prune_versions()
             return 0
-        self.check_lease()
         return self._storage_call(lambda: self._upload_changes(final), "upload the run's files")
 
     def _storage_call(self, call: Any, what: str) -> Any:
@@ -342,10 +344,11 @@ class RunDir:
             plan = self._plan(name, data, known, stat.st_mtime_ns, final=final)
             if plan is not None:
                 uploads.append((_order(name), name, *plan))
-        sent = 0
+        sent = checkpoint = 0
         for _, name, key, payload, synced in sorted(uploads, key=lambda item: (item[0], item[1])):
             storage.write_bytes(self.location.child(*key.split("/")), payload)
             sent += len(payload)
+            checkpoint += len(payload) if name.startswith(f"{CHECKPOINTS}/") else 0
             old = self._synced.get(name)
             if old is not None and key == name:  # a whole upload: the old segments are stale
                 for stale in old.objects:
@@ -356,7 +359,7 @@ class RunDir:
             # Deleted here since the last sync (an old checkpoint): delete what this run uploaded of it.
             for key in self._synced.pop(name).objects:
                 storage.delete(self.location.child(*key.split("/")))
-        self.uploaded.append(sent)
+        self.uploaded.append({"bytes": sent, "checkpoint_bytes": checkpoint})
         return sent
 
     def _plan(
@@ -391,12 +394,14 @@ class RunDir:
         return max(names, default=0) + 1
 
     def _prune_versions(self) -> None:
-        local = sorted(_versions(self.work / MODEL))
-        for version in local[:-KEEP_VERSIONS]:
+        """Drop every model version older than the newest complete one, but the complete one before it."""
+        local = {v: (self.work / MODEL / str(v) / MODEL_MARKER).is_file() for v in _versions(self.work / MODEL)}
+        for version in _stale_versions(local):
             shutil.rmtree(self.work / MODEL / str(version), ignore_errors=True)
         if self.remote:
-            remote = sorted({int(p.split("/")[1]) for p in self._listing(refresh=True) if _version_part(p)})
-            for version in remote[:-KEEP_VERSIONS]:
+            listing = self._listing(refresh=True)
+            remote = {int(v): f"{MODEL}/{v}/{MODEL_MARKER}" in listing for p in listing if (v := _version_part(p))}
+            for version in _stale_versions(remote):
                 self._storage_call(lambda v=version: storage.delete(self.location.child(MODEL, str(v))),
                                    "delete an old model version")
 
@@ -422,6 +427,13 @@ def _version_part(relative: str) -> str | None:
     """The version of a path ``model/<version>/...``, or None."""
     parts = relative.split("/")
     return parts[1] if len(parts) > 2 and parts[0] == MODEL and parts[1].isdigit() else None
+
+
+def _stale_versions(complete: dict[int, bool]) -> list[int]:
+    """Versions to delete, given each version's completeness: see :meth:`RunDir.publish`."""
+    done = sorted(v for v, ok in complete.items() if ok)
+    keep = set(done[-KEEP_VERSIONS:])
+    return [v for v in complete if done and v < done[-1] and v not in keep]
 
 
 def _versions(model_root: Path) -> list[int]:

@@ -55,7 +55,7 @@ _S3_QUERY = {
     "allow_bucket_deletion": lambda v: v.lower() in ("1", "true"),
     "tls_ca_file_path": str,
 }
-# pyarrow's AwsDefaultS3RetryStrategy waits 25 ms * 2**k before retry k (the AWS SDK's DefaultRetryStrategy).
+# pyarrow's AwsDefaultS3RetryStrategy (the AWS SDK's DefaultRetryStrategy) doubles its waits from this.
 _FIRST_WAIT_S = 0.025
 DEFAULT_RETRY_S = 60.0
 
@@ -99,13 +99,16 @@ def check_no_credentials(location: str, key: str) -> None:
 
 
 def retry_attempts(retry_s: float) -> int:
-    """Attempts per storage call so that the waits between them add up to at least ``retry_s`` seconds.
+    """pyarrow's ``max_attempts`` for a default S3 retry strategy that keeps retrying for at least ``retry_s``.
 
-    The waits double from 25 ms: 10 attempts wait 12.8 s in all, 12 wait 51 s, 13 wait 102 s.
+    With ``max_attempts=N`` the AWS SDK's DefaultRetryStrategy retries N
+    times, waiting 0, 50, 100, ... 25 * 2**(N-1) ms: a store that stays
+    down fails the call after 25 * (2**N - 2) ms (measured against moto
+    behind a stopped forwarder: N=10 fails after 25.6 s, N=11 after 51 s,
+    N=12 after 102 s; N=10 survived a 20 s outage).
     """
-    attempts, waited = 1, 0.0
-    while waited < retry_s:
-        waited += _FIRST_WAIT_S * 2 ** (attempts - 1)
+    attempts = 1
+    while _FIRST_WAIT_S * (2**attempts - 2) < retry_s:
         attempts += 1
     return attempts
 
@@ -210,16 +213,6 @@ def check_writable(location: Location, key: str) -> None:
         raise InputError(f"{key} {location}: cannot write there: {reason(exc)}") from None
 
 
-def has_files(location: Location) -> bool:
-    """True if ``location`` is a file, or a directory with a file anywhere below it."""
-    filesystem = _remote(location)
-    kind = filesystem.get_file_info(location.path).type
-    if kind != pafs.FileType.Directory:
-        return kind == pafs.FileType.File
-    selector = pafs.FileSelector(location.path, recursive=True)
-    return any(info.type == pafs.FileType.File for info in filesystem.get_file_info(selector))
-
-
 def read_bytes(location: Location) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
     filesystem = _remote(location)
@@ -238,11 +231,12 @@ def write_bytes(location: Location, data: bytes) -> None:
     """Replace the file with ``data``: readers see the old file or the new one, never a part."""
     filesystem = _remote(location)
     parent = posixpath.dirname(location.path)
-    filesystem.create_dir(parent, recursive=True)
     if object_store(filesystem):
+        # No create_dir: an object store's directories are key prefixes, and marker objects would be clutter.
         with filesystem.open_output_stream(location.path) as stream:
             stream.write(data)
         return
+    filesystem.create_dir(parent, recursive=True)
     staging = posixpath.join(parent, f".{posixpath.basename(location.path)}.{uuid.uuid4().hex}.tmp")
     try:
         with filesystem.open_output_stream(staging) as stream:
@@ -278,21 +272,8 @@ def delete(location: Location) -> None:
         filesystem.delete_file(location.path)
 
 
-def upload(source: Path, target: Location) -> None:
-    """Copy a local file, or a directory tree file by file, to ``target``."""
-    pafs.copy_files(
-        str(source), target.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=_remote(target)
-    )
-
-
-def download(source: Location, target: Path, only: Iterable[str] | None = None) -> bool:
-    """Copy a file or a directory tree (or just the files ``only`` names, relative to it) to ``target``.
-
-    Returns False when nothing was there to copy.
-    """
-    if only is not None:
-        found = [download(source.child(*name.split("/")), target / name) for name in only]
-        return any(found)
+def download(source: Location, target: Path) -> bool:
+    """Copy a remote file or directory tree to ``target``; False when nothing was there to copy."""
     filesystem = _remote(source)
     if filesystem.get_file_info(source.path).type == pafs.FileType.NotFound:
         return False

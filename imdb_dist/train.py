@@ -566,8 +566,8 @@ def _finish(
         "worker_groups": rundir.read_worker_groups(work),
         # The version of model/ this run published (TF-Serving layout).
         "model_version": int(export.name),
-        # A run directory on remote storage: bytes this process uploaded at each sync (every checkpoint).
-        "uploaded_bytes_per_sync": run_dir.uploaded,
+        # A run directory on remote storage: what this process uploaded at each sync (every checkpoint).
+        "uploads": run_dir.uploaded,
         "epochs": len(records),
         "stopped_early": len(records) < cfg.train.epochs,
         "optimizer_steps": int(model.optimizer.iterations.numpy()),

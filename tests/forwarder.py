@@ -37,6 +37,8 @@ class Forwarder:
         self.bytes_forwarded = 0  # client -> server, all connections, all starts
         self.bytes_returned = 0  # server -> client
         self.connections = 0  # accepted connections, all starts
+        # Upstream bytes per second, 0 for no limit: a slow link, so a test can act in the middle of an upload.
+        self.upstream_rate = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -114,7 +116,9 @@ class Forwarder:
             self._tasks.discard(task)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
-        while data := await reader.read(_CHUNK):
+        while data := await reader.read(_CHUNK if not (upstream and self.upstream_rate) else 4096):
+            if upstream and self.upstream_rate:
+                await asyncio.sleep(len(data) / self.upstream_rate)
             writer.write(data)
             await writer.drain()
             if upstream:

@@ -1,0 +1,225 @@
+"""The run directory's room (imdb_dist.rundir): the lease, incremental sync and complete-only model reads.
+
+Each test runs on a local directory and on a real S3 server (moto's, on
+loopback, from tests/test_storage.py): the same interface must hold on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from test_storage import objects, s3, uri  # noqa: F401 - s3 is a fixture
+
+from imdb_dist import rundir, storage
+from imdb_dist.errors import InputError, RunError
+from imdb_dist.lease import LEASE
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh run directory location: a local path, or a prefix in the moto bucket."""
+    if request.param == "local":
+        yield str(tmp_path / "run")
+    else:
+        endpoint = request.getfixturevalue("s3")
+        yield uri(endpoint, f"rundir-{time.monotonic_ns()}")
+
+
+def lease_file(where: str) -> dict | None:
+    run = rundir.RunDir.open(where)
+    try:
+        raw = run._read_lease()  # the test reads the file the lease protocol writes
+        return None if raw is None else json.loads(raw)
+    finally:
+        run.close()
+
+
+def put_lease(where: str, **fields: object) -> None:
+    holder = {"id": "other", "host": "elsewhere", "pid": 1, "since": time.time() - 100, "renewed": time.time(),
+              "ttl_s": 60.0, **fields}
+    run = rundir.RunDir.open(where)
+    run._write_lease(json.dumps(holder).encode())
+    run.close()
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_gets_the_directory_once_it_ends(where: str) -> None:
+    first = rundir.RunDir.open(where)
+    first.acquire(ttl_s=60)
+    held = lease_file(where)
+    assert held is not None and held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    second = rundir.RunDir.open(where)
+    with pytest.raises(InputError) as refused:
+        second.acquire(ttl_s=60)
+    message = str(refused.value)
+    assert "in use by another run" in message and f"pid {os.getpid()}" in message
+    assert socket.gethostname() in message and "since" in message
+    first.close()  # the run ends: its lease goes
+    assert lease_file(where) is None
+    second.acquire(ttl_s=60)
+    assert lease_file(where)["id"] == second.lease.id
+    second.close()
+
+
+@pytest.mark.parametrize(
+    ("holder", "taken"),
+    [
+        ({"renewed": time.time() - 120}, True),  # nobody renewed it for 2 minutes > its 60 s
+        ({"host": socket.gethostname(), "pid": 0}, False),  # placeholder: replaced by a dead pid below
+        ({}, False),  # a live holder elsewhere: fresh renewal
+    ],
+    ids=["expired", "dead-process-here", "live-elsewhere"],
+)
+def test_a_dead_holders_lease_is_taken_over_and_a_live_ones_is_not(where: str, holder: dict, taken: bool) -> None:
+    if holder.get("pid") == 0:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        holder, taken = {"host": socket.gethostname(), "pid": gone.pid}, True
+    put_lease(where, **holder)
+    run = rundir.RunDir.open(where)
+    try:
+        if taken:
+            run.acquire(ttl_s=60)
+            assert lease_file(where)["id"] == run.lease.id
+        else:
+            with pytest.raises(InputError, match="host elsewhere pid 1"):
+                run.acquire(ttl_s=60)
+            assert lease_file(where)["id"] == "other"
+    finally:
+        run.close()
+
+
+def test_the_lease_is_renewed_while_the_run_lives_and_a_run_that_lost_it_stops_writing(where: str) -> None:
+    run = rundir.RunDir.open(where)
+    run.acquire(ttl_s=2.0)  # renewed every 0.5 s
+    first = lease_file(where)["renewed"]
+    time.sleep(1.6)
+    assert lease_file(where)["renewed"] > first
+    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    run.sync()
+    # Another run takes the directory over (this one looked dead to it): this one must not write again.
+    put_lease(where, id="intruder")
+    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    with pytest.raises(RunError, match="held by another run"):
+        run.sync()
+    run.close()
+    assert lease_file(where)["id"] == "intruder", "a run that lost its lease must not delete the new holder's"
+
+
+def records(*payloads: bytes) -> bytes:
+    """TFRecord framing of ``payloads``, as TensorBoard's event files hold them."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"records-{os.getpid()}-{time.monotonic_ns()}"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for payload in payloads:
+            writer.write(payload)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_a_sync_uploads_only_what_changed_and_a_log_only_its_new_lines(s3: str) -> None:  # noqa: F811
+    location = uri(s3, "sync")
+    prefix = "sync/"
+    run = rundir.RunDir.open(location)
+    run.acquire(ttl_s=60)
+    events = run.work / rundir.TENSORBOARD / "train" / "events.out.tfevents.1.host.v2"
+    events.parent.mkdir(parents=True)
+    first = records(b"a" * 100, b"b" * 50)
+    events.write_bytes(first)
+    steps = run.work / rundir.STEPS
+    steps.write_text('{"step": 1}\n{"step": 2}\n')
+    (run.work / rundir.CONFIG).write_text("train: {}\n")
+    assert run.sync() == len(first) + steps.stat().st_size + len("train: {}\n")
+    assert run.sync() == 0, "nothing changed"
+
+    # Two new lines and half of a third: the lines go up as a segment, the half waits.
+    with steps.open("a") as out:
+        out.write('{"step": 3}\n{"step": 4}\n{"step": ')
+    second = records(b"c" * 70)
+    events.write_bytes(first + second + second[:9])  # a record and a torn one
+    assert run.sync() == len('{"step": 3}\n{"step": 4}\n') + len(second)
+    keys = set(objects(s3, prefix))
+    assert f"{prefix}steps.jsonl~{24:012d}" in keys
+    assert f"{prefix}tensorboard/train/events.out.tfevents.1.host.v2~{len(first):012d}" in keys
+    # TensorBoard reads each part on its own: every part is whole records.
+    for key in keys:
+        if "tfevents" in key:
+            body = storage.read_bytes(storage.parse(uri(s3, key), "test"))
+            assert rundir._complete_end("x.tfevents", body) == len(body)
+
+    # A second process joins the parts into the file's complete lines.
+    reader = rundir.RunDir.open(location)
+    reader.fetch([rundir.STEPS])
+    assert (reader.work / rundir.STEPS).read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4}\n'
+    reader.close()
+
+    # Rewritten (a resume dropped the lines after its checkpoint): uploaded whole, the parts dropped.
+    steps.write_text('{"step": 1}\n{"step": 9}\n')
+    assert run.sync() == steps.stat().st_size
+    assert not any(k.startswith(f"{prefix}steps.jsonl~") for k in objects(s3, prefix))
+
+    # Deleted here: deleted there. Published: every log whole, no parts.
+    (run.work / rundir.CONFIG).unlink()
+    with steps.open("a") as out:
+        out.write('{"step": 10}\n')
+    run.sync()
+    run.publish()
+    keys = set(objects(s3, prefix))
+    assert f"{prefix}{rundir.CONFIG}" not in keys
+    assert not any("~" in key for key in keys), keys
+    assert storage.read_bytes(storage.parse(uri(s3, f"{prefix}steps.jsonl"), "t")) == steps.read_bytes()
+    run.close()
+    assert f"{prefix}{LEASE}" not in set(objects(s3, prefix))
+
+
+def fake_version(root: Path, version: int, *, complete: bool) -> None:
+    """A model version's files: a complete one has its marker (written last by a publish)."""
+    target = root / rundir.MODEL / str(version)
+    (target / "variables").mkdir(parents=True)
+    (target / "saved_model.pb").write_bytes(b"pb")
+    (target / "variables" / "variables.index").write_bytes(b"idx")
+    if complete:
+        (target / rundir.MODEL_MARKER).parent.mkdir(parents=True)
+        (target / rundir.MODEL_MARKER).write_text("{}")
+
+
+def test_only_complete_model_versions_and_complete_runs_are_read(where: str, tmp_path: Path) -> None:
+    run = rundir.RunDir.open(where)
+    run.acquire(ttl_s=60)
+    fake_version(run.work, 1, complete=True)
+    (run.work / rundir.CONFIG).write_text("train: {}\n")
+    run.publish()
+    fake_version(run.work, 2, complete=False)  # a publish killed half-way through
+    run.sync()
+    assert run.next_model_version() == 3
+    model = str(storage.parse(where, "t").child(rundir.MODEL))
+    with rundir.locate_model(model) as path:
+        assert path.name == "1" and (path / rundir.MODEL_MARKER).is_file()
+    with pytest.raises(InputError, match="not a complete model export"):
+        with rundir.locate_model(str(storage.parse(where, "t").child(rundir.MODEL, "2"))):
+            pass
+    with pytest.raises(InputError, match="run is not complete"):
+        with rundir.locate_model(where):
+            pass
+    (run.work / rundir.REPORT).write_text(json.dumps({"model_version": 1}))
+    fake_version(run.work, 3, complete=True)
+    run.publish()
+    with rundir.locate_model(where) as path:
+        assert path.name == "1", "the report names the version its run published"
+    # The publish of version 3 dropped the incomplete version 2 and kept 1 for readers that chose it.
+    assert rundir.RunDir.open(where).next_model_version() == 4
+    remaining = (
+        sorted({name.split("/")[0] for name in storage.list_files(run.location.child(rundir.MODEL))})
+        if run.remote
+        else sorted(p.name for p in (run.work / rundir.MODEL).iterdir())
+    )
+    assert remaining == ["1", "3"]
+    run.close()
