@@ -43,10 +43,11 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -98,11 +99,19 @@ def _complete_end(name: str, data: bytes) -> int:
 
 
 def _order(name: str) -> int:
-    """Upload order within a sync: what other files point to or mark goes after them, the report last."""
+    """Upload order within a sync: what other files point to or mark goes after them, the report last.
+
+    Inside a model version: the variables, then the rest, then
+    ``saved_model.pb`` (a server polling the directory, as TF-Serving does,
+    finds the graph only once its variables are there), then the marker.
+    """
     if name == REPORT:
-        return 3
+        return 5
     if name == MANIFEST or name.endswith(f"/{MODEL_MARKER}") or name == f"{CHECKPOINTS}/checkpoint":
-        return 2
+        return 4
+    if _version_part(name) is not None:
+        inside = name.split("/", 2)[2]
+        return 3 if inside == "saved_model.pb" else 1 if inside.startswith("variables/") else 2
     return 1
 
 
@@ -284,10 +293,12 @@ class RunDir:
         writes a new report; the report goes first so a crash never leaves a
         new config beside an old report.
         """
-        self.check_lease()
         (self.work / REPORT).unlink(missing_ok=True)
         if self.remote:
-            self._storage_call(lambda: storage.delete(self.location.child(REPORT)), "delete the old report")
+            self._storage_call(lambda: (self.check_lease(), storage.delete(self.location.child(REPORT))),
+                               "delete the old report")
+        else:
+            self.check_lease()
         atomic_write(self.work / CONFIG, dump_yaml(config))
 
     def sync(self) -> int:
@@ -311,12 +322,17 @@ class RunDir:
         return sent
 
     def _sync(self, *, final: bool) -> int:
-        self.check_lease()  # a local run writes in place, but it must stop as well
         if not self.remote:
+            self.check_lease()  # a local run writes in place, but it must stop as well
             return 0
-        return self._storage_call(lambda: self._upload_changes(final), "upload the run's files")
 
-    def _storage_call(self, call: Any, what: str) -> Any:
+        def sync() -> int:
+            self.check_lease()
+            return self._upload_changes(final)
+
+        return self._storage_call(sync, "upload the run's files")
+
+    def _storage_call(self, call: Callable[[], Any], what: str) -> Any:
         try:
             return call()
         except OSError as exc:
@@ -409,7 +425,7 @@ class RunDir:
         """Upload these files now, whole (a worker group's history at its start), outside a full sync."""
         if not self.remote:
             return
-        self.check_lease()
+        self._storage_call(self.check_lease, "read the lease")
         for name in names:
             path = self.work / name
             data = path.read_bytes()
@@ -498,7 +514,8 @@ def _model_version(location: storage.Location, where: str, key: str) -> Iterator
         report = json.loads(read(REPORT))
         version = str(report.get("model_version") or _newest_complete(files, MODEL) or "")
         prefix = f"{MODEL}/{version}"
-    elif "saved_model.pb" in files or MODEL_MARKER in files:  # one version
+    elif posixpath.basename(location.path).isdigit() or "saved_model.pb" in files or MODEL_MARKER in files:
+        # One version (what it holds so far: its upload may not have finished).
         prefix = ""
     else:  # a model root
         version = _newest_complete(files, "")

@@ -1,8 +1,10 @@
-"""The run directory on an S3-compatible server (moto's, on loopback): uploads, errors, a 2-worker run, a kill.
+"""The run directory on an S3-compatible server (moto's, on loopback): uploads, errors, outages, kills, secrets.
 
 The server is a real HTTP S3 endpoint in its own process, started and
 stopped here; pyarrow's S3 filesystem (the one Ray Train uses) talks to it
-over TCP exactly as it would to AWS or MinIO.
+over TCP exactly as it would to AWS or MinIO. Outages are a TCP forwarder
+in front of it (tests/forwarder.py) stopped and started again: the server
+keeps its buckets.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from imdb_dist.launch import launch
 
 BUCKET = "imdb"
 # moto accepts any key pair; the workers find these in their environment, as on a real cluster.
+# Distinctive values: tests search every file, object and log line for them.
+ACCESS_KEY = "AKIAIMDBDISTTEST7Q3X"
+SECRET_KEY = "imdb-dist-secret-w9Jx4LkQ2vN8"
 CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "test-key",
-    "AWS_SECRET_ACCESS_KEY": "test-secret",
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 
@@ -195,17 +200,157 @@ def test_without_credentials_a_store_that_checks_them_is_refused_in_one_line(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "home"], "something was written locally"
 
 
-def test_plain_train_refuses_a_uri_instead_of_writing_a_local_s3_directory(tmp_path: Path) -> None:
+def imdb_dist(*args: str, sets: list[str] = (), timeout: float = 300) -> subprocess.CompletedProcess:
     from conftest import installed_script
 
-    data = write_aclimdb(tmp_path / "data", {"train": 100})
-    sets = [*tiny_overrides(data, tmp_path / "unused"), f"run.output_dir={uri('127.0.0.1:9', 'plain')}"]
-    result = subprocess.run(
-        [installed_script("imdb-dist"), "train", *[arg for item in sets for arg in ("--set", item)]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    return subprocess.run(
+        [installed_script("imdb-dist"), *args, *[arg for item in sets for arg in ("--set", item)]],
+        capture_output=True, text=True, timeout=timeout,
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "run.output_dir" in result.stderr and "ray.storage_path" in result.stderr
+
+
+def errors(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def joined(endpoint: str, key: str) -> str:
+    """A log as the bucket holds it mid-run: the base object and its ``~OFFSET`` parts (imdb_dist.rundir)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{endpoint}")
+    parts = sorted(k for k in objects(endpoint, key) if k == key or k.startswith(f"{key}~"))
+    return "".join(client.get_object(Bucket=BUCKET, Key=k)["Body"].read().decode() for k in parts)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def secrets_in(texts: list[str], root: Path) -> list[str]:
+    """Where a credential of CREDENTIALS appears: in these texts, or in a file below ``root``."""
+    found = [f"output {i}" for i, text in enumerate(texts) if ACCESS_KEY in text or SECRET_KEY in text]
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            if ACCESS_KEY.encode() in data or SECRET_KEY.encode() in data:
+                found.append(str(path))
+    return found
+
+
+@pytest.mark.timeout(600)  # five short training processes, one of them waiting out its storage's retries
+def test_train_on_s3_publishes_whole_models_survives_lost_storage_and_leaks_no_credentials(
+    s3: str, tmp_path: Path
+) -> None:
+    """``imdb-dist train`` with run.output_dir on S3, through a forwarder the test slows, kills and revives."""
+    from forwarder import Forwarder
+
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    outputs: list[str] = []
+
+    def train(target: str, *sets: str) -> subprocess.CompletedProcess:
+        result = imdb_dist("train", sets=[*tiny_overrides(data, tmp_path / "unused"), f"run.output_dir={target}",
+                                         "run.checkpoint_steps=3", *sets])
+        outputs.extend([result.stdout, result.stderr])
+        return result
+
+    with Forwarder("127.0.0.1", int(s3.rsplit(":", 1)[1])) as link:
+        target = uri(f"127.0.0.1:{link.port}", "train/run")
+        first = train(target)
+        assert first.returncode == 0, first.stderr[-3000:]
+        keys = set(objects(s3, "train/run/"))
+        for name in (rundir.REPORT, rundir.CONFIG, "model/1/saved_model.pb", f"model/1/{rundir.MODEL_MARKER}",
+                     "checkpoints/checkpoint", rundir.METRICS, rundir.STEPS):
+            assert f"train/run/{name}" in keys, name
+        assert not any("~" in key for key in keys), "a published run holds whole logs"
+        assert "train/run/lease.json" not in keys, "the lease goes when the run ends"
+        report = json.loads(storage.read_bytes(storage.parse(target, "t").child(rundir.REPORT)))
+        assert report["config"]["run"]["output_dir"] == target and report["model_version"] == 1
+        before = imdb_dist("predict", "--model", target, "a fine film")
+        assert before.returncode == 0, before.stderr[-2000:]
+
+        # One more epoch; the chief is SIGKILLed while it uploads the new export (the link slowed to watch it).
+        more = subprocess.Popen(
+            [installed_script_path(), "train", *[a for item in [*tiny_overrides(data, tmp_path / "unused"),
+             f"run.output_dir={target}", "run.checkpoint_steps=3", "train.epochs=3"] for a in ("--set", item)]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            wait_for(lambda: '"epoch": 3' in joined(s3, f"train/run/{rundir.METRICS}"), "epoch 3's checkpoint", more)
+            link.upstream_rate = 100_000
+            wait_for(lambda: any(k.startswith("train/run/model/2/") for k in objects(s3, "train/run/model/")),
+                     "the new export's upload", more)
+            more.kill()
+        finally:
+            more.kill()
+            outputs.append(more.communicate()[0])
+        link.upstream_rate = 0
+        keys = set(objects(s3, "train/run/"))
+        assert f"train/run/model/2/{rundir.MODEL_MARKER}" not in keys, "the kill came too late: the upload finished"
+        # Readers get the previous complete export, or exit 2: never a mix.
+        after = imdb_dist("predict", "--model", str(storage.parse(target, "t").child(rundir.MODEL)), "a fine film")
+        assert after.returncode == 0 and after.stdout == before.stdout, after.stderr[-2000:]
+        for model, message in [(target, "run is not complete"),
+                               (str(storage.parse(target, "t").child(rundir.MODEL, "2")), "not a complete model")]:
+            refused = imdb_dist("predict", "--model", model, "a fine film")
+            assert refused.returncode == 2 and len(errors(refused)) == 1 and message in errors(refused)[0], (
+                refused.stderr[-2000:])
+        # The same command again: the dead run's lease is taken over, the run completes as version 3.
+        again = train(target, "train.epochs=3")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert json.loads(imdb_dist("evaluate", "--model", target, "--data", str(data), "--split",
+                                    "validation").stdout)["n"] > 0
+        # (pyarrow's delete_dir leaves an empty "model/" marker object behind: not a version)
+        versions = {k.split("/")[3] for k in objects(s3, "train/run/model/") if not k.endswith("/")}
+        assert versions == {"1", "3"}, versions
+
+        # Storage gone for good mid-run: one line, exit 1, after the retry budget; the last checkpoint is intact.
+        gone = uri(f"127.0.0.1:{link.port}", "train/gone")
+        dying = subprocess.Popen(
+            [installed_script_path(), "train", *[a for item in [*tiny_overrides(data, tmp_path / "unused"),
+             f"run.output_dir={gone}", "run.checkpoint_steps=3", "run.storage_retry_s=2"] for a in ("--set", item)]],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        wait_for(lambda: "train/gone/checkpoints/checkpoint" in objects(s3, "train/gone/"), "a checkpoint", dying)
+        link.stop()
+        out, err = dying.communicate(timeout=120)
+        outputs.extend([out, err])
+        assert dying.returncode == 1, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "after retrying" in lines[0] and "Traceback" not in err, err[-3000:]
+        link.start()
+        resumed = train(gone)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming at epoch" in resumed.stderr, "the run did not resume from the checkpoint left in the bucket"
+
+    # No credential in any output, local file or object.
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{s3}")
+    bodies = [client.get_object(Bucket=BUCKET, Key=k)["Body"].read().decode("latin-1") for k in objects(s3, "train/")]
+    assert not secrets_in(outputs + bodies, tmp_path)
+
+
+def installed_script_path() -> str:
+    from conftest import installed_script
+
+    return installed_script("imdb-dist")
+
+
+def test_a_uri_with_credentials_is_refused_in_one_line_that_does_not_print_them(s3: str, tmp_path: Path) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    before = objects(s3, "")
+    for target in (f"s3://{ACCESS_KEY}:{SECRET_KEY}@{BUCKET}/leak?endpoint_override={s3}&scheme=http",
+                   f"s3://{BUCKET}/leak?endpoint_override={s3}&scheme=http&secret_key={SECRET_KEY}"):
+        for command, key in (("train", "run.output_dir"), ("launch", "ray.storage_path")):
+            result = imdb_dist(command, sets=[*tiny_overrides(data, tmp_path / "unused"), f"{key}={target}"])
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert len(errors(result)) == 1 and "credentials come from the environment" in errors(result)[0]
+            assert key in errors(result)[0] and not secrets_in([result.stdout, result.stderr], tmp_path)
+    assert objects(s3, "") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
