@@ -355,10 +355,12 @@ def test_a_uri_with_credentials_is_refused_in_one_line_that_does_not_print_them(
 
 
 @pytest.fixture(scope="module")
-def cluster(s3: str) -> Iterator[None]:
+def cluster(s3: str) -> Iterator[Path]:
+    """A local Ray cluster; yields its session directory (its logs)."""
     # After the credentials are in os.environ: the workers inherit them from the raylet.
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    yield
+    # Ray points session_latest at the session it just started (another test process may start one later).
+    yield Path("/tmp/ray/session_latest").resolve()
     ray.shutdown()
 
 
@@ -375,16 +377,25 @@ def s3_config(data: Path, storage_path: str, *extra: str):
             "train.epochs=2",
             "run.checkpoint_steps=3",
             "ray.max_failures=1",
+            # Longer than the tests' 20 s outage (51 s: imdb_dist.storage.retry_attempts).
+            "run.storage_retry_s=30",
             *extra,
         ],
     )
 
 
+OUTAGE_S = 20.0
+
+
 @pytest.mark.ray
-@pytest.mark.timeout(600)  # two Ray Train runs, one with a SIGKILLed worker, then the CLI three times
-def test_a_run_on_s3_survives_a_killed_worker_and_exports_the_uninterrupted_model(
-    s3: str, cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.timeout(600)  # two Ray Train runs, one with a 20 s outage and a SIGKILLed worker, then the CLI
+def test_a_run_on_s3_survives_an_outage_and_a_killed_worker_and_exports_the_uninterrupted_model(
+    s3: str, cluster: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import threading
+
+    from forwarder import Forwarder
+
     monkeypatch.chdir(tmp_path)  # anything written "locally" by mistake would land here
     data = write_aclimdb(tmp_path / "data", {"train": 100})
     reference = launch(s3_config(data, str(tmp_path / "local"))).local_path()
@@ -392,12 +403,51 @@ def test_a_run_on_s3_survives_a_killed_worker_and_exports_the_uninterrupted_mode
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint (optimizer step 12) is in the bucket only.
     kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
-    run = launch(s3_config(data, uri(s3, "runs")), worker_callbacks=[kill, RecordEpochs(str(log))])
-    assert (tmp_path / "killed-once").exists(), "the worker was never killed"
-    begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
-    assert begun == [1, 2, 2], begun  # resumed inside epoch 2, from the bucket's checkpoint
-    assert str(run) == uri(s3, "runs/job")
+    link = Forwarder("127.0.0.1", int(s3.rsplit(":", 1)[1])).start()
+    outage: dict[str, float] = {}
 
+    def refuse_for_a_while() -> None:
+        # Once Ray Train has stored its first checkpoint: the workers, the controller (its own
+        # checkpoint_manager_snapshot.json), the driver's lease and the chief's syncs all meet a
+        # refusing endpoint for OUTAGE_S seconds.
+        deadline = time.monotonic() + 300
+        while not any("/checkpoint_" in k for k in objects(s3, "runs/job/")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        link.stop()
+        outage["stopped"] = time.monotonic()
+        time.sleep(OUTAGE_S)
+        outage["connections"] = link.connections
+        link.start()
+        outage["restarted"] = time.monotonic()
+
+    watcher = threading.Thread(target=refuse_for_a_while, daemon=True)
+    watcher.start()
+    endpoint = f"127.0.0.1:{link.port}"
+    try:
+        run = launch(s3_config(data, uri(endpoint, "runs")), worker_callbacks=[kill, RecordEpochs(str(log))])
+        ended = time.monotonic()
+        watcher.join(timeout=OUTAGE_S + 5)
+        assert "restarted" in outage and ended > outage["restarted"], "the run did not go on through the outage"
+        assert link.connections > outage["connections"], "nothing reached the storage after the outage"
+        assert (tmp_path / "killed-once").exists(), "the worker was never killed"
+        begun = [epoch for _, rank, epoch, event, _ in events(log) if rank == 1 and event == "begin"]
+        assert begun == [1, 2, 2], begun  # resumed inside epoch 2, from the bucket's checkpoint
+        assert str(run) == uri(endpoint, "runs/job")
+        check_the_s3_run(s3, endpoint, run, data, reference, tmp_path)
+    finally:
+        link.stop()
+    # No credential in the run directory, the local files, or any Ray log of this cluster.
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://{s3}")
+    bodies = [client.get_object(Bucket=BUCKET, Key=k)["Body"].read().decode("latin-1") for k in objects(s3, "runs/")]
+    assert not secrets_in(bodies, tmp_path) and not secrets_in([], cluster)
+
+
+def check_the_s3_run(
+    s3: str, endpoint: str, run: storage.Location, data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """The run in the bucket: complete, the uninterrupted model, and read back by the CLI."""
     keys = set(objects(s3, "runs/job/"))
     for name in (rundir.CONFIG, rundir.VOCAB, rundir.METRICS, rundir.REPORT, rundir.CURVES, "data/manifest.json"):
         assert f"runs/job/{name}" in keys, name
@@ -420,7 +470,7 @@ def test_a_run_on_s3_survives_a_killed_worker_and_exports_the_uninterrupted_mode
 
     # Resubmitting the finished job reads the bucket, finds it complete and changes nothing.
     before = objects(s3, "runs/job/")
-    assert launch(s3_config(data, uri(s3, "runs"))) == run
+    assert launch(s3_config(data, uri(endpoint, "runs"))) == run
     assert objects(s3, "runs/job/") == before
 
     # `imdb-dist evaluate` and `predict` take the model's URI.
