@@ -8,12 +8,13 @@ builds a MultiWorkerMirroredStrategy; rank 0 is the chief and the only
 worker that writes to the run directory.
 
 Storage: ``ray.storage_path`` is a local (or NFS) path, or a URI
-(``s3://``, ``gs://``, ``abfs://``, ``hdfs://``; :mod:`imdb_dist.storage`).
-With a URI nothing needs a shared filesystem: the driver uploads the
-prepared data, each worker downloads all of it (the plan is global), the chief works
-in a local directory and uploads the run's files after every checkpoint
-(the metrics and TensorBoard events) and at the end (the model, then
-``report.json`` last), and Ray Train moves the checkpoints.
+(``s3://``, ``gs://``, ``abfs://``, ``hdfs://``). The run directory belongs
+to :class:`imdb_dist.rundir.RunDir`: the driver holds its lease for the
+whole job and syncs the prepared data there; each worker's
+``imdb_dist.train.run`` fetches what it reads, and its chief syncs the logs
+after every checkpoint and publishes the model and report at the end, under
+the driver's lease. Ray Train moves the checkpoints, through the same
+retrying filesystem. This module is the Ray glue only.
 
 GPUs: a ``ray.use_gpu`` job is checked against the cluster after the data
 is read and before anything is written (:func:`check_gpus`): a cluster
@@ -44,15 +45,15 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imdb_dist import fingerprint, rundir, storage
+from imdb_dist import rundir, storage
 from imdb_dist.config import Config, config_from_dict, to_dict
-from imdb_dist.data.sources import load_training_splits
-from imdb_dist.errors import ConfigError, DataError, InputError, RunError
+from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
+from imdb_dist.prepare import prepare
 
 # Nothing TensorFlow at import time: a Ray worker imports this module to
 # run _worker_loop, which imports TensorFlow with its start-up lines filtered.
@@ -144,101 +145,6 @@ def _check_replicas(cfg: Config) -> None:
         raise ConfigError(
             "distribution.strategy", f"Ray workers run multi_worker (or auto), not {cfg.distribution.strategy}"
         )
-
-
-def prepare(
-    cfg: Config,
-    run_dir: rundir.RunDir,
-    *,
-    before_writing: Callable[[], None] = lambda: None,
-    changes: Sequence[str] = (),
-) -> str | None:
-    """Lease and open the run directory, write vocabulary and TFRecord shards once (a resume reuses them), sync.
-
-    Decided before any write, so resubmitting a finished job changes
-    nothing: returns None when the run is already complete, else the id of
-    the lease this process now holds. ``before_writing`` runs once the data
-    is read and checked, before the first write: :func:`launch` joins the
-    cluster there and checks it. A resume is checked against the run's
-    fingerprint (:mod:`imdb_dist.fingerprint`; ``changes``: keys meant to
-    change).
-
-    Raises:
-        DataError: the source is missing or malformed (nothing is written then).
-        InputError: another live run holds the directory, or it is not a run.
-    """
-    from imdb_dist.data import pipeline, shards
-
-    run_dir.fetch_state()
-    if _complete(cfg, run_dir, changes):
-        return None
-    if run_dir.remote:
-        run_dir.check_writable()
-    target = run_dir.work / rundir.PREPARED
-    prepared = shards.read_manifest(target) is not None and rundir.read_vocab(run_dir.work) is not None
-    if prepared:
-        log.info("reusing the prepared data in %s", run_dir.location.child(rundir.PREPARED))
-        saved = fingerprint.read(run_dir.work)
-        # The prepared shards are the data this run trains on, wherever data.path points now
-        # (a run prepared before fingerprints existed is not checked).
-        current = None if saved is None else _fingerprint(cfg, saved.data)
-        train = val = None
-    else:
-        train, val = load_training_splits(cfg.data)
-        if len(train) < cfg.train.batch_size:
-            raise DataError(
-                f"{len(train)} training reviews are fewer than one global batch "
-                f"(train.batch_size {cfg.train.batch_size})"
-            )
-        current = _fingerprint(cfg, fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]))
-    if current is not None:
-        fingerprint.check(run_dir.work, current, changes)
-    before_writing()
-    lease = run_dir.acquire(cfg.run.lease_s)
-    # Again, now that no other run writes the directory: one may have moved it on since.
-    run_dir.fetch_state()
-    if _complete(cfg, run_dir, changes):
-        return None
-    previous = None if current is None else fingerprint.check(run_dir.work, current, changes)
-    run_dir.begin(cfg)
-    if current is not None:
-        fingerprint.record(run_dir.work, previous, current, at=_progress(run_dir.work))
-    if train is not None and val is not None:
-        # Fitted once, here, so every replica shares the same token ids.
-        rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
-        shards.write_prepared(
-            target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
-        )
-        log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
-    # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
-    run_dir.sync()
-    return lease
-
-
-def _complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
-    run_dir.prior_config()  # refuses a directory that is not a run
-    return fingerprint.already_complete(run_dir.work, cfg, changes)
-
-
-def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
-    """The run's fingerprint, with the precision its workers will resolve (GPU workers: ``auto`` is float16)."""
-    from imdb_dist.data.plan import PLAN_VERSION
-    from imdb_dist.distribute import resolve_precision
-
-    gpu = cfg.ray.use_gpu and not cfg.distribution.cpu_devices
-    return fingerprint.Fingerprint.of(
-        cfg,
-        precision=resolve_precision(cfg.train.mixed_precision, gpu=gpu),
-        plan_version=PLAN_VERSION,
-        data=digest,
-    )
-
-
-def _progress(run_dir: Path) -> dict[str, int]:
-    """Where a change takes effect: the epochs the run has finished."""
-    from imdb_dist.callbacks import read_metrics
-
-    return {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
 
 
 def connect() -> None:

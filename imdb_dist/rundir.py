@@ -141,7 +141,8 @@ class RunDir:
         self._remote_files: dict[str, int] | None = None
         self.lease: Lease | None = None
         self._lease_id: str | None = None  # the launcher's lease, checked before each write (Ray workers)
-        # Per sync (every checkpoint, then the publish): bytes uploaded, and how many were the checkpoint's.
+        # Per sync (every checkpoint, then the publish): bytes uploaded, how many of them were the
+        # checkpoint's, and the size of the logs then.
         self.uploaded: list[dict[str, int]] = []
 
     @classmethod
@@ -375,7 +376,9 @@ class RunDir:
             # Deleted here since the last sync (an old checkpoint): delete what this run uploaded of it.
             for key in self._synced.pop(name).objects:
                 storage.delete(self.location.child(*key.split("/")))
-        self.uploaded.append({"bytes": sent, "checkpoint_bytes": checkpoint})
+        # What uploading every log whole would have sent instead (the logs' size now): the growth a sync avoids.
+        logs = sum((self.work / name).stat().st_size for name in local if _appendable(name))
+        self.uploaded.append({"bytes": sent, "checkpoint_bytes": checkpoint, "logs_size_bytes": logs})
         return sent
 
     def _plan(

@@ -32,10 +32,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import posixpath
-import tempfile
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 

@@ -22,6 +22,7 @@ import asyncio
 import socket
 import struct
 import threading
+from typing import Self
 
 _CHUNK = 64 * 1024
 # SO_LINGER on, timeout 0: close() sends RST instead of FIN, so the client sees a reset, not a clean EOF.
@@ -128,7 +129,7 @@ class Forwarder:
         if writer.can_write_eof():
             writer.write_eof()  # pass a half-close on (HTTP clients rarely do it, but keep TCP semantics)
 
-    def __enter__(self) -> Forwarder:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

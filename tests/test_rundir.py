@@ -203,12 +203,11 @@ def test_only_complete_model_versions_and_complete_runs_are_read(where: str, tmp
     model = str(storage.parse(where, "t").child(rundir.MODEL))
     with rundir.locate_model(model) as path:
         assert path.name == "1" and (path / rundir.MODEL_MARKER).is_file()
-    with pytest.raises(InputError, match="not a complete model export"):
-        with rundir.locate_model(str(storage.parse(where, "t").child(rundir.MODEL, "2"))):
-            pass
-    with pytest.raises(InputError, match="run is not complete"):
-        with rundir.locate_model(where):
-            pass
+    with (pytest.raises(InputError, match="not a complete model export"),
+          rundir.locate_model(str(storage.parse(where, "t").child(rundir.MODEL, "2")))):
+        pass
+    with pytest.raises(InputError, match="run is not complete"), rundir.locate_model(where):
+        pass
     (run.work / rundir.REPORT).write_text(json.dumps({"model_version": 1}))
     fake_version(run.work, 3, complete=True)
     run.publish()

@@ -1,0 +1,133 @@
+"""Bytes a run on remote storage uploads per checkpoint, early and late in the run.
+
+Starts a real S3 server (moto's, on loopback), runs ``imdb-dist train``
+with ``run.output_dir`` in its bucket as users do (a fresh process, real
+data, a checkpoint at every epoch's end), and reads the run's
+``report.json`` back from the bucket: its ``uploads`` hold, per sync,
+the bytes the chief uploaded, how many of them were the checkpoint's, and
+the size of the logs at that moment (what uploading every log whole at each
+checkpoint would have sent for them). A sync uploads only what changed: a
+log's new lines or records as a segment (``imdb_dist.rundir``), so its
+bytes per checkpoint should not grow with the run.
+
+    python -m bench.uploads --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --config job/configs/fast.yaml --epochs 4 [--output docs/bench-results/uploads.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.timing import emit
+from bench.topology import cpu_model
+
+BUCKET = "bench"
+# moto accepts any key pair.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_s3() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on loopback with one empty bucket; its ``host:port``."""
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            return server, f"127.0.0.1:{port}"
+        except Exception:  # noqa: BLE001 - not listening yet
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("moto's S3 server did not come up") from None
+            time.sleep(0.3)
+
+
+def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, Any]:
+    """One run into a fresh bucket prefix; the per-sync upload records and what they add up to."""
+    import boto3
+
+    config, data = str(Path(config).resolve()), str(Path(data).resolve())  # the run starts in a scratch directory
+    server, endpoint = _start_s3()
+    try:
+        target = f"s3://{BUCKET}/run?endpoint_override={endpoint}&scheme=http"
+        # The bench's own settings last: they win over --set.
+        sets = [*extra, f"data.path={data}", f"train.epochs={epochs}", f"run.output_dir={target}",
+                "run.checkpoint_steps=0"]
+        with tempfile.TemporaryDirectory(prefix="imdb-dist-bench-uploads-") as scratch:
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "imdb_dist.cli", "train", "--config", config,
+                 *[arg for item in sets for arg in ("--set", item)]],
+                cwd=scratch, env={**os.environ, **CREDENTIALS}, check=True, capture_output=True, text=True,
+            )
+            wall = time.perf_counter() - started
+        client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                              aws_access_key_id="bench", aws_secret_access_key="bench")
+        report = json.loads(client.get_object(Bucket=BUCKET, Key="run/report.json")["Body"].read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    syncs = report["uploads"]
+    # A checkpoint at each epoch's end: sync k is epoch k's; the last one is the publish (model, whole logs).
+    per_epoch = syncs[:-1]
+    assert len(per_epoch) == report["epochs"], (len(per_epoch), report["epochs"])
+
+    def other(sync: dict[str, int]) -> int:
+        return sync["bytes"] - sync["checkpoint_bytes"]
+
+    first, last = per_epoch[0], per_epoch[-1]
+    return {
+        "epochs": report["epochs"],
+        "wall_s": wall,
+        "per_checkpoint": [{"epoch": i + 1, **sync} for i, sync in enumerate(per_epoch)],
+        "publish": syncs[-1],
+        "first_to_last_checkpoint_ratio": last["bytes"] / first["bytes"],
+        # Without the checkpoint (a Ray run's chief: Ray Train moves the checkpoint itself).
+        "logs_first_to_last_ratio": other(last) / other(first),
+        "whole_logs_first_to_last_ratio": last["logs_size_bytes"] / first["logs_size_bytes"],
+        "validation_accuracy": report["validation"]["accuracy"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser.add_argument("--config", default="job/configs/fast.yaml")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output", type=Path, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+    summary = {
+        "machine": cpu_model(),
+        "config": args.config,
+        "overrides": args.overrides,
+        **measure(args.config, args.data, args.epochs, args.overrides),
+    }
+    emit(summary, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The driver's one-time preparation of a multi-worker run: decide, lease, vocabulary and TFRecord shards.
+
+:func:`imdb_dist.launch.launch` calls :func:`prepare` once, before it starts
+the workers: it reads and checks the data (bad data needs no cluster and
+writes nothing), takes the run directory's lease, and writes what every
+worker reads (config, fingerprint, vocabulary, shards) into the run
+directory (:class:`imdb_dist.rundir.RunDir`). A resume reuses the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from imdb_dist import fingerprint, rundir
+from imdb_dist.config import Config, to_dict
+from imdb_dist.data.sources import load_training_splits
+from imdb_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def prepare(
+    cfg: Config,
+    run_dir: rundir.RunDir,
+    *,
+    before_writing: Callable[[], None] = lambda: None,
+    changes: Sequence[str] = (),
+) -> str | None:
+    """Lease and open the run directory, write vocabulary and TFRecord shards once (a resume reuses them), sync.
+
+    Decided before any write, so resubmitting a finished job changes
+    nothing: returns None when the run is already complete, else the id of
+    the lease this process now holds. ``before_writing`` runs once the data
+    is read and checked, before the first write: :func:`launch` joins the
+    cluster there and checks it. A resume is checked against the run's
+    fingerprint (:mod:`imdb_dist.fingerprint`; ``changes``: keys meant to
+    change).
+
+    Raises:
+        DataError: the source is missing or malformed (nothing is written then).
+        InputError: another live run holds the directory, or it is not a run.
+    """
+    from imdb_dist.data import pipeline, shards
+
+    run_dir.fetch_state()
+    if _complete(cfg, run_dir, changes):
+        return None
+    if run_dir.remote:
+        run_dir.check_writable()
+    target = run_dir.work / rundir.PREPARED
+    prepared = shards.read_manifest(target) is not None and rundir.read_vocab(run_dir.work) is not None
+    if prepared:
+        log.info("reusing the prepared data in %s", run_dir.location.child(rundir.PREPARED))
+        saved = fingerprint.read(run_dir.work)
+        # The prepared shards are the data this run trains on, wherever data.path points now
+        # (a run prepared before fingerprints existed is not checked).
+        current = None if saved is None else _fingerprint(cfg, saved.data)
+        train = val = None
+    else:
+        train, val = load_training_splits(cfg.data)
+        if len(train) < cfg.train.batch_size:
+            raise DataError(
+                f"{len(train)} training reviews are fewer than one global batch "
+                f"(train.batch_size {cfg.train.batch_size})"
+            )
+        current = _fingerprint(cfg, fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]))
+    if current is not None:
+        fingerprint.check(run_dir.work, current, changes)
+    before_writing()
+    lease = run_dir.acquire(cfg.run.lease_s)
+    # Again, now that no other run writes the directory: one may have moved it on since.
+    run_dir.fetch_state()
+    if _complete(cfg, run_dir, changes):
+        return None
+    previous = None if current is None else fingerprint.check(run_dir.work, current, changes)
+    run_dir.begin(cfg)
+    if current is not None:
+        fingerprint.record(run_dir.work, previous, current, at=_progress(run_dir.work))
+    if train is not None and val is not None:
+        # Fitted once, here, so every replica shares the same token ids.
+        rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
+        shards.write_prepared(
+            target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
+        )
+        log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
+    # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
+    run_dir.sync()
+    return lease
+
+
+def _complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
+    run_dir.prior_config()  # refuses a directory that is not a run
+    return fingerprint.already_complete(run_dir.work, cfg, changes)
+
+
+def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
+    """The run's fingerprint, with the precision its workers will resolve (GPU workers: ``auto`` is float16)."""
+    from imdb_dist.data.plan import PLAN_VERSION
+    from imdb_dist.distribute import resolve_precision
+
+    gpu = cfg.ray.use_gpu and not cfg.distribution.cpu_devices
+    return fingerprint.Fingerprint.of(
+        cfg,
+        precision=resolve_precision(cfg.train.mixed_precision, gpu=gpu),
+        plan_version=PLAN_VERSION,
+        data=digest,
+    )
+
+
+def _progress(run_dir: Path) -> dict[str, int]:
+    """Where a change takes effect: the epochs the run has finished."""
+    from imdb_dist.callbacks import read_metrics
+
+    return {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}
