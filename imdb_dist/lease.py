@@ -98,13 +98,7 @@ class Lease:
         self.lost: str | None = None  # why the renewals stopped holding it
 
     def holder(self) -> Holder | None:
-        raw = self._read()
-        if raw is None:
-            return None
-        try:
-            return Holder(**json.loads(raw))
-        except (ValueError, TypeError):
-            return None  # a torn or foreign file holds nothing
+        return _parse(self._read())
 
     def acquire(self) -> None:
         """Take the lease, or raise naming the live run that holds it; then renew it in the background.
@@ -181,14 +175,22 @@ class Lease:
         self.release()
 
 
+def _parse(raw: bytes | None) -> Holder | None:
+    if raw is None:
+        return None
+    try:
+        return Holder(**json.loads(raw))
+    except (ValueError, TypeError):
+        return None  # a torn or foreign file holds nothing
+
+
 def check_holder(where: str, read: Read, lease_id: str) -> None:
     """Raise unless the lease on ``where`` is ``lease_id``'s: a run must not write a directory another run holds.
 
     Raises:
         RunError: naming the holder, or saying the lease is gone.
     """
-    raw = read()
-    holder = Holder(**json.loads(raw)) if raw is not None else None
+    holder = _parse(read())
     if holder is None:
         raise RunError(f"{where}: this run's lease on the run directory is gone (expired and released?); stopping")
     if holder.id != lease_id:
