@@ -35,7 +35,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Self
 
 from imdb_dist.errors import InputError, RunError
 
@@ -85,7 +84,7 @@ Delete = Callable[[], None]
 
 
 class Lease:
-    """This run's hold on a run directory; :meth:`acquire` it, then :meth:`release` it (a context manager too)."""
+    """This run's hold on a run directory: :meth:`acquire` it, then :meth:`release` it."""
 
     def __init__(self, where: str, read: Read, write: Write, delete: Delete, *, ttl_s: float, settle_s: float) -> None:
         self.where = where  # for messages: the config key and the run directory
@@ -166,13 +165,6 @@ class Lease:
         except OSError as exc:
             log.warning("could not release the lease on %s (it expires by itself): %s", self.where,
                         str(exc).splitlines()[0])
-
-    def __enter__(self) -> Self:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _parse(raw: bytes | None) -> Holder | None:

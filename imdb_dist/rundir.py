@@ -542,14 +542,8 @@ def _model_version(location: storage.Location, where: str, key: str) -> Iterator
 
 def _newest_complete(files: dict[str, int], root: str) -> int | None:
     """The highest version under ``root`` (a ``model/`` path inside ``files``, or '') that holds its marker."""
-    base = f"{root}/" if root else ""
-    versions = [
-        int(name[len(base):].split("/", 1)[0])
-        for name in files
-        if name.startswith(base) and name.endswith(f"/{MODEL_MARKER}") and name[len(base):].split("/", 1)[0].isdigit()
-        and name[len(base):] == f"{name[len(base):].split('/', 1)[0]}/{MODEL_MARKER}"
-    ]
-    return max(versions, default=None)
+    marker = re.compile(rf"^{re.escape(f'{root}/' if root else '')}(\d+)/{re.escape(MODEL_MARKER)}$")
+    return max((int(m[1]) for name in files if (m := marker.match(name))), default=None)
 
 
 def check_writable(path: Path) -> None:

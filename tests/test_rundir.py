@@ -222,3 +222,18 @@ def test_only_complete_model_versions_and_complete_runs_are_read(where: str, tmp
     )
     assert remaining == ["1", "3"]
     run.close()
+
+
+def test_on_a_store_that_shows_files_as_they_grow_a_file_is_replaced_whole_and_no_staging_file_stays(
+    tmp_path: Path,
+) -> None:
+    """HDFS and Azure show a file while it is written: write_bytes stages it under a hidden name, then moves it."""
+    import pyarrow.fs as pafs
+
+    filesystem = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    assert not storage.object_store(filesystem)
+    target = storage.Location(filesystem, "run/report.json", "subtree://run/report.json")
+    storage.write_bytes(target, b"old")
+    storage.write_bytes(target, b"new")
+    assert (tmp_path / "run" / "report.json").read_bytes() == b"new"
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["report.json"], "a staging file was left behind"

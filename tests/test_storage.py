@@ -467,6 +467,7 @@ def check_the_s3_run(
     losses = [[r["loss"] for r in read_metrics(d / rundir.METRICS)] for d in (copy, reference)]
     assert losses[0] == losses[1]
     report = json.loads((copy / rundir.REPORT).read_text())
+    assert report["config"]["run"]["output_dir"] == str(run), "the report names the run directory as given"
     assert report["optimizer_steps"] == json.loads((reference / rundir.REPORT).read_text())["optimizer_steps"]
 
     # Resubmitting the finished job reads the bucket, finds it complete and changes nothing.
