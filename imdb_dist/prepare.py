@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imdb_dist import fingerprint, rundir
 from imdb_dist.config import Config, to_dict
-from imdb_dist.data.sources import load_training_splits
+from imdb_dist.data.sources import load_training_splits, movies
 from imdb_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,8 @@ def prepare(
     if train is not None and val is not None:
         # Fitted once, here, so every replica shares the same token ids.
         rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
-        shards.write_prepared(
-            target, {"train": train, "validation": val}, cfg.ray.num_shards, meta={"data": to_dict(cfg)["data"]}
-        )
+        meta = {"data": to_dict(cfg)["data"], "validation_movies": movies(val)}
+        shards.write_prepared(target, {"train": train, "validation": val}, cfg.ray.num_shards, meta=meta)
         log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
     # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
     run_dir.sync()

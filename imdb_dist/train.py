@@ -34,7 +34,7 @@ from imdb_dist.config import Config, to_dict
 from imdb_dist.curves import plot_curves
 from imdb_dist.data import pipeline, plan, shards
 from imdb_dist.data.pipeline import Tokenizer
-from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits
+from imdb_dist.data.sources import ReadAhead, Reviews, load_training_splits, movies
 from imdb_dist.digest import BatchDigest
 from imdb_dist.distribute import (
     check_devices,
@@ -92,6 +92,9 @@ class TrainingData:
     val_reviews: Callable[[], Reviews]
     # sha256 of the reviews (imdb_dist.fingerprint.data_digest); None for prepared shards (the launcher checks).
     digest: str | None = None
+    # How many movies the validation reviews are about, none of them in
+    # training, where the source names each review's movie; None where it does not.
+    validation_movies: int | None = None
 
 
 def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -> TrainingData:
@@ -104,6 +107,7 @@ def in_memory_data(cfg: Config, splits: tuple[Reviews, Reviews] | None = None) -
         val_examples=lambda: tf.data.Dataset.from_tensor_slices((val.texts, val.labels)),
         val_reviews=lambda: val,
         digest=fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]),
+        validation_movies=movies(val),
     )
 
 
@@ -119,6 +123,7 @@ def prepared_data(directory: Path) -> TrainingData:
         train_examples=lambda: shards.examples(train_files),
         val_examples=lambda: shards.examples(val_files),
         val_reviews=lambda: shards.load_split(directory, "validation"),
+        validation_movies=manifest["meta"].get("validation_movies"),
     )
 
 
@@ -240,6 +245,7 @@ def run(
                 timings,
                 time.perf_counter() - started,
                 batches_digest=batches_digest,
+                validation_movies=data.validation_movies,
             )
         return None if run_dir.remote else run_dir.work
 
@@ -347,7 +353,11 @@ def _check_sizes(cfg: Config, data: TrainingData) -> None:
         )
     if data.n_val == 0:
         raise ConfigError("data.validation_fraction", f"leaves no validation reviews out of {data.n_train}")
-    log.info("data: %d training and %d validation reviews", data.n_train, data.n_val)
+    if data.validation_movies is None:
+        held_out = "split without movie grouping (the source does not name each review's movie)"
+    else:
+        held_out = f"the validation reviews' {data.validation_movies} movies are not in training"
+    log.info("data: %d training and %d validation reviews; %s", data.n_train, data.n_val, held_out)
 
 
 def _tokenize(cfg: Config, run_dir: Path, data: TrainingData, worker: Worker) -> tuple[Tokenizer, pipeline.Encoded]:
@@ -544,6 +554,7 @@ def _finish(
     wall_s: float,
     *,
     batches_digest: int | None,
+    validation_movies: int | None,
 ) -> None:
     """Export a float32 copy of the model, score it on the validation split, draw the curves, report, publish."""
     work = run_dir.work
@@ -582,6 +593,9 @@ def _finish(
         "strategy": type(worker.strategy).__name__,
         "workers": worker.num_workers,
         "replicas": worker.replicas,
+        # Movies of the validation reviews, held out of training as a whole
+        # (the source named them); null: the split may share movies.
+        "validation_movies": validation_movies,
         "precision": worker.precision,
         "config": to_dict(cfg),
         "versions": {

@@ -194,11 +194,14 @@ def write_aclimdb(
     unsup: int = 0,
     length: int = 30,
     label_noise: float = 0.0,
+    movies: int = 0,
 ) -> Path:
     """Write ``aclImdb/<split>/{pos,neg}/ID_RATING.txt`` with ``n`` reviews per class per split.
 
     ``label_noise``: the share of reviews written with the other class's
     words, so that a model can only memorise them (it overfits).
+    ``movies``: also write the official ``<split>/urls_{pos,neg}.txt``, each
+    review's movie drawn from that many.
     """
     rng = random.Random(seed)
     base = root / "aclImdb"
@@ -212,6 +215,9 @@ def write_aclimdb(
                 flipped = label_noise > 0 and rng.random() < label_noise
                 positive = (label == "pos") != flipped
                 (folder / f"{i}_{rating}.txt").write_text(fake_review(rng, positive, length), encoding="utf-8")
+            if movies:
+                urls = [f"http://www.imdb.com/title/tt{rng.randrange(movies):07d}/usercomments\n" for _ in range(n)]
+                (base / split / f"urls_{label}.txt").write_text("".join(urls), encoding="utf-8")
     if unsup:
         folder = base / "train" / "unsup"
         folder.mkdir(parents=True, exist_ok=True)

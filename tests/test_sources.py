@@ -17,6 +17,7 @@ from imdb_dist.data.sources import (
     ENV_PATH,
     decode_keras,
     fold_indices,
+    movies,
     load_reviews,
     read_aclimdb,
     resolve_source,
@@ -483,3 +484,61 @@ def test_a_reader_whose_parent_died_exits_by_itself(aclimdb, tmp_path):
     )
     assert proc.returncode == 0
     assert proc.stderr == ""  # no BrokenPipeError traceback from the reader
+
+
+def _movie_sets(base: Path, urls_files: list[Path]) -> dict[str, str]:
+    """review text -> movie, read back from the generated urls files."""
+    movie = {}
+    for urls in urls_files:
+        lines = urls.read_text().splitlines()
+        label = urls.stem.split("_")[1]
+        for review in (urls.parent / label).glob("*.txt"):
+            movie[review.read_text()] = re.search(r"tt\d+", lines[int(review.name.split("_")[0])]).group(0)
+    return movie
+
+
+@pytest.mark.parametrize("archive", [False, True], ids=["directory", "tarball"])
+def test_with_the_archives_urls_files_no_movie_has_reviews_on_both_sides_of_a_split(aclimdb, tmp_path, archive):
+    base = aclimdb({"train": 60}, movies=17)
+    movie = _movie_sets(base, sorted((base / "train").glob("urls_*.txt")))
+    source = make_tarball(base, tmp_path / "data.tar.gz") if archive else base
+    splits = [data_config(source, validation_fraction=0.2)] + [data_config(source, folds=4, fold=k) for k in range(4)]
+    seen: collections.Counter = collections.Counter()
+    for cfg in splits:
+        train, validation = (load_reviews(cfg, "train"), load_reviews(cfg, "validation"))
+        assert len(train) + len(validation) == 120
+        train_movies = {movie[t] for t in train.texts}
+        validation_movies = {movie[t] for t in validation.texts}
+        assert train_movies and validation_movies and not train_movies & validation_movies
+        assert movies(validation) == len(validation_movies)
+        if cfg.folds:
+            seen += collections.Counter(validation.texts)
+        else:
+            assert len(validation) >= 24  # at least the fraction: whole movies until it is reached
+    assert set(seen) == set(movie) and max(seen.values()) == 1  # the folds' validation parts: each review once
+
+
+def test_grouped_folds_cover_the_data_and_keep_each_group_in_one_fold():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 1500, 25_000)  # about 17 reviews a movie, up to 30 or so
+    parts = [fold_indices(25_000, 5, fold, seed=11, groups=groups) for fold in range(5)]
+    validation = np.concatenate([val for _, val in parts])
+    assert np.array_equal(np.sort(validation), np.arange(25_000))
+    for train, val in parts:
+        assert not set(groups[train]) & set(groups[val])
+    sizes = [len(val) for _, val in parts]
+    assert max(sizes) - min(sizes) <= np.bincount(groups).max()
+    # Grouping is not a no-op: the ungrouped folds of the same seed split movies.
+    train, val = fold_indices(25_000, 5, 0, seed=11)
+    assert set(groups[train]) & set(groups[val])
+
+
+def test_without_urls_files_reviews_have_no_movies(aclimdb):
+    assert read_aclimdb(aclimdb({"train": 5}), "train").groups is None
+
+
+def test_a_urls_file_without_a_line_for_a_review_is_refused_naming_both(aclimdb):
+    base = aclimdb({"train": 6}, movies=3)
+    (base / "train" / "urls_neg.txt").write_text("http://www.imdb.com/title/tt0000001/usercomments\n")
+    with pytest.raises(DataError, match=r"urls_neg.txt has 1 lines, none for train/neg/1_\d+\.txt"):
+        read_aclimdb(base, "train")

@@ -137,16 +137,18 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _train(sets: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def _train(sets: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    # Output to a file, not a pipe: a pipe read only after another worker
+    # ends can fill and stall this one (its collective peers then time out).
     args = [arg for item in sets for arg in ("--set", item)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "imdb_dist.cli", "train", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "imdb_dist.cli", "train", *args],
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
 
 
 def _one_step(data: Path, out: Path, workers: int, local: int, *extra: str) -> dict:
@@ -161,20 +163,21 @@ def _one_step(data: Path, out: Path, workers: int, local: int, *extra: str) -> d
     ]
     if local > 1:
         sets.append(f"distribution.cpu_devices={local}")
+    logs = [out.parent / f"{out.name}-worker{w}.log" for w in range(workers)]
     if workers == 1:
-        procs = [_train(sets)]
+        procs = [_train(sets, logs[0])]
     else:
         cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(workers)]}
         procs = [
             _train(
                 [*sets, "distribution.strategy=multi_worker"],
+                logs[w],
                 {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": w}})},
             )
             for w in range(workers)
         ]
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
+    codes = [proc.wait(timeout=300) for proc in procs]
+    assert codes == [0] * workers, "\n".join(f"worker {w}: ...{log.read_text()[-2500:]}" for w, log in enumerate(logs))
     return json.loads((out / rundir.REPORT).read_text())
 
 

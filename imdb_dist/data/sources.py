@@ -42,6 +42,10 @@ ENV_PATH = "IMDB_DATA"
 # (unlabeled) and anything not directly inside pos/ or neg/ is ignored.
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 _REVIEW = re.compile(r"(?:^|/)(train|test)/(pos|neg)/([^/]+\.txt)$")
+# The official archive's train/urls_pos.txt etc.: line N is the IMDB page of
+# the movie that review N_*.txt is about (a title id tt0123456).
+_URLS = re.compile(r"(?:^|/)(train|test)/urls_(pos|neg)\.txt$")
+_TITLE = re.compile(r"tt\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,9 @@ class Reviews:
 
     texts: list[str]
     labels: np.ndarray  # int32, 1 = positive
+    # int32 movie number per review, where the source says which movie each
+    # review is about; splits then keep a movie's reviews on one side.
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -210,36 +217,80 @@ def _read_source(cfg: DataConfig, raw_split: str) -> Reviews:
 
 def _partition(cfg: DataConfig, reviews: Reviews) -> tuple[Reviews, Reviews]:
     if cfg.folds:
-        train_idx, val_idx = fold_indices(len(reviews), cfg.folds, cfg.fold, cfg.seed)
+        train_idx, val_idx = fold_indices(len(reviews), cfg.folds, cfg.fold, cfg.seed, reviews.groups)
     else:
-        train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed)
+        train_idx, val_idx = split_indices(len(reviews), cfg.validation_fraction, cfg.seed, reviews.groups)
     return subset(reviews, train_idx), subset(reviews, val_idx)
 
 
-def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded partition of ``range(n)`` into (train, validation) index arrays."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def movies(reviews: Reviews) -> int | None:
+    """How many movies ``reviews`` are about; None where the source does not say."""
+    return None if reviews.groups is None else int(np.unique(reviews.groups).size)
 
 
-def fold_indices(n: int, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, fraction: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded partition of ``range(n)`` into (train, validation) index arrays.
+
+    With ``groups`` (one group number per index), whole groups go to one
+    side: groups in seeded order fill the validation part until it holds at
+    least ``round(n * fraction)`` indices.
+    """
+    n_val = round(n * fraction)
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+    members = _members(groups, seed)
+    sizes = np.cumsum([len(m) for m in members])
+    taken = int(np.searchsorted(sizes, n_val)) + 1 if n_val else 0
+    val = np.sort(np.concatenate(members[:taken])) if taken else np.empty(0, np.int64)
+    rest = members[taken:]
+    train = np.sort(np.concatenate(rest)) if rest else np.empty(0, np.int64)
+    return train, val
+
+
+def fold_indices(
+    n: int, folds: int, fold: int, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) index arrays for ``fold`` of a seeded ``folds``-fold partition of ``range(n)``.
 
     The folds of one seed are disjoint, cover ``range(n)`` and differ in size
-    by at most one; fold ``k``'s training part is every other fold.
+    by at most one; fold ``k``'s training part is every other fold. With
+    ``groups``, every group lies in one fold, and each group in seeded order
+    joins the fold that holds the fewest indices so far (so sizes differ by
+    at most the largest group).
     """
     if not 0 <= fold < folds:
         raise ValueError(f"fold {fold} is not in [0, {folds})")
-    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    if groups is None:
+        parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    else:
+        chosen: list[list[np.ndarray]] = [[] for _ in range(folds)]
+        filled = np.zeros(folds, np.int64)
+        for member in _members(groups, seed):
+            k = int(np.argmin(filled))  # the first of the emptiest folds
+            chosen[k].append(member)
+            filled[k] += len(member)
+        parts = [np.concatenate(c) if c else np.empty(0, np.int64) for c in chosen]
     val = np.sort(parts[fold])
     train = np.sort(np.concatenate([part for k, part in enumerate(parts) if k != fold]))
     return train, val
 
 
+def _members(groups: np.ndarray, seed: int) -> list[np.ndarray]:
+    """The indices of each group, the groups in an order drawn from ``seed``."""
+    numbers, inverse = np.unique(groups, return_inverse=True)
+    by_group = np.argsort(inverse, kind="stable")
+    members = np.split(by_group, np.cumsum(np.bincount(inverse, minlength=len(numbers)))[:-1])
+    order = np.random.default_rng(seed).permutation(len(numbers))
+    return [members[g] for g in order]
+
+
 def subset(reviews: Reviews, indices: np.ndarray) -> Reviews:
     """The reviews at ``indices``, in that order."""
-    return Reviews([reviews.texts[i] for i in indices], reviews.labels[indices])
+    groups = None if reviews.groups is None else reviews.groups[indices]
+    return Reviews([reviews.texts[i] for i in indices], reviews.labels[indices], groups)
 
 
 def read_aclimdb(path: str | os.PathLike, split: str) -> Reviews:
@@ -262,10 +313,14 @@ def read_aclimdb(path: str | os.PathLike, split: str) -> Reviews:
         raise DataError(f"data path {root} is neither a directory nor a tar archive")
 
     found: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    urls: dict[tuple[str, str], list[str]] = {}
     empty = 0
     for name, payload in files:
         match = _REVIEW.search(name)
         if match is None:
+            listing = _URLS.search(name)
+            if listing is not None:
+                urls[listing.group(1), listing.group(2)] = payload.decode("utf-8", "replace").splitlines()
             continue
         file_split, label = match.group(1), match.group(2)
         try:
@@ -278,10 +333,15 @@ def read_aclimdb(path: str | os.PathLike, split: str) -> Reviews:
         found.setdefault((file_split, label), []).append((name, text))
     if empty:
         log.warning("%s: skipped %d empty review file(s)", root, empty)
-    return _collect(root, split, found)
+    return _collect(root, split, found, urls)
 
 
-def _collect(root: Path, split: str, found: dict[tuple[str, str], list[tuple[str, str]]]) -> Reviews:
+def _collect(
+    root: Path,
+    split: str,
+    found: dict[tuple[str, str], list[tuple[str, str]]],
+    urls: dict[tuple[str, str], list[str]],
+) -> Reviews:
     present = sorted({s for s, _ in found})
     if split not in present:
         holds = ", ".join(present) if present else "no reviews in the aclImdb layout"
@@ -295,13 +355,40 @@ def _collect(root: Path, split: str, found: dict[tuple[str, str], list[tuple[str
     # Sort by file name so the order (and so the seeded split) never depends
     # on directory listing or archive member order.
     pairs.sort(key=lambda p: p[0])
-    return Reviews([p[1] for p in pairs], np.array([p[2] for p in pairs], dtype=np.int32))
+    groups = _movies(root, split, [name for name, _, _ in pairs], urls)
+    return Reviews([p[1] for p in pairs], np.array([p[2] for p in pairs], dtype=np.int32), groups)
+
+
+def _movies(root: Path, split: str, names: list[str], urls: dict[tuple[str, str], list[str]]) -> np.ndarray | None:
+    """The movie number of each review named, from ``<split>/urls_{pos,neg}.txt``; None without both files."""
+    if (split, "pos") not in urls or (split, "neg") not in urls:
+        return None
+    titles: list[str] = []
+    for name in names:
+        match = _REVIEW.search(name)
+        assert match is not None  # names are the reviews _REVIEW matched
+        label, file_name = match.group(2), match.group(3)
+        lines = urls[split, label]
+        number = file_name.split("_", 1)[0]
+        if not number.isdigit() or int(number) >= len(lines):
+            raise DataError(
+                f"{root}: {split}/urls_{label}.txt has {len(lines)} lines, none for {split}/{label}/{file_name} "
+                "(review N's movie is on line N); remove the urls files to split without movie grouping"
+            )
+        url = lines[int(number)].strip()
+        title = _TITLE.search(url)
+        titles.append(title.group(0) if title else url)
+    _, numbers = np.unique(np.array(titles), return_inverse=True)
+    return numbers.astype(np.int32)
 
 
 def _iter_dir(root: Path) -> Iterator[tuple[str, bytes]]:
     base = root / "aclImdb" if (root / "aclImdb").is_dir() else root
     for split in ("train", "test"):
         for label in ("pos", "neg"):
+            urls = base / split / f"urls_{label}.txt"
+            if urls.is_file():
+                yield f"{split}/{urls.name}", urls.read_bytes()
             folder = base / split / label
             if not folder.is_dir():
                 continue
@@ -339,7 +426,7 @@ def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
         # Stream mode reads the archive once, front to back, never seeking.
         with _open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
-                if member.isfile() and _REVIEW.search(member.name):
+                if member.isfile() and (_REVIEW.search(member.name) or _URLS.search(member.name)):
                     handle = archive.extractfile(member)
                     if handle is not None:
                         yield member.name, handle.read()
