@@ -17,6 +17,11 @@ standard deviation of the exported model's accuracy over the folds. One
 held-out split of 2,500 reviews has a standard error near 0.006 and chosen
 on, it flatters; the folds' mean does not depend on one lucky split. The
 curves and times to the threshold are per fold; the plot draws fold 0.
+The folds keep each movie's reviews in one fold when the data has the
+official ``urls_{pos,neg}.txt``; without them (the 25,000 reviews in
+``shared/`` lack them) a fold's movies also appear in training, the mean
+flatters, and the JSON says so: ``grouped_by_movie`` false, ``margin``
+0.02, the amount the mean must clear a target by.
 
     python -m bench.accuracy --data ../shared/data/imdb/aclImdb_train.tar.gz --folds 5 \\
         --preset job/configs/fast.yaml --output docs/bench-results/accuracy-cv-fast.json
@@ -36,8 +41,12 @@ from bench.timing import emit
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import DataConfig, load_config
-from imdb_dist.data.sources import load_training_splits
+from imdb_dist.data.sources import load_training_splits, movies
 from imdb_dist.train import run
+
+
+# What an ungrouped CV mean must clear a target by (README, docs/BENCHMARKS.md).
+UNGROUPED_MARGIN = 0.02
 
 
 def first_reaching(curve: list[tuple[float, float]], threshold: float) -> float | None:
@@ -56,6 +65,7 @@ def run_preset(preset: str, data: str, out: Path, overrides: list[str]) -> dict:
         "val_n": report["validation"]["n"],
         "examples_per_s_median": report["examples_per_s_median"],
         "train_wall_s": records[-1]["wall_s"],
+        "validation_movies": report["validation_movies"],
     }
 
 
@@ -69,6 +79,7 @@ def seed_style(data: DataConfig, max_len: int, epochs: int) -> dict:
         "val_n": len(val),
         "examples_per_s_median": sorted(outcome["examples_per_s"])[len(outcome["examples_per_s"]) // 2],
         "train_wall_s": outcome["epoch_wall_s"][-1],
+        "validation_movies": movies(val),
     }
 
 
@@ -76,8 +87,15 @@ def summarize_folds(runs: list[dict[str, Any]], threshold: float) -> dict[str, A
     """Mean and sample standard deviation over the folds of each run's exported accuracy."""
     accuracy = [r["exported_val_accuracy"] for r in runs]
     reached = [first_reaching(r["curve"], threshold) for r in runs]
+    grouped = all(r["validation_movies"] is not None for r in runs)
     return {
         "folds": len(runs),
+        # Folds that share movies flatter a model that learns a movie's names
+        # and plot: the tuned presets scored 0.012-0.019 below their CV mean on
+        # the test split's unseen movies (2026-12-01), so an ungrouped mean
+        # must clear a target by this margin.
+        "grouped_by_movie": grouped,
+        "margin": 0.0 if grouped else UNGROUPED_MARGIN,
         "accuracy": accuracy,
         "mean": statistics.fmean(accuracy),
         "std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,

@@ -14,6 +14,8 @@ distributed job against two independent ones. Variants:
   communicate (shared caches, memory bandwidth, the host's vCPU scheduling);
 - ``2-sparse``, ``2-dense``: this tree, two workers, the embedding gradient
   gathered / all-reduced densely (``distribution.embedding_gradient``);
+- ``2-bf16``: two workers, the dense all-reduce in bfloat16
+  (``distribution.embedding_transport``: half the bytes);
 - ``base-1``, ``base-2``: the tree at ``--baseline`` (a git revision).
 
     python -m bench.scaling weak --data ../shared/data/imdb/aclImdb_train.tar.gz \\
@@ -58,6 +60,7 @@ from typing import Any
 
 from bench.baseline import REPO, worktree
 from bench.timing import emit, median
+from bench.topology import cpu_model
 
 PER_WORKER_BATCH = 256
 MAX_LEN = 400
@@ -96,12 +99,15 @@ def _finish(proc: subprocess.Popen[str], out: Path, started: float) -> dict[str,
         raise RuntimeError(f"launch failed ({proc.returncode}):\n{stderr[-4000:]}")
     records = [json.loads(line) for line in (out / "ray-local" / "metrics.jsonl").read_text().splitlines()]
     threads = sorted({m.group(1) for m in re.finditer(r'"tf_threads": (\w+)', stdout + stderr)})
+    # The route each worker logged: "sparse (gathered rows)" or "dense, in bfloat16," (imdb_dist.train).
+    routes = sorted({m.group(1) for m in re.finditer(r"embedding gradient: (sparse|dense, in \w+)", stdout + stderr)})
     return {
         "steady_examples_per_s": records[-1]["examples_per_s"],
         "first_epoch_examples_per_s": records[0]["examples_per_s"],
         "wall_s": time.perf_counter() - started,
         "val_accuracy": records[-1]["val_accuracy"],
         "tf_threads": threads,
+        "embedding_gradient": routes,
     }
 
 
@@ -131,6 +137,9 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
             "pair": (REPO, 1, [], 2),
             "2-sparse": (REPO, 2, ["distribution.embedding_gradient=sparse"], 1),
             "2-dense": (REPO, 2, ["distribution.embedding_gradient=dense"], 1),
+            "2-bf16": (
+                REPO, 2, ["distribution.embedding_gradient=dense", "distribution.embedding_transport=bfloat16"], 1
+            ),
             "base-1": (base, 1, [], 1),
             "base-2": (base, 2, [], 1),
         }
@@ -150,17 +159,18 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "baseline": args.baseline,
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),  # absolute rates depend on it (AVX2 vs AVX-512 bf16 ran 2.5x apart)
         "median": {name: {key: median([r[key] for r in runs]) for key in numeric} for name, runs in results.items()},
         "runs": results,
     }
     steady = {name: values["steady_examples_per_s"] for name, values in summary["median"].items()}
-    for two, one in (("2-sparse", "1"), ("2-dense", "1"), ("base-2", "base-1")):
+    for two, one in (("2-sparse", "1"), ("2-dense", "1"), ("2-bf16", "1"), ("base-2", "base-1")):
         if two in steady and one in steady:
             summary[f"efficiency_{two}"] = steady[two] / (2 * steady[one])
     if "pair" in steady and "1" in steady:
         # What this machine gives two 1-CPU processes that never communicate.
         summary["pair_over_1"] = steady["pair"] / steady["1"]
-        for two in ("2-sparse", "2-dense"):
+        for two in ("2-sparse", "2-dense", "2-bf16"):
             if two in steady:
                 summary[f"{two}_over_pair"] = steady[two] / steady["pair"]
     return summary

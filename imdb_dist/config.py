@@ -27,6 +27,7 @@ Precision = Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
 Schedule = Literal["constant", "cosine"]
 EmbeddingGradient = Literal["auto", "dense", "sparse"]
 Collective = Literal["auto", "ring", "nccl"]
+Transport = Literal["float32", "bfloat16"]
 
 # The Large Movie Review Dataset v1.0 as its authors publish it (84,125,825
 # bytes): what data.source download (and auto without a data path) fetches.
@@ -177,6 +178,10 @@ class DistributionConfig:
     # gather its rows (sparse), all-reduce the dense table (dense), or
     # whichever sends fewer bytes at a full-length batch (auto).
     embedding_gradient: EmbeddingGradient = "auto"
+    # The dtype the dense embedding gradient is all-reduced in: float32, or
+    # bfloat16 for half the bytes of a step's largest all-reduce (rounded to
+    # 8 significant bits; docs/BENCHMARKS.md). Only the dense route uses it.
+    embedding_transport: Transport = "float32"
     # N >= 2: split the host CPU into N logical devices and run one replica
     # on each (MirroredStrategy in one process; N local replicas per Ray
     # worker): the shape of a multi-GPU job, rehearsed on CPU. 0: off.
@@ -192,6 +197,11 @@ class DistributionConfig:
         _check_range("distribution.cpu_devices", self.cpu_devices, 0, 64)
         if self.collective == "nccl" and self.cpu_devices:
             raise ConfigError("distribution.collective", "nccl needs GPU replicas, not cpu_devices: use auto or ring")
+        if self.embedding_transport != "float32" and self.embedding_gradient == "sparse":
+            raise ConfigError(
+                "distribution.embedding_transport",
+                f"{self.embedding_transport} applies to the dense all-reduce, and embedding_gradient is sparse",
+            )
         if self.cpu_devices == 1:
             raise ConfigError("distribution.cpu_devices", "1 is no split: use 0 (off) or at least 2 devices")
         if self.cpu_devices and self.strategy == "default":

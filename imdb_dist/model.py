@@ -100,7 +100,12 @@ def min_length(cfg: ModelConfig) -> int:
 
 
 def compile_model(
-    model: keras.Model, learning_rate: float, decay_steps: int = 0, *, dense_sparse_gradients: bool = False
+    model: keras.Model,
+    learning_rate: float,
+    decay_steps: int = 0,
+    *,
+    dense_sparse_gradients: bool = False,
+    transport: str = "float32",
 ) -> None:
     """Adam + binary cross-entropy (each member's, averaged), tracking the ensemble's accuracy.
 
@@ -112,11 +117,12 @@ def compile_model(
     LossScaleOptimizer here, so float16 gradients do not underflow.
 
     ``dense_sparse_gradients``: replicas all-reduce the embedding's gradient
-    as a dense table instead of gathering its rows (:mod:`imdb_dist.aggregation`).
+    as a dense table instead of gathering its rows (:mod:`imdb_dist.aggregation`),
+    in ``transport`` (float32 or bfloat16).
     """
     rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps else learning_rate
     model.compile(
-        optimizer=Adam(rate, dense_sparse_gradients=dense_sparse_gradients),
+        optimizer=Adam(rate, dense_sparse_gradients=dense_sparse_gradients, transport=transport),
         loss=members_crossentropy,
         # The ensemble's accuracy (for one network, Keras' binary accuracy);
         # the loss stays the members' mean loss (see the module docstring).

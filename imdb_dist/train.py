@@ -458,6 +458,7 @@ def _build(
             cfg.train.learning_rate,
             decay_steps=decay_steps,
             dense_sparse_gradients=_dense_embedding_gradient(cfg, worker, vocab),
+            transport=cfg.distribution.embedding_transport,
         )
     build_metrics(model, tf.zeros([1, 1], tf.int32))
     build_optimizer(model)
@@ -476,17 +477,19 @@ def _dense_embedding_gradient(cfg: Config, worker: Worker, vocab: int) -> bool:
     per_replica = cfg.train.batch_size // worker.replicas
     dim, replicas = cfg.model.embedding_dim, worker.replicas
     rows = per_replica * cfg.data.max_len
+    transport = cfg.distribution.embedding_transport
     dense = aggregation.dense_embedding_gradient(
-        cfg.distribution.embedding_gradient, replicas=replicas, rows=rows, vocab=vocab, dim=dim
+        cfg.distribution.embedding_gradient, replicas=replicas, rows=rows, vocab=vocab, dim=dim, transport=transport
     )
     if replicas > 1:
         log.info(
             "embedding gradient: %s all-reduce (%s); per replica and step, gathering a full-length batch "
-            "sends %.1f MB, the dense all-reduce %.1f MB",
-            "dense" if dense else "sparse (gathered rows)",
+            "sends %.1f MB, the dense all-reduce in %s %.1f MB",
+            f"dense, in {transport}," if dense else "sparse (gathered rows)",
             cfg.distribution.embedding_gradient,
             aggregation.gathered_bytes(rows, dim, replicas) / 1e6,
-            aggregation.reduced_bytes(vocab, dim, replicas) / 1e6,
+            transport,
+            aggregation.reduced_bytes(vocab, dim, replicas, transport) / 1e6,
         )
     return dense
 

@@ -1,8 +1,8 @@
 """One MultiWorkerMirroredStrategy worker for tests/test_aggregation.py (run with TF_CONFIG set).
 
-Builds the network twice from one seed, takes one training step with the
-embedding gradient gathered (sparse) and one with it all-reduced densely,
-and writes both models' weights and the collective ops each step's graph
+Builds the network three times from one seed, takes one training step with
+the embedding gradient gathered (sparse), one with it all-reduced densely
+and one with it all-reduced densely in bfloat16, and writes both models' weights and the collective ops each step's graph
 holds to ``OUT`` (an .npz).
 
     TF_CONFIG=... python tests/mwms_step.py OUT
@@ -28,12 +28,13 @@ LENGTH = 40
 
 
 def _collective_ops(graph: tf.Graph) -> list[str]:
-    """Op types starting with ``Collective`` in ``graph`` and every function it calls."""
+    """Op types starting with ``Collective`` in ``graph`` and every function it calls, ``OP:DTYPE``."""
     graph_def = graph.as_graph_def()
     nodes = list(graph_def.node)
     for function in graph_def.library.function:
         nodes.extend(function.node_def)
-    return sorted({node.op for node in nodes if node.op.startswith("Collective")})
+    return sorted({f"{node.op}:{tf.as_dtype(node.attr['T'].type).name}"
+                   for node in nodes if node.op.startswith("Collective") and "T" in node.attr})
 
 
 def main(out: str) -> None:
@@ -44,11 +45,12 @@ def main(out: str) -> None:
     y = (np.arange(PER_WORKER) % 2).astype(np.float32)
     results: dict[str, np.ndarray] = {}
     initial = None
-    for method in ("sparse", "dense"):
+    for method in ("sparse", "dense", "dense-bfloat16"):
         keras.utils.set_random_seed(7)
         with strategy.scope():
             model = build_model(CFG, VOCAB)
-            compile_model(model, 1e-3, dense_sparse_gradients=method == "dense")
+            compile_model(model, 1e-3, dense_sparse_gradients=method != "sparse",
+                          transport="bfloat16" if method == "dense-bfloat16" else "float32")
         if initial is None:
             initial = model.get_weights()
         model.set_weights(initial)

@@ -6,6 +6,7 @@ No timing is asserted here; the measured numbers live in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def test_accuracy_cross_validates_over_folds_that_cover_the_data(data: Path) -> 
     for result in out["results"].values():
         cv = result["cv"]
         assert cv["folds"] == 2 and len(cv["runs"]) == 2
+        # The generated data has no urls files: folds share movies, and the margin is stated.
+        assert (cv["grouped_by_movie"], cv["margin"]) == (False, 0.02)
         assert cv["mean"] == pytest.approx(sum(cv["accuracy"]) / 2)
         assert cv["std"] == pytest.approx(abs(cv["accuracy"][0] - cv["accuracy"][1]) / 2**0.5)
         # Each fold held out a different half: together, every training review once.
@@ -217,16 +220,18 @@ def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
 @pytest.mark.timeout(600)  # four imdb-dist launch processes, each with its own Ray cluster
 def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path) -> None:
     out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
-                "--rounds", "1", "--variants", "1,pair,2-dense")
-    assert set(out["median"]) == {"1", "pair", "2-dense"}
-    assert out["efficiency_2-dense"] > 0
-    assert out["runs"]["2-dense"][0]["tf_threads"] == ["1"]
+                "--rounds", "1", "--variants", "1,pair,2-bf16")
+    assert set(out["median"]) == {"1", "pair", "2-bf16"}
+    assert out["efficiency_2-bf16"] > 0
+    assert out["runs"]["2-bf16"][0]["tf_threads"] == ["1"]
+    assert out["runs"]["2-bf16"][0]["embedding_gradient"] == ["dense, in bfloat16"]
+    assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
     # The pair is two separate jobs, summed: each ran and trained the same model.
     pair = out["runs"]["pair"][0]
     assert len(pair["jobs"]) == 2
     assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
     assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
-    assert out["pair_over_1"] > 0 and out["2-dense_over_pair"] > 0
+    assert out["pair_over_1"] > 0 and out["2-bf16_over_pair"] > 0
 
 
 def test_topology_runs_each_topology_and_compares_what_they_trained(data: Path) -> None:

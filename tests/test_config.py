@@ -374,6 +374,14 @@ def test_cpu_devices_is_off_or_a_split_into_two_or_more():
         load_config(None, ["distribution.cpu_devices=2", "distribution.devices=[/cpu:0]"])
 
 
+def test_a_bfloat16_transport_needs_the_dense_route_and_a_known_dtype():
+    assert load_config(None, ["distribution.embedding_transport=bfloat16"]).distribution.embedding_transport == "bfloat16"
+    with pytest.raises(ConfigError, match="config key distribution.embedding_transport: bfloat16 .* sparse"):
+        load_config(None, ["distribution.embedding_transport=bfloat16", "distribution.embedding_gradient=sparse"])
+    with pytest.raises(ConfigError, match="distribution.embedding_transport"):
+        load_config(None, ["distribution.embedding_transport=float16"])
+
+
 def test_num_workers_is_a_count_or_an_elastic_range_and_round_trips_through_yaml(tmp_path):
     elastic = load_config(None, ["ray.num_workers=[1, 4]"])
     assert elastic.ray.num_workers == (1, 4) and elastic.ray.elastic and list(elastic.ray.worker_counts) == [1, 2, 3, 4]

@@ -172,8 +172,10 @@ def _loss_scale(run_dir: Path) -> dict[str, float]:
     ("execution", "members", "replicas", "precision"),
     [(1, 1, 1, "float32"), (4, 1, 1, "float32"), (1, 2, 1, "float32"), (1, 1, 2, "float32"),
      (1, 1, 2, "mixed_float16")],
+    # The mixed_float16 case also all-reduces the embedding gradient in bfloat16
+    # (distribution.embedding_transport): rounded, and still exact on resume.
     ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2", "two-replicas",
-         "two-replicas-mixed_float16"],
+         "two-replicas-mixed_float16-bfloat16-transport"],
 )
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
     data, tmp_path_factory, execution, members, replicas, precision
@@ -183,6 +185,8 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
     extra += (TWO_REPLICAS,) if replicas > 1 else ()
     # mixed_float16 on CPUs: a CPU rehearsal (cpu_devices) runs it emulated, loss scale and all.
     extra += (f"train.mixed_precision={precision}",) if precision != "float32" else ()
+    if precision != "float32":
+        extra += ("distribution.embedding_gradient=dense", "distribution.embedding_transport=bfloat16")
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigterm") / "run"
     args = _args(data, out, *extra)
@@ -194,6 +198,7 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
     report = json.loads((out / rundir.REPORT).read_text())
     assert (report["config"]["model"]["members"], report["replicas"]) == (members, replicas)
     assert report["precision"] == precision
+    assert report["config"]["distribution"]["embedding_transport"] == ("float32" if precision == "float32" else "bfloat16")
     assert_same_run(out, reference)
     if precision == "mixed_float16":
         # Restored, not restarted: a fresh one would count its finite steps from 0 again.
