@@ -14,6 +14,10 @@ processes that each get a fresh, empty HOME (no cache from an earlier run):
   steady state;
 - ``seed``: ``python -m bench.seed --epochs 1`` at the config's ``max_len``:
   the seed-style script's first epoch (plain Keras, as users write it);
+- ``seed-settings`` (with ``--seed-settings``): ``python -m bench.seed`` at
+  the seed's own settings (max_len 100, batch 30, 2 epochs): its process
+  time to its own accuracy, which ``current_over_seed_settings`` divides
+  ``current``'s process time by;
 - ``baseline`` (with ``--baseline REV``): ``current`` at a git revision,
   checked out in a temporary worktree.
 
@@ -37,8 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import seed
 from bench.baseline import REPO, worktree
 from bench.timing import emit, median
+from bench.topology import cpu_model
 from imdb_dist.config import load_config
 
 
@@ -66,16 +72,16 @@ def run_imdb_dist(tree: Path, config: Path, sets: list[str], out: Path, home: Pa
     }
 
 
-def run_seed(data: str, max_len: int, home: Path) -> dict[str, Any]:
-    """The seed-style script, one epoch, in its own process."""
-    command = [sys.executable, "-m", "bench.seed", "--data", data, "--max-len", str(max_len), "--epochs", "1"]
+def run_seed(data: str, max_len: int, home: Path, epochs: int = 1) -> dict[str, Any]:
+    """The seed-style script in its own process (``val_accuracy``: its last epoch's)."""
+    command = [sys.executable, "-m", "bench.seed", "--data", data, "--max-len", str(max_len), "--epochs", str(epochs)]
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=_fresh_env(REPO, home), check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
     result = json.loads(proc.stdout[proc.stdout.index("{") :])
     return {
         "process_wall_s": wall,
-        "val_accuracy": result["val_accuracy"][0],
+        "val_accuracy": result["val_accuracy"][-1],
         "epoch_examples_per_s": result["examples_per_s"],
     }
 
@@ -105,6 +111,8 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         summary["first_epoch_over_steady_state"] = (
             steady["first_epoch_examples_per_s"] / steady["last_epoch_examples_per_s"]
         )
+    if "seed-settings" in medians:
+        summary["current_over_seed_settings"] = current["process_wall_s"] / medians["seed-settings"]["process_wall_s"]
     if "baseline" in medians:
         summary["process_wall_baseline_over_current"] = (
             medians["baseline"]["process_wall_s"] / current["process_wall_s"]
@@ -120,6 +128,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="also time this git revision's imdb-dist, side by side")
     parser.add_argument("--no-seed", action="store_true", help="skip the seed-style script")
     parser.add_argument("--no-steady", action="store_true", help="skip the run with one more epoch")
+    parser.add_argument(
+        "--seed-settings", action="store_true", help="also time the seed-style script at the seed's own settings"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", type=Path, help="also write the JSON result here")
     args = parser.parse_args()
@@ -139,6 +150,8 @@ def main() -> None:
             variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
         if not args.no_seed:
             variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
+        if args.seed_settings:
+            variants["seed-settings"] = lambda out, home: run_seed(data, seed.MAX_LEN, home, seed.EPOCHS)
         if args.baseline:
             base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree"))
             variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
@@ -156,6 +169,7 @@ def main() -> None:
         "rounds": args.rounds,
         "baseline": args.baseline,
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         **summarize(results),
         "runs": results,
     }

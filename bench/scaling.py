@@ -36,6 +36,18 @@ and step at 8, 16 and 64 replicas.
     python -m bench.scaling step --data ../shared/data/imdb/aclImdb_train.tar.gz \\
         --output docs/bench-results/scaling-step.json
 
+``transport-error``: what the bfloat16 transport of the dense embedding
+gradient (``distribution.embedding_transport``) does to the gradient: each
+of N replicas' real embedding gradients (the seed's network at its initial
+weights, a batch of real reviews each) summed in float32, against the same
+gradients rounded to bfloat16 and summed in bfloat16 one replica after
+another, as a ring's partial sums are; the relative L2 error of the sum
+over the rows some replica touched, and the share of its entries whose
+sign flips, for N = 2, 4 and 8.
+
+    python -m bench.scaling transport-error --data ../shared/data/imdb/aclImdb_train.tar.gz \
+        --output docs/bench-results/scaling-transport-error.json
+
 ``threads``: the ceiling this machine puts on any scale-out, and the pool
 sizes for a 1-CPU worker: the network's training step (no communication,
 random ids, 256 x ``--length``) in one process alone, then in two processes
@@ -414,6 +426,57 @@ def step(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- thread pools, no communication
 
 
+def transport_error(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+
+    from imdb_dist import aggregation
+    from imdb_dist.config import DataConfig, ModelConfig
+    from imdb_dist.data import pipeline
+    from imdb_dist.data.sources import load_reviews
+    from imdb_dist.model import build_model, members_crossentropy
+
+    counts = [int(n) for n in args.replicas.split(",")]
+    cfg = DataConfig(source="aclimdb", path=args.data, max_len=args.max_len, vocab_size=VOCAB)
+    train = load_reviews(cfg, "train")
+    tokenizer = pipeline.fit_tokenizer(train.texts, VOCAB)
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(dropout=0.0), tokenizer.vocabulary_size())
+    table = model.get_layer("embedding").embeddings
+    order = np.random.default_rng(0).permutation(len(train))
+    gradients = []
+    for replica in range(max(counts)):
+        rows = order[replica * args.batch : (replica + 1) * args.batch]
+        tokens = pipeline.encode_padded(tokenizer, tf.constant([train.texts[i] for i in rows]), args.max_len)
+        labels = tf.constant(train.labels[rows])
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(members_crossentropy(labels, model(tokens, training=True)))
+        gradients.append(aggregation.densify(tape.gradient(loss, table), table))
+    results = {}
+    for n in counts:
+        exact = tf.add_n(gradients[:n])
+        narrow = tf.cast(gradients[0], tf.bfloat16)
+        for grad in gradients[1:n]:
+            narrow = narrow + tf.cast(grad, tf.bfloat16)  # each partial sum rounded, as in the ring
+        rounded = tf.cast(narrow, tf.float32).numpy()
+        exact = exact.numpy()
+        touched = np.any(exact != 0, axis=1)
+        e, r = exact[touched], rounded[touched]
+        results[str(n)] = {
+            "rows_touched": int(touched.sum()),
+            "relative_l2_error": float(np.linalg.norm(r - e) / np.linalg.norm(e)),
+            "sign_flips_share": float(np.mean(np.sign(r) != np.sign(e))),
+        }
+    return {
+        "benchmark": "scaling-transport-error",
+        "per_replica_batch": args.batch,
+        "max_len": args.max_len,
+        "vocab": tokenizer.vocabulary_size(),
+        "replicas": results,
+    }
+
+
 def threads_worker(args: argparse.Namespace) -> None:
     """Time the network's training step (default strategy) with the given pool sizes; print examples/s."""
     import tensorflow as tf
@@ -515,6 +578,12 @@ def main() -> None:
     sw.add_argument("--out", required=True)
     sw.add_argument("--steps", type=int, required=True)
     sw.add_argument("--rounds", type=int, required=True)
+    te = sub.add_parser("transport-error", help="the error a bfloat16 all-reduce adds to the embedding gradient")
+    te.add_argument("--data", required=True)
+    te.add_argument("--max-len", type=int, default=MAX_LEN)
+    te.add_argument("--batch", type=int, default=PER_WORKER_BATCH, help="per-replica batch")
+    te.add_argument("--replicas", default="2,4,8")
+    te.add_argument("--output", type=Path)
     th = sub.add_parser("threads", help="thread pool sizes: one process alone vs two at once")
     th.add_argument("--settings", default="1,1 1,2 0,0", help="space-separated intra,inter pairs (0: default)")
     th.add_argument("--length", type=int, default=250)
@@ -532,7 +601,7 @@ def main() -> None:
     if args.mode in ("step-worker", "threads-worker"):
         (step_worker if args.mode == "step-worker" else threads_worker)(args)
         return
-    summary = {"weak": weak, "step": step, "threads": threads}[args.mode](args)
+    summary = {"weak": weak, "step": step, "threads": threads, "transport-error": transport_error}[args.mode](args)
     emit(summary, args.output)
 
 

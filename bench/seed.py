@@ -19,7 +19,10 @@ from bench.timing import TrainTimer, emit
 from imdb_dist.config import DataConfig
 from imdb_dist.data.sources import Reviews, load_training_splits
 
+# The seed's own settings.
 BATCH = 30
+MAX_LEN = 100
+EPOCHS = 2
 
 
 def vectorize(train: Reviews, val: Reviews, max_len: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +72,8 @@ def train_seed(train: Reviews, val: Reviews, *, max_len: int, epochs: int, vocab
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
-    parser.add_argument("--max-len", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=MAX_LEN)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
     cfg = DataConfig(source="aclimdb", path=args.data)
     train, val = load_training_splits(cfg)

@@ -89,9 +89,14 @@ def test_serving_times_one_network_against_the_presets_ensemble(data: Path) -> N
 
 
 def test_coldstart_times_whole_processes_phase_by_phase_against_the_seeds_first_epoch(data: Path) -> None:
-    out = bench("bench.coldstart", "--data", str(data), "--rounds", "1", *sets())
+    out = bench("bench.coldstart", "--data", str(data), "--rounds", "1", "--seed-settings", *sets())
     medians = out["median"]
-    assert set(medians) == {"current", "steady", "seed"}
+    assert set(medians) == {"current", "steady", "seed", "seed-settings"}
+    # The seed's own settings: 2 epochs; the ratio the README quotes for fast.yaml.
+    assert len(out["runs"]["seed-settings"][0]["epoch_examples_per_s"]) == 2
+    assert out["current_over_seed_settings"] == pytest.approx(
+        medians["current"]["process_wall_s"] / medians["seed-settings"]["process_wall_s"]
+    )
     current = medians["current"]
     # Timed from outside, the process outlasts the phases it timed inside.
     assert current["process_wall_s"] >= sum(current["phases_s"].values()) - 0.05
@@ -232,6 +237,16 @@ def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path
     assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
     assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
     assert out["pair_over_1"] > 0 and out["2-bf16_over_pair"] > 0
+
+
+def test_transport_error_compares_a_bfloat16_sum_of_real_gradients_with_float32(data: Path) -> None:
+    out = bench("bench.scaling", "transport-error", "--data", str(data), "--batch", "8", "--max-len", "32",
+                "--replicas", "2,4")
+    assert set(out["replicas"]) == {"2", "4"}
+    for result in out["replicas"].values():
+        assert result["rows_touched"] > 0
+        # Rounded to 8 significant bits: an error, and a small one.
+        assert 0 < result["relative_l2_error"] < 0.05 and 0 <= result["sign_flips_share"] < 0.05
 
 
 def test_topology_runs_each_topology_and_compares_what_they_trained(data: Path) -> None:
