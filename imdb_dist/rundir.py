@@ -77,6 +77,11 @@ MODEL_MARKER = "assets.extra/imdb_dist.json"
 KEEP_VERSIONS = 2
 
 _SEGMENT = re.compile(r"^(?P<base>.+)~(?P<offset>\d{12})$")
+# What a run being opened holds before its config.yaml: the lease, and the
+# hidden files the lease and the config are staged in (atomic_write,
+# storage.write_bytes). Another worker of the run reading the directory then
+# must see a new run, not a foreign directory.
+_OPENING = re.compile(rf"^(?:{re.escape(LEASE)}|\.(?:{re.escape(LEASE)}|{re.escape(CONFIG)})\..+)$")
 
 
 def _appendable(name: str) -> bool:
@@ -228,7 +233,7 @@ class RunDir:
             InputError: the directory holds files but is not an imdb-dist run.
         """
         if self.remote and not (self.work / CONFIG).exists():
-            foreign = set(self._listing()) - {LEASE}
+            foreign = [name for name in self._listing() if not _OPENING.match(name)]
             if foreign:
                 raise InputError(f"{self.key} {self} is not empty and holds no {CONFIG}: not an imdb-dist run")
             return None
@@ -568,7 +573,7 @@ def prior_config(run_dir: Path) -> Config | None:
     """
     saved = run_dir / CONFIG
     if not saved.exists():
-        if run_dir.is_dir() and any(p.name != LEASE for p in run_dir.iterdir()):
+        if run_dir.is_dir() and any(not _OPENING.match(p.name) for p in run_dir.iterdir()):
             raise InputError(f"run.output_dir {run_dir} is not empty and holds no {CONFIG}: not an imdb-dist run")
         return None
     try:

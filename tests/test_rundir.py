@@ -237,3 +237,18 @@ def test_on_a_store_that_shows_files_as_they_grow_a_file_is_replaced_whole_and_n
     storage.write_bytes(target, b"new")
     assert (tmp_path / "run" / "report.json").read_bytes() == b"new"
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["report.json"], "a staging file was left behind"
+
+
+def test_a_run_being_opened_is_a_new_run_to_its_other_workers_and_anything_else_is_foreign(tmp_path: Path) -> None:
+    # Between the chief's lease and its config.yaml the directory holds the lease and the
+    # hidden files both are staged in; another worker of the same run reads it then.
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (LEASE, f".{LEASE}.3f2a9c.tmp", f".{rundir.CONFIG}.k2j4x1"):
+        (run / name).write_text("{}")
+    opened = rundir.RunDir.open(str(run))
+    assert opened.prior_config() is None
+    (run / ".notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an imdb-dist run"):
+        opened.prior_config()
+    opened.close()
