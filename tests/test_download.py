@@ -90,13 +90,13 @@ def _handler(served: Served) -> type[http.server.BaseHTTPRequestHandler]:
 
 def official_layout(root: Path) -> Path:
     """A small archive laid out as aclImdb_v1.tar.gz is: reviews plus its non-review files."""
-    base = write_aclimdb(root, {"train": 40, "test": 10}, unsup=5)
+    # movies: the urls files, one line per review (line N: review N's movie), as in the official archive.
+    base = write_aclimdb(root, {"train": 40, "test": 10}, unsup=5, movies=12)
     (base / "imdb.vocab").write_text("the\nfilm\nplot\n", encoding="utf-8")
     (base / "imdbEr.txt").write_text("0.1\n-0.2\n0.3\n", encoding="utf-8")
-    for split, kinds in (("train", ("pos", "neg", "unsup")), ("test", ("pos", "neg"))):
+    for split in ("train", "test"):
         (base / split / "labeledBow.feat").write_text("9 0:1 1:2\n", encoding="utf-8")
-        for kind in kinds:
-            (base / split / f"urls_{kind}.txt").write_text("http://www.imdb.com/title/tt0000000/usercomments\n")
+    (base / "train" / "urls_unsup.txt").write_text("http://www.imdb.com/title/tt0000000/usercomments\n" * 5)
     (base / "train" / "unsupBow.feat").write_text("0 0:1\n", encoding="utf-8")
     return make_tarball(base, root / NAME)
 
@@ -259,7 +259,9 @@ def test_auto_without_a_path_downloads_and_reads_both_splits_from_the_archive(se
     test = load_reviews(cfg, "test")
     archive = tmp_path / "cache" / NAME
     assert file_sha256(archive) == server.sha256
-    assert (len(train), len(val), len(test)) == (60, 20, 20)  # unsup and the non-review files ignored
+    # unsup and the non-review files ignored; whole movies go to validation until it holds 25%
+    assert len(train) + len(val) == 80 and len(val) >= 20 and len(test) == 20
+    assert train.groups is not None and not set(train.groups) & set(val.groups)
     assert sorted(train.texts + val.texts) == sorted(read_aclimdb(archive, "train").texts)
     assert test.texts == read_aclimdb(archive, "test").texts
 
@@ -366,7 +368,8 @@ def test_imdb_dist_train_downloads_into_the_home_cache_then_reuses_it(server, tm
     assert held(cache) == [NAME] and file_sha256(cache / NAME) == server.sha256
     assert server.requests[GOOD] == before + 1
     report = json.loads((tmp_path / "run1" / rundir.REPORT).read_text())
-    assert report["validation"]["n"] == 16  # 20% of the 80 labeled training reviews
+    # At least 20% of the 80 labeled training reviews, in whole movies (the archive's urls files).
+    assert report["validation"]["n"] >= 16 and report["validation_movies"] >= 1
 
     second = console(*tiny_run(server, tmp_path / "run2"), home=home, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
