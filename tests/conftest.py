@@ -204,6 +204,8 @@ def write_aclimdb(
     review's movie drawn from that many.
     """
     rng = random.Random(seed)
+    # Its own stream: the reviews are the same with or without the urls files.
+    movie_rng = random.Random(seed + 1)
     base = root / "aclImdb"
     for split, n in splits.items():
         for label in ("pos", "neg"):
@@ -216,7 +218,7 @@ def write_aclimdb(
                 positive = (label == "pos") != flipped
                 (folder / f"{i}_{rating}.txt").write_text(fake_review(rng, positive, length), encoding="utf-8")
             if movies:
-                urls = [f"http://www.imdb.com/title/tt{rng.randrange(movies):07d}/usercomments\n" for _ in range(n)]
+                urls = [f"http://www.imdb.com/title/tt{movie_rng.randrange(movies):07d}/usercomments\n" for _ in range(n)]
                 (base / split / f"urls_{label}.txt").write_text("".join(urls), encoding="utf-8")
     if unsup:
         folder = base / "train" / "unsup"

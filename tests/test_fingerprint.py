@@ -118,3 +118,18 @@ def test_change_accepts_only_keys_a_resume_checks(data: Path, tmp_path: Path) ->
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --change {key}: not a key a resume checks")
     assert not (tmp_path / "run").exists()
+
+
+def test_urls_files_added_to_the_data_regroup_the_split_a_resume_needs_change_data_content(tmp_path: Path) -> None:
+    # A run begun on reviews split by review; the same reviews with the archive's urls files split by movie.
+    data = write_aclimdb(tmp_path / "data", {"train": 60})
+    out = one_epoch(data, tmp_path / "run")
+    grouped = write_aclimdb(tmp_path / "grouped", {"train": 60}, movies=10)  # the same reviews (same seed)
+    for label in ("pos", "neg"):
+        assert {p.name: p.read_text() for p in (grouped / "train" / label).iterdir()} == {
+            p.name: p.read_text() for p in (data / "train" / label).iterdir()}
+    with pytest.raises(InputError, match=r"data\.content.*--change data\.content"):
+        run(config(grouped, out, "train.epochs=2"))
+    run(config(grouped, out, "train.epochs=2"), changes=["data.content"])
+    report = json.loads((out / rundir.REPORT).read_text())
+    assert report["epochs"] == 2 and report["validation_movies"] >= 1
