@@ -38,6 +38,7 @@ from typing import Any
 
 from bench import seed
 from bench.timing import emit
+from bench.topology import cpu_model
 from imdb_dist import rundir
 from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import DataConfig, load_config
@@ -170,7 +171,13 @@ def main() -> None:
         results[name] = result
     if args.plot:
         plot({name: r["curve"] for name, r in results.items()}, args.threshold, args.plot)
-    summary = {"benchmark": "accuracy", "threshold": args.threshold, "folds": args.folds, "results": results}
+    summary = {
+        "benchmark": "accuracy",
+        "cpu": cpu_model(),  # step times and float results depend on it
+        "threshold": args.threshold,
+        "folds": args.folds,
+        "results": results,
+    }
     emit(summary, args.output)
 
 

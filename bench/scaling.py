@@ -470,6 +470,7 @@ def transport_error(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "benchmark": "scaling-transport-error",
+        "cpu": cpu_model(),
         "per_replica_batch": args.batch,
         "max_len": args.max_len,
         "vocab": tokenizer.vocabulary_size(),

@@ -242,7 +242,7 @@ def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path
 def test_transport_error_compares_a_bfloat16_sum_of_real_gradients_with_float32(data: Path) -> None:
     out = bench("bench.scaling", "transport-error", "--data", str(data), "--batch", "8", "--max-len", "32",
                 "--replicas", "2,4")
-    assert set(out["replicas"]) == {"2", "4"}
+    assert set(out["replicas"]) == {"2", "4"} and out["cpu"]["model"]
     for result in out["replicas"].values():
         assert result["rows_touched"] > 0
         # Rounded to 8 significant bits: an error, and a small one.
