@@ -50,6 +50,8 @@ class Forwarder:
         if self._loop is not None:
             return self
         self._loop = asyncio.new_event_loop()
+        # This loop's connections only: a writer of a closed loop cannot even be aborted.
+        self._writers, self._tasks = set(), set()
         self._thread = threading.Thread(target=self._loop.run_forever, name="forwarder", daemon=True)
         self._thread.start()
         # reuse_address: the port may still have TIME_WAIT connections from before the last stop().
@@ -79,11 +81,15 @@ class Forwarder:
     async def _close(self) -> None:
         if self._server is not None:
             self._server.close()  # closes the listening socket now: connects get ECONNREFUSED
-        for writer in list(self._writers):
-            _reset(writer)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        me = asyncio.current_task()
+        # Until none is left: a connection accepted just before the close starts its
+        # handler after it, and a handler left pending would outlive its loop.
+        while others := [task for task in asyncio.all_tasks() if task is not me]:
+            for writer in list(self._writers):
+                _reset(writer)
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
         self._writers.clear()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
