@@ -9,8 +9,8 @@ Credentials come from each filesystem's standard sources
 ``GOOGLE_APPLICATION_CREDENTIALS``), never from a URI: a URI with userinfo
 (``s3://KEY:SECRET@bucket``) or a secret query key is refused
 (:func:`check_no_credentials`), because URIs are stored in configs and
-reports, shown in Ray's dashboard and printed in logs. Every URI this
-module prints goes through :func:`redact` all the same.
+reports, shown in Ray's dashboard and printed in logs. The refusal itself
+names the URI through :func:`redact`, so the secret is printed nowhere.
 
 Transient faults: an S3 filesystem is built with pyarrow's bounded,
 exponential retry strategy (:class:`RetryingS3FileSystem`), sized by
@@ -116,8 +116,8 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
 
     ``S3FileSystem.__reduce__`` rebuilds the filesystem from its options
     without its retry strategy, so the copy Ray Train unpickles in its
-    controller and workers would retry 3 times in 75 ms. This subclass
-    rebuilds itself with the strategy.
+    controller and workers would make the SDK's standard 3 attempts, a
+    second or two in all. This subclass rebuilds itself with the strategy.
     """
 
     def __init__(self, options: dict[str, Any], attempts: int) -> None:

@@ -15,9 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import tensorflow as tf
-from test_storage import objects, s3, uri  # noqa: F401 - s3 is a fixture
+from conftest import tiny_overrides, write_aclimdb
+from test_storage import errors, imdb_dist, objects, s3, uri  # noqa: F401 - s3 is a fixture
 
 from imdb_dist import rundir, storage
 from imdb_dist.errors import InputError, RunError
@@ -112,6 +114,89 @@ def test_the_lease_is_renewed_while_the_run_lives_and_a_run_that_lost_it_stops_w
         run.sync()
     run.close()
     assert lease_file(where)["id"] == "intruder", "a run that lost its lease must not delete the new holder's"
+
+
+def test_a_ray_chief_writes_only_while_its_drivers_lease_holds(where: str) -> None:
+    # Under Ray the driver holds the lease and the chief, another process, writes under it (RunDir.attach).
+    driver = rundir.RunDir.open(where)
+    lease_id = driver.acquire(ttl_s=60)
+    chief = rundir.RunDir.open(where)
+    chief.attach(lease_id)
+    try:
+        (chief.work / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        chief.sync()
+        # The driver was stopped and the job resubmitted: the new driver took the lease over.
+        put_lease(where, id="resubmitted")
+        (chief.work / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+        with pytest.raises(RunError, match="held by another run .*host elsewhere pid 1"):
+            chief.sync()
+        with pytest.raises(RunError, match="held by another run"):
+            chief.publish()
+    finally:
+        chief.close()
+        driver.close()
+    assert lease_file(where)["id"] == "resubmitted"
+    if where.startswith("s3://"):  # a local run writes in place: there the refusal stops the run (above)
+        assert json_lines(where, "metrics.jsonl") == [{"epoch": 1}], "the old run uploaded after losing its lease"
+
+
+def json_lines(where: str, name: str) -> list[dict]:
+    run = rundir.RunDir.open(where)
+    try:
+        run.fetch([name])
+        return [json.loads(line) for line in (run.work / name).read_text().splitlines()]
+    finally:
+        run.close()
+
+
+# launch on S3 only: a local storage_path takes the same RunDir route, at the price of another Ray start.
+@pytest.mark.parametrize(("backend", "command"), [("local", "train"), ("s3", "train"), ("s3", "launch")])
+def test_a_second_cli_run_on_a_held_directory_exits_2_naming_the_holder_and_writes_nothing(
+    backend: str, command: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "local":
+        where = str(tmp_path / "runs")
+    else:
+        where = uri(request.getfixturevalue("s3"), f"held-{time.monotonic_ns()}")
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    # A live run (this test process) holds the directory: the one the command will resolve.
+    run_location = where if command == "train" else storage.parse(where, "x").child("job").uri
+    holder = rundir.RunDir.open(run_location)
+    holder.acquire(ttl_s=60)
+    before = listing(run_location)
+    try:
+        sets = [*tiny_overrides(data, tmp_path / "unused"), "run.output_dir=" + where]
+        if command == "launch":
+            sets += [f"ray.storage_path={where}", "ray.name=job"]
+        result = imdb_dist(command, sets=sets)
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = errors(result)
+        assert "is in use by another run" in line and f"pid {os.getpid()}" in line, line
+        assert f"host {socket.gethostname()}" in line and "since" in line, line
+        assert "Traceback" not in result.stderr
+        assert listing(run_location) == before, "the refused run wrote to the directory"
+        assert lease_file(run_location)["id"] == holder.lease.id
+    finally:
+        holder.close()
+
+
+def listing(where: str) -> dict[str, bytes]:
+    """Every file under ``where`` (local or S3) with its contents, the lease's renewal time masked."""
+    location = storage.parse(where, "x")
+    found = {}
+    if location.local:
+        root = Path(location.path)
+        files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    else:
+        selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
+        files = {}
+        for info in location.filesystem.get_file_info(selector):
+            if info.type == pafs.FileType.File:
+                with location.filesystem.open_input_stream(info.path) as stream:
+                    files[info.path[len(location.path) + 1:]] = stream.read()
+    for name, data in files.items():
+        found[name] = b"<the lease>" if name == LEASE else data
+    return found
 
 
 def records(*payloads: bytes) -> bytes:

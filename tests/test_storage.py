@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +113,32 @@ def test_files_and_trees_round_trip_through_the_bucket(s3: str, tmp_path: Path) 
     assert storage.read_bytes(root.child("tree", "missing")) is None
     storage.delete(root.child("tree"))
     assert storage.list_files(root.child("tree")) == {}
+
+
+def test_the_s3_retry_strategy_survives_pickling_as_ray_trains_copies_need() -> None:
+    # Ray Train pickles the filesystem to its controller and workers; the copy must keep retrying.
+    assert storage.retry_attempts(60) == 12 and storage.retry_attempts(0.7) == 5
+    # An endpoint that accepts each connection and closes it at once: every call fails, and is retried.
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            connections.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    location = storage.parse(f"s3://{BUCKET}/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
+                             "run.output_dir", retry_s=0.7)
+    copy = pickle.loads(pickle.dumps(location.filesystem))
+    assert isinstance(copy, storage.RetryingS3FileSystem) and copy.attempts == 5
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        copy.get_file_info(f"{BUCKET}/x/report.json")
+    listener.close()
+    # The first try and 5 retries; a plain S3FileSystem's copy tries 3 times in all.
+    assert len(connections) == 6
 
 
 @pytest.mark.parametrize(
@@ -351,6 +380,12 @@ def test_a_uri_with_credentials_is_refused_in_one_line_that_does_not_print_them(
             assert result.returncode == 2, result.stderr[-2000:]
             assert len(errors(result)) == 1 and "credentials come from the environment" in errors(result)[0]
             assert key in errors(result)[0] and not secrets_in([result.stdout, result.stderr], tmp_path)
+        # Readers too: a model location with credentials is refused before anything is read.
+        for result in (imdb_dist("predict", "--model", target, "a fine film"),
+                       imdb_dist("evaluate", "--model", target, "--data", str(data), "--split", "train")):
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert len(errors(result)) == 1 and "credentials come from the environment" in errors(result)[0]
+            assert "--model" in errors(result)[0] and not secrets_in([result.stdout, result.stderr], tmp_path)
     assert objects(s3, "") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
