@@ -40,11 +40,10 @@ from bench import seed
 from bench.timing import emit
 from bench.topology import cpu_model
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import DataConfig, load_config
 from imdb_dist.data.sources import load_training_splits, movies
+from imdb_dist.rundir import read_metrics
 from imdb_dist.train import run
-
 
 # What an ungrouped CV mean must clear a target by (README, docs/BENCHMARKS.md).
 UNGROUPED_MARGIN = 0.02

@@ -14,7 +14,7 @@ import tf_keras as keras
 
 from imdb_dist.digest import BatchDigest
 from imdb_dist.errors import RunError
-from imdb_dist.rundir import atomic_write
+from imdb_dist.rundir import atomic_write, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -202,26 +202,6 @@ def drop_records_after(path: Path, key: str, value: int) -> list[dict[str, Any]]
     if len(kept) != len(records):
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` or ``steps.jsonl`` (empty if it does not exist).
-
-    Lines are appended, so a process killed mid-write can leave a torn last
-    line: it is dropped (that epoch has no checkpoint yet and will re-run).
-    """
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise
-            log.warning("%s: dropping a torn last line (an interrupted write)", path)
-    return records
 
 
 def drop_epochs_from(path: Path, epoch: int) -> list[dict[str, Any]]:

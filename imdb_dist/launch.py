@@ -108,11 +108,8 @@ def launch(
         check_gpus(cfg)
 
     with rundir.RunDir(location, "ray.storage_path") as run_dir:
-        if not run_dir.remote:
-            run_dir.check_writable()
         lease = prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
-        if lease is None:
-            log.info("%s already holds a complete run of this config; nothing to do", location)
+        if lease is None:  # already complete (logged)
             return location
         _fit(cfg, run_dir, lease, list(worker_callbacks))
     return location

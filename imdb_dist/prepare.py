@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from imdb_dist import fingerprint, rundir
 from imdb_dist.config import Config, to_dict
@@ -44,8 +43,11 @@ def prepare(
     """
     from imdb_dist.data import pipeline, shards
 
-    run_dir.fetch_state()
-    if _complete(cfg, run_dir, changes):
+    # A local directory is checked before its first look (a file there would fail the look); a
+    # remote one after it, since its check writes a probe and a finished job resubmitted writes nothing.
+    if not run_dir.remote:
+        run_dir.check_writable()
+    if run_dir.holds_complete(cfg, changes):
         return None
     if run_dir.remote:
         run_dir.check_writable()
@@ -69,15 +71,8 @@ def prepare(
     if current is not None:
         fingerprint.check(run_dir.work, current, changes)
     before_writing()
-    lease = run_dir.acquire(cfg.run.lease_s)
-    # Again, now that no other run writes the directory: one may have moved it on since.
-    run_dir.fetch_state()
-    if _complete(cfg, run_dir, changes):
+    if not run_dir.take(cfg, current, changes):
         return None
-    previous = None if current is None else fingerprint.check(run_dir.work, current, changes)
-    run_dir.begin(cfg)
-    if current is not None:
-        fingerprint.record(run_dir.work, previous, current, at=_progress(run_dir.work))
     if train is not None and val is not None:
         # Fitted once, here, so every replica shares the same token ids.
         rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
@@ -86,12 +81,8 @@ def prepare(
         log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
     # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
     run_dir.sync()
-    return lease
-
-
-def _complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
-    run_dir.prior_config()  # refuses a directory that is not a run
-    return fingerprint.already_complete(run_dir.work, cfg, changes)
+    assert run_dir.lease is not None  # take() holds it now
+    return run_dir.lease.id
 
 
 def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
@@ -106,10 +97,3 @@ def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:
         plan_version=PLAN_VERSION,
         data=digest,
     )
-
-
-def _progress(run_dir: Path) -> dict[str, int]:
-    """Where a change takes effect: the epochs the run has finished."""
-    from imdb_dist.callbacks import read_metrics
-
-    return {"epochs_done": len(read_metrics(run_dir / rundir.METRICS))}

@@ -6,8 +6,11 @@ whether it is a local (or mounted) path or a ``pyarrow.fs`` URI
 
 - **decisions**: :meth:`RunDir.fetch` brings the small files a decision
   reads (config, report, fingerprint, vocabulary, logs) into the local
-  working copy :attr:`RunDir.work`; whether the run is new, resumes or is
-  already complete is :mod:`imdb_dist.fingerprint`'s decision on them.
+  working copy :attr:`RunDir.work`; :meth:`RunDir.holds_complete` and
+  :meth:`RunDir.take` decide on them whether the run is new, resumes or is
+  already complete (comparing configs and fingerprints with
+  :mod:`imdb_dist.fingerprint`), for ``imdb-dist train`` and the Ray
+  driver alike.
 - **the lease** (:mod:`imdb_dist.lease`): one live run writes the directory.
 - **progress**: :meth:`RunDir.sync` uploads what changed since the last sync
   (a log that only grew: just its new lines or records, as a segment).
@@ -47,14 +50,17 @@ import posixpath
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from imdb_dist import storage
 from imdb_dist.config import Config, dump_yaml, load_config
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.lease import LEASE, Lease, check_holder
+
+if TYPE_CHECKING:
+    from imdb_dist.fingerprint import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +244,59 @@ class RunDir:
                 raise InputError(f"{self.key} {self} is not empty and holds no {CONFIG}: not an imdb-dist run")
             return None
         return prior_config(self.work)
+
+    # -- the decision: new, resumed or complete --------------------------------------------------
+
+    def holds_complete(self, cfg: Config, changes: Sequence[str] = ()) -> bool:
+        """Read the directory's state: True if it already holds ``cfg``'s run, finished (nothing to do).
+
+        Decided on the small files alone, before any data is read or anything
+        written (:mod:`imdb_dist.fingerprint` compares the configs).
+
+        Raises:
+            InputError: the directory is not a run, or holds a run of another model.
+        """
+        self.fetch_state()
+        if self._complete(cfg, changes):
+            return True
+        done = _epochs_done(self.work)
+        if done:
+            log.info("resuming the run in %s after epoch %d, from its last checkpoint", self, done)
+        return False
+
+    def take(self, cfg: Config, current: Fingerprint | None, changes: Sequence[str] = ()) -> bool:
+        """Lease the directory and (re)open it to train ``cfg``; False if it turned out complete meanwhile.
+
+        The state is read again under the lease: another run may have moved
+        the directory on since :meth:`holds_complete`. ``current`` is the
+        run's fingerprint, checked against the saved one (a change not named
+        in ``changes`` is refused) and recorded with the epochs it takes
+        effect after; None (prepared data older than fingerprints) skips both.
+
+        Raises:
+            InputError: another live run holds the directory, or a refused change.
+        """
+        # Imported here: fingerprint reads run directories through this module.
+        from imdb_dist import fingerprint
+
+        self.acquire(cfg.run.lease_s)
+        self.fetch_state()
+        if self._complete(cfg, changes):
+            return False
+        previous = None if current is None else fingerprint.check(self.work, current, changes)
+        self.begin(cfg)
+        if current is not None:
+            fingerprint.record(self.work, previous, current, at={"epochs_done": _epochs_done(self.work)})
+        return True
+
+    def _complete(self, cfg: Config, changes: Sequence[str]) -> bool:
+        from imdb_dist import fingerprint
+
+        self.prior_config()  # refuses a directory that is not a run
+        if fingerprint.already_complete(self.work, cfg, changes):
+            log.info("%s already holds a complete run of this config; nothing to do", self)
+            return True
+        return False
 
     # -- the lease ---------------------------------------------------------------------------------
 
@@ -445,6 +504,31 @@ class RunDir:
                     self._storage_call(lambda s=stale: storage.delete(self.location.child(*s.split("/"))),
                                        f"upload {name}")
             self._synced[name] = _Synced(len(data), path.stat().st_mtime_ns, hashlib.sha256(data).hexdigest(), [name])
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` or ``steps.jsonl`` (empty if it does not exist).
+
+    Lines are appended, so a process killed mid-write can leave a torn last
+    line: it is dropped (that epoch has no checkpoint yet and will re-run).
+    """
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+            log.warning("%s: dropping a torn last line (an interrupted write)", path)
+    return records
+
+
+def _epochs_done(work: Path) -> int:
+    """The epochs a run has finished: its ``metrics.jsonl`` records (one per epoch, written at its end)."""
+    return len(read_metrics(work / METRICS))
 
 
 def _version_part(relative: str) -> str | None:

@@ -27,7 +27,6 @@ from imdb_dist.callbacks import (
     FiniteLoss,
     StepMetrics,
     log_every,
-    read_metrics,
 )
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config, to_dict
@@ -294,8 +293,7 @@ def _open_run(
 
     Returns the data, or None when the run directory already holds this run, complete.
     """
-    run_dir.fetch_state()
-    if _already_complete(cfg, run_dir, changes):
+    if run_dir.holds_complete(cfg, changes):
         return None
     # Read and check the data before creating anything: bad data leaves no run dir.
     with timings.phase("data"):
@@ -305,16 +303,8 @@ def _open_run(
     current = fingerprint.Fingerprint.of(cfg, precision=worker.precision, plan_version=plan.PLAN_VERSION,
                                          data=data.digest)
     fingerprint.check(run_dir.work, current, changes)
-    if worker.chief:
-        run_dir.acquire(cfg.run.lease_s)
-        # Again, now that no other run writes the directory: one may have moved it on since.
-        run_dir.fetch_state()
-        if _already_complete(cfg, run_dir, changes):
-            return None
-        previous = fingerprint.check(run_dir.work, current, changes)
-        run_dir.begin(cfg)
-        done = {"epochs_done": len(read_metrics(run_dir.work / rundir.METRICS))}
-        fingerprint.record(run_dir.work, previous, current, at=done)
+    if worker.chief and not run_dir.take(cfg, current, changes):
+        return None
     # Every worker restores the latest checkpoint.
     run_dir.fetch(trees=[rundir.CHECKPOINTS])
     return data
@@ -332,18 +322,6 @@ def _launched_data(run_dir: rundir.RunDir, launched: Launched, *, chief: bool) -
     splits = manifest["splits"]
     run_dir.fetch(f"{rundir.PREPARED}/{name}" for name in [*splits["train"]["files"], *splits["validation"]["files"]])
     return prepared_data(run_dir.work / rundir.PREPARED)
-
-
-def _already_complete(cfg: Config, run_dir: rundir.RunDir, changes: Sequence[str]) -> bool:
-    """Check a previous run in ``run_dir``; True if it already finished this model's run."""
-    run_dir.prior_config()  # refuses a directory that is not a run
-    if fingerprint.already_complete(run_dir.work, cfg, changes):
-        log.info("%s already holds a complete run of this config; nothing to do", run_dir)
-        return True
-    done = read_metrics(run_dir.work / rundir.METRICS)
-    if done:
-        log.info("resuming the run in %s after epoch %d, from its last checkpoint", run_dir, done[-1]["epoch"])
-    return False
 
 
 def _check_sizes(cfg: Config, data: TrainingData) -> None:
@@ -569,8 +547,8 @@ def _finish(
     # Drawn after, not in a thread beside the export: the two are mostly
     # Python, and sharing the GIL made the export 3x slower (measured).
     with timings.phase("curves"):
-        records = read_metrics(work / rundir.METRICS)
-        plot_curves(records, read_metrics(work / rundir.STEPS), work / rundir.CURVES)
+        records = rundir.read_metrics(work / rundir.METRICS)
+        plot_curves(records, rundir.read_metrics(work / rundir.STEPS), work / rundir.CURVES)
     process_s = since_process_start()
     report = {
         "validation": validation,

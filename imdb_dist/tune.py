@@ -38,7 +38,6 @@ import tf_keras as keras
 import yaml
 
 from imdb_dist import rundir, storage
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import (
     Config,
     TuneConfig,
@@ -51,6 +50,7 @@ from imdb_dist.config import (
 )
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.interrupt import Interrupted
+from imdb_dist.rundir import read_metrics
 
 log = logging.getLogger(__name__)
 

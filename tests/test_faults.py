@@ -23,10 +23,10 @@ import tf_keras as keras
 from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
 from imdb_dist.export import export_model
 from imdb_dist.interrupt import Interrupted, stop_on_signals
+from imdb_dist.rundir import read_metrics
 from imdb_dist.train import run
 
 # Most tests run real imdb-dist processes, some of them twice (stopped, then resumed).

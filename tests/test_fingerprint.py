@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO, tiny_overrides, write_aclimdb
 
 from imdb_dist import fingerprint, rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError
+from imdb_dist.rundir import read_metrics
 from imdb_dist.train import run
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, installed_script
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
+from imdb_dist.rundir import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

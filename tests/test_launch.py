@@ -25,11 +25,11 @@ import tf_keras as keras
 from conftest import REPO, TINY, installed_script, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.launch import launch
 from imdb_dist.model import build_model
+from imdb_dist.rundir import read_metrics
 
 # Each test is one or more Ray Train runs (tens of seconds each) on the module's cluster.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]

@@ -26,8 +26,8 @@ import tensorflow as tf
 from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.checkpoint import saved_position
+from imdb_dist.rundir import read_metrics
 
 # Each test trains two or three real processes (and the first of a setting its reference run).
 pytestmark = pytest.mark.timeout(300)

@@ -28,10 +28,10 @@ from test_job_submit import free_port
 from test_launch import FailOnce, RecordEpochs, events, exported_weights
 
 from imdb_dist import rundir, storage
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError
 from imdb_dist.launch import launch
+from imdb_dist.rundir import read_metrics
 
 BUCKET = "imdb"
 # moto accepts any key pair; the workers find these in their environment, as on a real cluster.

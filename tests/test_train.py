@@ -13,10 +13,11 @@ import tf_keras as keras
 from conftest import tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import FiniteLoss, log_every, read_metrics
+from imdb_dist.callbacks import FiniteLoss, log_every
 from imdb_dist.config import dump_yaml, load_config
 from imdb_dist.data.plan import PLAN_VERSION
 from imdb_dist.errors import ConfigError, DataError, InputError, RunError
+from imdb_dist.rundir import read_metrics
 from imdb_dist.train import run
 
 

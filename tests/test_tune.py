@@ -15,9 +15,9 @@ import pytest
 from conftest import REPO, sweep_config, write_aclimdb
 
 from imdb_dist import rundir
-from imdb_dist.callbacks import read_metrics
 from imdb_dist.cli import main
 from imdb_dist.config import load_config
+from imdb_dist.rundir import read_metrics
 
 LR = "train.learning_rate"
 
