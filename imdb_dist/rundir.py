@@ -188,7 +188,7 @@ class RunDir:
         if self.remote:
             storage.check_writable(self.location, self.key)
         else:
-            check_writable(self.work)
+            check_writable(self.work, self.key)
 
     def fetch(self, names: Iterable[str] = (), trees: Iterable[str] = ()) -> None:
         """Bring these files (and every file below ``trees``) into :attr:`work`; a log's parts are joined.
@@ -635,17 +635,17 @@ def _newest_complete(files: dict[str, int], root: str) -> int | None:
     return max((int(m[1]) for name in files if (m := marker.match(name))), default=None)
 
 
-def check_writable(path: Path) -> None:
-    """Fail early, before any data is read, if ``path`` cannot be created or written."""
+def check_writable(path: Path, key: str = "run.output_dir") -> None:
+    """Fail early, before any data is read, if ``path`` cannot be created or written (``key``: its config key)."""
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise InputError(f"run.output_dir {path}: {probe} is a file, not a directory")
+        raise InputError(f"{key} {path}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"run.output_dir {path} is not writable ({probe} denies write access)")
+        raise InputError(f"{key} {path} is not writable ({probe} denies write access)")
 
 
 def prior_config(run_dir: Path) -> Config | None:

@@ -95,6 +95,9 @@ def test_train_unwritable_output_dir_exits_2(tmp_path: Path, capsys) -> None:
     blocker.write_text("")
     assert main(["train", *sets(tiny_overrides(data, blocker / "run"))]) == 2
     assert_one_line_error(capsys, "run.output_dir", "is a file")
+    # launch: refused in the driver before it reads the data or joins a cluster, naming its own key.
+    assert main(["launch", *sets([*tiny_overrides(data, tmp_path / "unused"), f"ray.storage_path={blocker}/runs"])]) == 2
+    assert_one_line_error(capsys, "ray.storage_path", "is a file")
 
 
 def test_usage_errors_are_one_line(capsys) -> None:
