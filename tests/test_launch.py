@@ -210,12 +210,24 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Pat
     assert groups == [(2, "start", 1, 0), (2, "restarted after a failure", 2, 0)]
 
 
+BFLOAT16_TRANSPORT = ("distribution.embedding_gradient=dense", "distribution.embedding_transport=bfloat16")
+
+
 @pytest.mark.timeout(600)  # a run, a SIGKILL, Ray noticing it, a restarted worker group
-@pytest.mark.parametrize("local", [1, 2], ids=["2x1", "2x2"])
-def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(uninterrupted, tmp_path: Path, local) -> None:
+@pytest.mark.parametrize(
+    ("local", "transport"), [(1, ()), (2, ()), (1, BFLOAT16_TRANSPORT)], ids=["2x1", "2x2", "2x1-bfloat16-transport"]
+)
+def test_a_worker_killed_mid_epoch_ends_with_the_uninterrupted_model(
+    uninterrupted, tmp_path: Path, local: int, transport: tuple[str, ...]
+) -> None:
     # 2x2: each worker runs two replicas on two logical CPUs, the shape of a multi-GPU worker.
-    extra = (f"distribution.cpu_devices={local}",) if local > 1 else ()
+    # bfloat16 transport: the embedding gradient is rounded for the all-reduce, the same way on a resume.
+    extra = ((f"distribution.cpu_devices={local}",) if local > 1 else ()) + transport
     _, reference = uninterrupted(1, *extra)
+    if transport:  # the rounding is in effect: the model is not the float32 one
+        _, float32 = uninterrupted(1, "distribution.embedding_gradient=dense")
+        assert any(not np.array_equal(a, b) for a, b in zip(exported_weights(reference).values(),
+                                                             exported_weights(float32).values(), strict=True))
     log = tmp_path / "events.txt"
     # Killed at epoch 2 step 5: the last checkpoint is optimizer step 12 (epoch 2 step 2).
     kill = FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=5, kill=True)
