@@ -99,19 +99,25 @@ def test_a_dead_holders_lease_is_taken_over_and_a_live_ones_is_not(where: str, h
         run.close()
 
 
+def sync_then_lose_the_lease(run: rundir.RunDir, where: str, new_holder: str) -> None:
+    """``run`` syncs its log; another run (host elsewhere, pid 1) takes the lease; ``run``'s next sync must refuse."""
+    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    run.sync()
+    put_lease(where, id=new_holder)
+    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    # Whether the sync's check or the renewal thread noticed first, the refusal names the new holder.
+    with pytest.raises(RunError, match="host elsewhere pid 1"):
+        run.sync()
+
+
 def test_the_lease_is_renewed_while_the_run_lives_and_a_run_that_lost_it_stops_writing(where: str) -> None:
     run = rundir.RunDir.open(where)
     run.acquire(ttl_s=2.0)  # renewed every 0.5 s
     first = lease_file(where)["renewed"]
     time.sleep(1.6)
     assert lease_file(where)["renewed"] > first
-    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    run.sync()
     # Another run takes the directory over (this one looked dead to it): this one must not write again.
-    put_lease(where, id="intruder")
-    (run.work / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
-    with pytest.raises(RunError, match="held by another run"):
-        run.sync()
+    sync_then_lose_the_lease(run, where, "intruder")
     run.close()
     assert lease_file(where)["id"] == "intruder", "a run that lost its lease must not delete the new holder's"
 
@@ -123,13 +129,8 @@ def test_a_ray_chief_writes_only_while_its_drivers_lease_holds(where: str) -> No
     chief = rundir.RunDir.open(where)
     chief.attach(lease_id)
     try:
-        (chief.work / "metrics.jsonl").write_text('{"epoch": 1}\n')
-        chief.sync()
         # The driver was stopped and the job resubmitted: the new driver took the lease over.
-        put_lease(where, id="resubmitted")
-        (chief.work / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
-        with pytest.raises(RunError, match="held by another run .*host elsewhere pid 1"):
-            chief.sync()
+        sync_then_lose_the_lease(chief, where, "resubmitted")
         with pytest.raises(RunError, match="held by another run"):
             chief.publish()
     finally:
