@@ -42,8 +42,9 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # SavedModel export and collective ops narrate every step at INFO.
-    for chatty in ("absl", "tensorflow"):
+    # SavedModel export and collective ops narrate every step at INFO; matplotlib announces the
+    # font cache it builds on a fresh HOME (the curves).
+    for chatty in ("absl", "tensorflow", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -281,13 +282,18 @@ def test_a_healthy_run_prints_only_our_lines(trained_run: Path, tmp_path: Path) 
         ["train", *sets(tiny_overrides(data, tmp_path / "run"))],
         ["predict", "--model", str(trained_run / rundir.MODEL), GOOD],
     ]
+    # A fresh HOME's matplotlib config: the curves build its font cache, which it announces at INFO.
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "matplotlib")}
     for command in commands:
         proc = subprocess.run(
-            [installed_script("imdb-dist"), *command], capture_output=True, text=True, timeout=300, cwd=tmp_path
+            [installed_script("imdb-dist"), *command], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            env=env,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         foreign = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(OUR_LOG_LINE, line)]
         assert not foreign, f"imdb-dist {command[0]} printed lines that are not ours: {foreign[:5]}"
+        libraries = [line for line in proc.stderr.splitlines() if re.match(r"^\S+ \S+ \w+ matplotlib", line)]
+        assert not libraries, f"imdb-dist {command[0]} relayed a library's chatter: {libraries[:3]}"
         if command[0] == "train":
             assert "done: validation accuracy" in proc.stderr
 
