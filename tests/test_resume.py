@@ -54,7 +54,19 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     got_columns, want_columns = (
         [{k: r[k] for k in LOSS_COLUMNS} for r in read_metrics(d / rundir.METRICS)] for d in (resumed, uninterrupted)
     )
-    assert got_columns == want_columns
+    replicas = json.loads((uninterrupted / rundir.REPORT).read_text())["replicas"]
+    if replicas == 1:
+        assert got_columns == want_columns
+    else:
+        # Keras keeps an epoch's running loss per replica; a checkpoint saves the replicas' sum and a
+        # restore splits it evenly, so the resumed epoch's mean is summed in another order than the
+        # uninterrupted one's: equal to within float32 rounding, a few units in the last place
+        # (which step the stop landed on decides whether it rounds the same; the CI once saw 2).
+        # The weights above are bitwise equal regardless.
+        assert [r.keys() for r in got_columns] == [r.keys() for r in want_columns]
+        for got_row, want_row in zip(got_columns, want_columns, strict=True):
+            for key, want in want_row.items():
+                assert abs(got_row[key] - want) <= 1e-6 * abs(want), (key, got_row[key], want)
     # The lost attempt's step points past the checkpoint are dropped: each step is logged once, in order.
     got_steps, want_steps = ([r["step"] for r in read_metrics(d / rundir.STEPS)] for d in (resumed, uninterrupted))
     assert got_steps == want_steps
