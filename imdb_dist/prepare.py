@@ -71,7 +71,8 @@ def prepare(
     if current is not None:
         fingerprint.check(run_dir.work, current, changes)
     before_writing()
-    if not run_dir.take(cfg, current, changes):
+    lease = run_dir.take(cfg, current, changes)
+    if lease is None:
         return None
     if train is not None and val is not None:
         # Fitted once, here, so every replica shares the same token ids.
@@ -81,8 +82,7 @@ def prepare(
         log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
     # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
     run_dir.sync()
-    assert run_dir.lease is not None  # take() holds it now
-    return run_dir.lease.id
+    return lease
 
 
 def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:

@@ -264,8 +264,8 @@ class RunDir:
             log.info("resuming the run in %s after epoch %d, from its last checkpoint", self, done)
         return False
 
-    def take(self, cfg: Config, current: Fingerprint | None, changes: Sequence[str] = ()) -> bool:
-        """Lease the directory and (re)open it to train ``cfg``; False if it turned out complete meanwhile.
+    def take(self, cfg: Config, current: Fingerprint | None, changes: Sequence[str] = ()) -> str | None:
+        """Lease the directory and (re)open it to train ``cfg``: the lease's id, or None if it turned out complete.
 
         The state is read again under the lease: another run may have moved
         the directory on since :meth:`holds_complete`. ``current`` is the
@@ -279,15 +279,15 @@ class RunDir:
         # Imported here: fingerprint reads run directories through this module.
         from imdb_dist import fingerprint
 
-        self.acquire(cfg.run.lease_s)
+        lease = self.acquire(cfg.run.lease_s)
         self.fetch_state()
         if self._complete(cfg, changes):
-            return False
+            return None
         previous = None if current is None else fingerprint.check(self.work, current, changes)
         self.begin(cfg)
         if current is not None:
             fingerprint.record(self.work, previous, current, at={"epochs_done": _epochs_done(self.work)})
-        return True
+        return lease
 
     def _complete(self, cfg: Config, changes: Sequence[str]) -> bool:
         from imdb_dist import fingerprint

@@ -303,7 +303,7 @@ def _open_run(
     current = fingerprint.Fingerprint.of(cfg, precision=worker.precision, plan_version=plan.PLAN_VERSION,
                                          data=data.digest)
     fingerprint.check(run_dir.work, current, changes)
-    if worker.chief and not run_dir.take(cfg, current, changes):
+    if worker.chief and run_dir.take(cfg, current, changes) is None:
         return None
     # Every worker restores the latest checkpoint.
     run_dir.fetch(trees=[rundir.CHECKPOINTS])

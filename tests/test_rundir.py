@@ -145,7 +145,7 @@ def json_lines(where: str, name: str) -> list[dict]:
     run = rundir.RunDir.open(where)
     try:
         run.fetch([name])
-        return [json.loads(line) for line in (run.work / name).read_text().splitlines()]
+        return rundir.read_metrics(run.work / name)
     finally:
         run.close()
 

@@ -124,11 +124,15 @@ def test_the_s3_retry_strategy_survives_pickling_as_ray_trains_copies_need() -> 
 
     def accept() -> None:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # the listener was closed: the test is over
+                return
             connections.append(1)
             conn.close()
 
-    threading.Thread(target=accept, daemon=True).start()
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     port = listener.getsockname()[1]
     location = storage.parse(f"s3://{BUCKET}/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
                              "run.output_dir", retry_s=0.7)
@@ -136,7 +140,10 @@ def test_the_s3_retry_strategy_survives_pickling_as_ray_trains_copies_need() -> 
     assert isinstance(copy, storage.RetryingS3FileSystem) and copy.attempts == 5
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         copy.get_file_info(f"{BUCKET}/x/report.json")
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone may not)
     listener.close()
+    acceptor.join(timeout=5)
+    assert not acceptor.is_alive()
     # The first try and 5 retries; a plain S3FileSystem's copy tries 3 times in all.
     assert len(connections) == 6
 
