@@ -287,6 +287,8 @@ def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from imdb_dist.controller_log import KeptCheckpoints
+
     run = run_dir.location
     parent = posixpath.dirname(run.path)
     trainer = TensorflowTrainer(
@@ -313,6 +315,7 @@ def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.checkpoints_to_keep),
             worker_runtime_env={"env_vars": WORKER_ENV},
+            callbacks=[KeptCheckpoints()],
         ),
     )
     try:

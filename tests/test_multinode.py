@@ -307,6 +307,7 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(fixed_run: Fi
 
 GROUP = re.compile(r"worker group: (\d+) worker\(s\)(?: \(was \d+\))?, ([^;]+); training from epoch (\d+) step (\d+)")
 STEP = re.compile(r"step (\d+) \(epoch \d+, \d+/(\d+)\)")
+KEPT = re.compile(r"Ray Train kept the checkpoint: training resumes from epoch (\d+) step (\d+)")
 
 
 class JobLog:
@@ -324,6 +325,13 @@ class JobLog:
     def steps_per_epoch(self) -> int | None:
         found = STEP.search(self.path.read_text()) if self.path.exists() else None
         return int(found[2]) if found else None
+
+    def kept_before_group(self, index: int) -> int:
+        """The global step of the last checkpoint Ray Train's controller logged as kept before the ``index``-th group."""
+        text = self.path.read_text()
+        start = [m.start() for m in GROUP.finditer(text)][index]
+        steps = self.steps_per_epoch() or 0
+        return max(((int(m[1]) - 1) * steps + int(m[2]) for m in KEPT.finditer(text, 0, start)), default=0)
 
     def last_step_of_group(self, index: int) -> int:
         """The last step point logged after the ``index``-th worker group started (0: none yet)."""
@@ -358,16 +366,20 @@ def test_an_elastic_job_loses_a_host_grows_back_is_preempted_and_ends_with_the_f
              "the 1-worker group's first checkpoint", proc, timeout=300)
     workers, cause, resumed_at = job.groups()[1]
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
-    # Lost work: at most the steps since the last checkpoint.
+    # From the last checkpoint Ray Train kept (every worker's report of it collected) ...
+    assert 0 < resumed_at == job.kept_before_group(1), (resumed_at, log.read_text()[-6000:])
+    # ... so lost work is under two checkpoints' steps: the last one handed over may not have been
+    # collected, and no worker hands over the next before its previous one is.
     # (Not bounded above: when rank 0 ran on the lost host, its last lines may die with it.)
-    assert 0 < resumed_at and lost_after - CHECKPOINT_STEPS <= resumed_at, (lost_after, resumed_at)
+    assert lost_after - 2 * CHECKPOINT_STEPS < resumed_at, (lost_after, resumed_at)
 
     # The host comes back; within ray.resize_interval_s the job grows back to it.
     cluster.start_worker_node()
     wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
-    # The resize too restarts from the latest checkpoint: at most run.checkpoint_steps back.
+    # The resize too restarts from the last checkpoint Ray Train kept: under two checkpoints back.
     alone_until, grown_at = job.last_step_of_group(1), job.groups()[2][2]
-    assert alone_until - CHECKPOINT_STEPS <= grown_at <= alone_until, (alone_until, grown_at)
+    assert grown_at == job.kept_before_group(2), (grown_at, log.read_text()[-6000:])
+    assert alone_until - 2 * CHECKPOINT_STEPS < grown_at <= alone_until, (alone_until, grown_at)
 
     # Then the host is drained for preemption with a deadline, as a spot reclaim does on Ray
     # (a `ray start --block` node drains itself so on SIGTERM).
@@ -391,9 +403,11 @@ def test_an_elastic_job_loses_a_host_grows_back_is_preempted_and_ends_with_the_f
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
     epoch, step = divmod(noticed_at, STEPS_PER_EPOCH)
     assert f"preemption: checkpoint at epoch {epoch + 1} step {step} " in log.read_text()  # the notice's own
-    assert noticed_at <= preempted_at < EPOCHS * STEPS_PER_EPOCH, (noticed_at, preempted_at)
-    # Lost: under one step point's steps, where run.checkpoint_steps alone would lose up to its own.
-    assert job.last_step_of_group(2) - preempted_at <= POINT_STEPS, (job.last_step_of_group(2), preempted_at)
+    assert noticed_at <= preempted_at == job.kept_before_group(3) < EPOCHS * STEPS_PER_EPOCH, (noticed_at,
+                                                                                                preempted_at)
+    # Lost: under two step points' steps (as above, with a checkpoint at every step point), where
+    # run.checkpoint_steps alone would lose up to twice its own.
+    assert job.last_step_of_group(2) - preempted_at < 2 * POINT_STEPS, (job.last_step_of_group(2), preempted_at)
     elastic = _finished(cluster, "elastic", proc, log)
 
     history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
