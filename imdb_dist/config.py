@@ -271,6 +271,12 @@ class RayConfig:
     # (exit 2); N asks the cluster's autoscaler for them and waits up to N
     # seconds (imdb_dist.launch.check_gpus says why not Ray Train's own wait).
     gpu_wait_s: float = 0.0
+    # How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, which
+    # this sets; Ray's default is 2 s). It collects their ray.train.report calls then, and a
+    # worker's report waits until its previous one was collected: a job checkpointing more often
+    # than this trains at one checkpoint per poll (bench.checkpoint_pace). Failures, resizes and
+    # preemption notices are noticed at the same pace.
+    report_poll_s: float = 0.5
 
     def __post_init__(self) -> None:
         _no_credentials("ray.storage_path", self.storage_path)
@@ -285,6 +291,7 @@ class RayConfig:
         _check_range("ray.checkpoints_to_keep", self.checkpoints_to_keep, 1, 100_000)
         _check_range("ray.num_shards", self.num_shards, 1, 100_000)
         _check_range("ray.gpu_wait_s", self.gpu_wait_s, 0.0, 86_400.0)
+        _check_range("ray.report_poll_s", self.report_poll_s, 0.05, 60.0)
         for resource, amount in self.resources_per_worker.items():
             _check_range(f"ray.resources_per_worker.{resource}", amount, 0.0, 1_000_000.0)
         if self.use_gpu and not self.resources_per_worker.get("GPU"):

@@ -2,10 +2,12 @@
 
 A checkpoint a worker hands to ``ray.train.report`` is Ray Train's only once
 its controller has collected every worker's report of it. The controller
-polls the workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by
-default; ``checkpoint/report_handler.py`` pairs the reports), so when a host
-is lost, the reports it had not yet collected go with it, and the group
-restarts from the last checkpoint kept before them. This callback logs that
+polls the workers every ``ray.report_poll_s`` (``checkpoint/report_handler.py``
+pairs the reports), so when a host is lost, the reports it had not yet
+collected go with it, and the group restarts from the last checkpoint kept
+before them. A worker's report waits until its previous one was collected
+(the worker's result queue holds one), so that is never more than the
+last checkpoint handed over. This callback logs that
 checkpoint as it is kept, in the terms of the worker group line that
 restarts from it (``training from epoch E step S``).
 
@@ -35,7 +37,9 @@ def resume_position(metrics: dict[str, Any]) -> tuple[int, int]:
 class KeptCheckpoints(ray.train.UserCallback):
     """Logs ``Ray Train kept the checkpoint: training resumes from epoch E step S`` on the controller."""
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: ray.train.Checkpoint | None) -> None:
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: ray.train.Checkpoint | None
+    ) -> None:
         if checkpoint is None:
             return
         # The controller is its own process: our log format, set once there.

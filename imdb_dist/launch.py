@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 # make `tf.keras` mean tf_keras in every worker, whatever a library imports.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# How often Ray Train's controller polls the workers, and so collects their reports (ray.report_poll_s).
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def run_location(cfg: Config) -> storage.Location:
@@ -291,6 +293,9 @@ def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list
 
     run = run_dir.location
     parent = posixpath.dirname(run.path)
+    # Ray Train hands this variable on from the driver to its controller (constants.py,
+    # ENV_VARS_TO_PROPAGATE): the documented place to set it.
+    os.environ[REPORT_POLL_ENV] = f"{cfg.ray.report_poll_s:g}"
     trainer = TensorflowTrainer(
         _worker_loop,
         train_loop_config={

@@ -273,3 +273,15 @@ def test_loop_runs_this_tree_against_a_baseline_revision(data: Path) -> None:
     assert all(run["val_accuracy"] >= 0 for runs in out["runs"].values() for run in runs)
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=REPO, capture_output=True, text=True, check=True)
     assert len(worktrees.stdout.splitlines()) == 1  # the baseline's checkout is gone
+
+
+def test_checkpoint_pace_launches_each_variant_and_reads_its_phases(data: Path) -> None:
+    out = bench("bench.checkpoint_pace", "--data", str(data), "--every", "2", "--poll", "2", "--rounds", "1", *sets(),
+                "--set", "ray.num_shards=2")
+    assert set(out["runs"]) == {"epoch-ends", "every-2", "every-2-poll-2"}
+    for name, (run,) in out["runs"].items():
+        # Each run trained the whole epoch; the step-checkpoint variants handed over one per 2 steps.
+        assert run["optimizer_steps"] > 2 and run["examples_per_s_median"] > 0, name
+        assert run["checkpoints_about"] == 1 + (run["optimizer_steps"] // 2 if name != "epoch-ends" else 0), name
+    assert out["speed_vs_epoch_ends"]["epoch-ends"] == 1.0
+    assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()

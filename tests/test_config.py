@@ -405,3 +405,11 @@ def test_num_workers_is_a_count_or_an_elastic_range_and_round_trips_through_yaml
 def test_a_bad_num_workers_is_refused_naming_the_key(value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"ray.num_workers={value}"])
+
+
+@pytest.mark.parametrize("value", ["0", "0.01", "61"])
+def test_a_report_poll_outside_what_ray_train_can_keep_up_with_is_refused(value):
+    # Under 0.05 s the controller would do little but poll; over a minute, failures and
+    # preemption notices would wait that long to be noticed.
+    with pytest.raises(ConfigError, match=rf"ray\.report_poll_s: {float(value)} is out of range \[0\.05, 60\.0\]"):
+        load_config(None, [f"ray.report_poll_s={value}"])

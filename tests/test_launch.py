@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -189,6 +190,35 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(uninterrupted, memb
     embeddings = [w for w in exported if w.shape == one_network.weights[0].shape]
     assert len(embeddings) == members
     assert all(not np.array_equal(a, b) for i, a in enumerate(embeddings) for b in embeddings[i + 1 :])
+
+
+KEPT = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO imdb_dist\.controller_log: "
+                  r"Ray Train kept the checkpoint: training resumes from epoch (\d+) step (\d+)")
+
+
+@pytest.mark.timeout(240)
+def test_the_controller_logs_each_checkpoint_it_keeps_one_poll_of_ray_report_poll_s_apart(tmp_path: Path) -> None:
+    # A worker's report waits until its previous one was collected, and Ray Train's controller
+    # collects at its polls, ray.report_poll_s apart (2.5 s here: more than Ray's default 2 s, so
+    # the test fails unless the setting reaches the controller): so the job log says when each
+    # checkpoint became Ray Train's, at most one per poll.
+    poll = 2.5
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    sets = [*tiny_overrides(data, tmp_path / "unused"), "distribution.strategy=multi_worker", "ray.num_workers=2",
+            f"ray.storage_path={tmp_path / 'storage'}", "ray.num_shards=4", "train.epochs=1",
+            "run.checkpoint_steps=2", f"ray.report_poll_s={poll:g}"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own local cluster
+    result = subprocess.run(
+        [sys.executable, "-m", "imdb_dist.cli", "launch", *[arg for item in sets for arg in ("--set", item)]],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = KEPT.findall(result.stdout + result.stderr)
+    # Every checkpoint, in order, in the terms of the worker group line that would resume from it.
+    assert [(int(epoch), int(step)) for _, epoch, step in kept] == [(1, 2), (1, 4), (1, 6), (1, 8), (2, 0)], kept
+    times = [datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp() for stamp, _, _ in kept]
+    # Polls start ray.report_poll_s after the previous one ended; each line is logged right after its poll.
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.9 * poll, times
 
 
 def test_a_failed_worker_resumes_from_the_last_checkpoint(cluster, tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ class JobLog:
         return int(found[2]) if found else None
 
     def kept_before_group(self, index: int) -> int:
-        """The global step of the last checkpoint Ray Train's controller logged as kept before the ``index``-th group."""
+        """The global step of the last checkpoint the controller logged as kept before the ``index``-th group."""
         text = self.path.read_text()
         start = [m.start() for m in GROUP.finditer(text)][index]
         steps = self.steps_per_epoch() or 0

@@ -1,0 +1,120 @@
+"""What step checkpoints cost a Ray Train job: the upload, or the wait for Ray Train to collect them.
+
+A worker's ``ray.train.report`` hands a checkpoint to Ray Train and waits
+until its previous report was collected; the controller collects reports
+when it polls the workers, every ``ray.report_poll_s`` (which sets
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: 2 s unless set). So a job that
+checkpoints more often than that trains at one checkpoint per poll. This runs ``imdb-dist launch`` (a throw-away local
+Ray cluster, 2 workers, the run on local disk) as users do, one fresh
+process per run, in rounds that alternate the variants:
+
+- ``epoch-ends``: ``run.checkpoint_steps=0``, the config's poll;
+- ``every-N``: a checkpoint every N optimizer steps, the config's poll;
+- ``every-N-poll-S``: the same with the controller polling every S
+  seconds (``ray.report_poll_s``; 2 is Ray Train's own default).
+
+From each run's ``report.json``: the median examples/s of its training
+steps, the wall time, and its phases: ``checkpoints`` (writing them) and
+``after_checkpoint`` (``ray.train.report``: the barrier, the copy into Ray's
+storage, the wait for the previous report to be collected).
+
+    python -m bench.checkpoint_pace --data ../shared/data/imdb/aclImdb_train.tar.gz \\
+        --config job/configs/ray-local.yaml --every 20 --poll 2 --rounds 2 \\
+        [--output docs/bench-results/checkpoint-pace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.timing import emit, median
+from bench.topology import cpu_model
+
+
+def variants(every: int, poll: float) -> dict[str, tuple[int, float | None]]:
+    """Name -> (``run.checkpoint_steps``, ``ray.report_poll_s`` or None for the config's)."""
+    return {"epoch-ends": (0, None), f"every-{every}": (every, None), f"every-{every}-poll-{poll:g}": (every, poll)}
+
+
+def measure(config: str, data: str, checkpoint_steps: int, poll: float | None, extra: list[str]) -> dict[str, Any]:
+    """One ``imdb-dist launch`` into a fresh storage directory; its speed, wall time and checkpoint phases."""
+    config, data = str(Path(config).resolve()), str(Path(data).resolve())  # the run starts in a scratch directory
+    with tempfile.TemporaryDirectory(prefix="imdb-dist-bench-pace-") as scratch:
+        # The bench's own settings last: they win over --set.
+        sets = [*extra, f"data.path={data}", f"ray.storage_path={scratch}/storage", "ray.name=pace",
+                f"run.checkpoint_steps={checkpoint_steps}", *([f"ray.report_poll_s={poll:g}"] if poll else [])]
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "imdb_dist.cli", "launch", "--config", config,
+             *[arg for item in sets for arg in ("--set", item)]],
+            cwd=scratch, env=env, check=True, capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - started
+        report = json.loads((Path(scratch) / "storage" / "pace" / "report.json").read_text())
+    phases = report["timings"]["phases_s"]
+    steps = report["optimizer_steps"]
+    checkpoints = report["epochs"] + (steps // checkpoint_steps if checkpoint_steps else 0)
+    return {
+        "wall_s": wall,
+        "examples_per_s_median": report["examples_per_s_median"],
+        "optimizer_steps": steps,
+        "checkpoints_about": checkpoints,  # epoch ends and step checkpoints (one may be both)
+        "checkpoints_s": phases.get("checkpoints", 0.0),
+        "after_checkpoint_s": phases.get("after_checkpoint", 0.0),
+        "steps_s": phases.get("steps", 0.0),
+        "validation_accuracy": report["validation"]["accuracy"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config", default="job/configs/ray-local.yaml")
+    parser.add_argument("--every", type=int, default=20, help="run.checkpoint_steps of the step-checkpoint variants")
+    parser.add_argument("--poll", type=float, default=2.0,
+                        help="the other variant's ray.report_poll_s, seconds (2: Ray Train's own default)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants(args.every, args.poll)}
+    for _ in range(args.rounds):
+        # Alternating: a drift of the shared machine falls on every variant alike.
+        for name, (checkpoint_steps, poll) in variants(args.every, args.poll).items():
+            runs[name].append(measure(args.config, args.data, checkpoint_steps, poll, args.sets))
+
+    def summary(name: str) -> dict[str, float]:
+        got = runs[name]
+        return {key: median([run[key] for run in got]) for key in
+                ("examples_per_s_median", "wall_s", "after_checkpoint_s", "checkpoints_s", "steps_s")}
+
+    medians = {name: summary(name) for name in runs}
+    base = medians["epoch-ends"]["examples_per_s_median"]
+    emit({
+        "bench": "checkpoint_pace",
+        "cpu": cpu_model(),
+        "config": args.config,
+        "sets": args.sets,
+        "every": args.every,
+        "poll_s": args.poll,
+        "rounds": args.rounds,
+        "medians": medians,
+        # Speed of each variant against checkpoints at epoch ends only, measured side by side.
+        "speed_vs_epoch_ends": {name: m["examples_per_s_median"] / base for name, m in medians.items()},
+        "runs": runs,
+    }, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
