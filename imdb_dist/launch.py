@@ -158,12 +158,16 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
+    # Every Ray process of the job (Ray Train's controller and workers import TensorFlow before
+    # our code runs in them) loads TensorFlow without its start-up lines. Merged by ray.init with
+    # a submitted job's runtime env.
+    quiet = {"worker_process_setup_hook": "imdb_dist.logs.quiet_tensorflow_imports"}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=quiet)
     else:
         # A new throw-away single-node cluster on loopback ("local": never join
         # whatever cluster /tmp/ray says was started last).
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=quiet)
 
 
 # Seconds between looks at the cluster while waiting for GPUs (ray.gpu_wait_s).

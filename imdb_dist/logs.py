@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from types import ModuleType
 
 # TensorFlow's native start-up lines: absl's pre-init notice, INFO/WARNING
 # lines in absl's format (CUDA stubs on machines without a GPU, CPU feature
@@ -115,3 +118,60 @@ def import_tensorflow_quietly() -> None:
         import tf_keras  # noqa: F401 - its import loads TensorFlow's libraries a second time
 
         tf.config.list_physical_devices()
+
+
+# The packages whose first import in a process prints TensorFlow's start-up lines
+# (tf_keras and Keras 3 load TensorFlow's libraries a second time).
+_NOISY_PACKAGES = frozenset({"tensorflow", "tf_keras", "keras"})
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs a package's own loader inside :func:`native_startup_filtered`."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        # From here on the package sees its own loader (resources, reloads): only the import
+        # system's call goes through this one.
+        module.__loader__ = module.__spec__.loader = self.loader
+        # Relays the accelerator lines as ours (a no-op where the process's log is set up).
+        setup_logging()
+        with native_startup_filtered():
+            self.loader.exec_module(module)
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    """Finds TensorFlow's and Keras' packages as the other finders do, and loads them quietly."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _NOISY_PACKAGES:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if finder is not self and find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def quiet_tensorflow_imports() -> None:
+    """Ray's ``worker_process_setup_hook`` for our jobs: TensorFlow loads without its start-up lines.
+
+    Ray Train's TensorFlow backend imports TensorFlow in its controller and
+    in each worker (``ray.train.tensorflow`` imports it at the top) before
+    any code of ours runs there, and the start-up lines it prints reach the
+    job's log. Ray runs this hook in every worker process of the job before
+    any task or actor code (``imdb_dist.launch.connect`` sets it); it
+    imports nothing itself, so a process that never imports TensorFlow pays
+    nothing, and one that does loads it inside :func:`native_startup_filtered`.
+    """
+    if not any(isinstance(finder, _QuietTensorFlowFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,15 @@ def _distinct_collective_keys() -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A TensorFlow C++ start-up line as absl writes it, anywhere in a line (Ray prefixes the
+# lines of its processes with their name): absl's pre-init notice, or "I0000 00:00:17... 123 port.cc:153] ...".
+TF_STARTUP_LINE = re.compile(r"absl::InitializeLog|\b[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] ")
+
+
+def tensorflow_startup_lines(output: str) -> list[str]:
+    """The lines of ``output`` that are TensorFlow's native start-up noise (none, in a healthy run's output)."""
+    return [line for line in output.splitlines() if TF_STARTUP_LINE.search(line)]
 
 # CI (.ci/run) sets IMDB_DIST_STRICT=1. Its machine has everything the suite
 # needs (the real data in ../shared, root and ip for network namespaces, the

@@ -352,3 +352,32 @@ def test_without_a_configured_log_the_start_up_filter_keeps_accelerator_lines_as
     proc = _filtered(log=False)
     assert proc.returncode == 3
     assert proc.stderr.splitlines() == [*_NATIVE[2:], "a python line"]
+
+
+_HOOKED_IMPORT = """
+import json, sys
+from imdb_dist.logs import accelerator_notes, quiet_tensorflow_imports
+quiet_tensorflow_imports()
+quiet_tensorflow_imports()  # a second call installs nothing more
+import tensorflow  # as ray.train.tensorflow does, with nothing of ours around it
+print(json.dumps({"notes": list(accelerator_notes()), "loader": type(tensorflow.__spec__.loader).__name__,
+                  "finders": sum(type(f).__name__ == "_QuietTensorFlowFinder" for f in sys.meta_path)}))
+"""
+
+
+def test_ray_s_setup_hook_makes_a_bare_tensorflow_import_quiet_and_keeps_what_it_said_about_gpus() -> None:
+    # The hook Ray runs in every process of our jobs (imdb_dist.launch.connect), before Ray
+    # Train's TensorFlow backend imports TensorFlow there.
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", _HOOKED_IMPORT], capture_output=True, text=True, timeout=120,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from conftest import tensorflow_startup_lines
+
+    assert not tensorflow_startup_lines(proc.stderr), proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # What it said about CUDA (on this machine: no driver) is kept, and relayed as our lines.
+    relayed = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(re.match(OUR_LOG_LINE, line) for line in relayed), relayed
+    assert len(relayed) == len(got["notes"]), (relayed, got["notes"])
+    assert got["loader"] != "_QuietLoader" and got["finders"] == 1  # TensorFlow keeps its own loader

@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, installed_script, sweep_config, write_aclimdb
+from conftest import (
+    REPO,
+    TINY,
+    installed_script,
+    sweep_config,
+    tensorflow_startup_lines,
+    write_aclimdb,
+)
 
 from imdb_dist import rundir
 
@@ -98,6 +105,9 @@ def test_ray_job_submit_trains_and_exports(head, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
+    # The job's log (the driver, Ray Train's controller, both workers) holds no TensorFlow start-up lines.
+    noise = tensorflow_startup_lines(proc.stdout + proc.stderr)
+    assert not noise, noise[:5]
     run_dir = storage / "ray-local"
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["workers"] == 2 and report["replicas"] == 2
