@@ -274,8 +274,8 @@ class RayConfig:
     # How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, which
     # this sets; Ray's default is 2 s). It collects their ray.train.report calls then, and a
     # worker's report waits until its previous one was collected: a job checkpointing more often
-    # than this trains at one checkpoint per poll (bench.checkpoint_pace). Failures, resizes and
-    # preemption notices are noticed at the same pace.
+    # than this trains at one checkpoint per poll (bench.checkpoint_pace). The controller notices
+    # failed workers and resizes at the same pace. It wins over the variable in the environment.
     report_poll_s: float = 0.5
 
     def __post_init__(self) -> None:

@@ -7,11 +7,12 @@ pairs the reports), so when a host is lost, the reports it had not yet
 collected go with it, and the group restarts from the last checkpoint kept
 before them. A worker's report waits until its previous one was collected
 (the worker's result queue holds one), so that is never more than the
-last checkpoint handed over. This callback logs that
+last checkpoint handed over: a restart redoes at most two checkpoints' steps. This callback logs that
 checkpoint as it is kept, in the terms of the worker group line that
 restarts from it (``training from epoch E step S``).
 
-Imported by the Ray driver only (``imdb_dist.launch``): it needs ``ray.train``.
+Built by the Ray driver (``imdb_dist.launch``), which hands it to Ray Train;
+it runs in the controller's process. It needs ``ray.train``, so nothing else imports it.
 """
 
 from __future__ import annotations

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 # make `tf.keras` mean tf_keras in every worker, whatever a library imports.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray's worker_process_setup_hook for every process of our jobs (imdb_dist.logs).
+QUIET_HOOK = "imdb_dist.logs.quiet_tensorflow_imports"
 # How often Ray Train's controller polls the workers, and so collects their reports (ray.report_poll_s).
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
@@ -161,9 +163,18 @@ def connect() -> None:
     # Every Ray process of the job (Ray Train's controller and workers import TensorFlow before
     # our code runs in them) loads TensorFlow without its start-up lines. Merged by ray.init with
     # a submitted job's runtime env.
-    quiet = {"worker_process_setup_hook": "imdb_dist.logs.quiet_tensorflow_imports"}
+    quiet = {"worker_process_setup_hook": QUIET_HOOK}
     if address:
-        ray.init(address=address, runtime_env=quiet)
+        try:
+            ray.init(address=address, runtime_env=quiet)
+        except ValueError as exc:
+            if "worker_process_setup_hook" not in str(exc):
+                raise
+            raise InputError(
+                f"the job's runtime env sets worker_process_setup_hook, which imdb-dist sets to {QUIET_HOOK} "
+                "(TensorFlow's start-up lines kept out of Ray's processes): drop it from the submission, "
+                "or call that function from your hook"
+            ) from exc
     else:
         # A new throw-away single-node cluster on loopback ("local": never join
         # whatever cluster /tmp/ray says was started last).
@@ -426,11 +437,11 @@ def _worker_loop(payload: dict[str, Any]) -> None:
 
         Ray's answer is rank 0's, broadcast (every worker asks at the same
         step points), so all workers checkpoint together. At the drain's
-        deadline Ray Train restarts the group from the latest checkpoint on
-        the nodes that remain (elastic: with the workers that fit), so every
-        step trained after a notice is lost unless saved: from the notice on,
-        a checkpoint at every step point keeps the loss under
-        ``run.log_every_steps`` steps.
+        deadline Ray Train restarts the group from the latest checkpoint it
+        collected, on the nodes that remain (elastic: with the workers that
+        fit), so every step trained after a notice is lost unless saved: from
+        the notice on, a checkpoint at every step point keeps the loss to at
+        most twice ``run.log_every_steps`` steps (``imdb_dist.controller_log``).
         """
         info = ray.train.get_preemption_info()
         if info is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.abc
 import importlib.machinery
 import logging
@@ -10,8 +11,10 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import IO, Any
 
 # TensorFlow's native start-up lines: absl's pre-init notice, INFO/WARNING
 # lines in absl's format (CUDA stubs on machines without a GPU, CPU feature
@@ -51,6 +54,19 @@ def setup_logging() -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
+@dataclasses.dataclass
+class _Redirect:
+    """fd 2's while :func:`native_startup_filtered` holds it: the real one, the file it writes to, how many are inside."""
+
+    saved: int
+    held: IO[bytes]
+    inside: int
+
+
+_redirect_lock = threading.Lock()
+_redirect: _Redirect | None = None
+
+
 @contextlib.contextmanager
 def native_startup_filtered() -> Iterator[None]:
     """Drop TensorFlow's C++ start-up noise written to stderr inside the block; keep every other line.
@@ -66,37 +82,54 @@ def native_startup_filtered() -> Iterator[None]:
     says "error" about cuInit on every start, and a job that needs the GPU
     stops on its own error naming the reason (:func:`imdb_dist.distribute.check_devices`).
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
+    global _redirect
+    with _redirect_lock:
+        # Threads may overlap here (in a Ray process, the first import of TensorFlow and of
+        # tf_keras can run in two threads): the first to enter redirects fd 2, the last to
+        # leave restores it, so no thread restores a descriptor another one put there.
+        if _redirect is None:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            # Without a configured log (a script that never called
-            # setup_logging) the accelerator lines are kept as TensorFlow wrote them.
-            relay = bool(logging.getLogger().handlers) and log.isEnabledFor(logging.INFO)
-            kept, relayed = [], []
-            for line in held.read().decode("utf-8", "replace").splitlines(keepends=True):
-                text = line.rstrip("\n")
-                absl = _ABSL.match(text)
-                # The source file counts: cuda_platform.cc's "failed call to cuInit".
-                if absl and _ACCELERATOR.search(text):
-                    _accelerator_notes.append(absl.group(3))
-                    if relay:
-                        relayed.append(absl.groups())
-                    else:
-                        kept.append(line)
-                elif not _STARTUP_NOISE.match(text):
-                    kept.append(line)
-            if kept:
-                os.write(2, "".join(kept).encode())
-            for severity, where, message in relayed:
-                log.info("TensorFlow %s (%s): %s", _SEVERITY[severity], where, message)
+            held = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the last thread to leave
+            _redirect = _Redirect(saved=os.dup(2), held=held, inside=0)
+            os.dup2(held.fileno(), 2)
+        _redirect.inside += 1
+    try:
+        yield
+    finally:
+        with _redirect_lock:
+            _redirect.inside -= 1
+            if _redirect.inside == 0:
+                ending, _redirect = _redirect, None
+                sys.stderr.flush()
+                os.dup2(ending.saved, 2)
+                os.close(ending.saved)
+                with ending.held:
+                    ending.held.seek(0)
+                    _replay(ending.held.read().decode("utf-8", "replace"))
+
+
+def _replay(written: str) -> None:
+    """Write what was held back to stderr, minus the start-up noise; relay the accelerator lines."""
+    # Without a configured log (a script that never called
+    # setup_logging) the accelerator lines are kept as TensorFlow wrote them.
+    relay = bool(logging.getLogger().handlers) and log.isEnabledFor(logging.INFO)
+    kept, relayed = [], []
+    for line in written.splitlines(keepends=True):
+        text = line.rstrip("\n")
+        absl = _ABSL.match(text)
+        # The source file counts: cuda_platform.cc's "failed call to cuInit".
+        if absl and _ACCELERATOR.search(text):
+            _accelerator_notes.append(absl.group(3))
+            if relay:
+                relayed.append(absl.groups())
+            else:
+                kept.append(line)
+        elif not _STARTUP_NOISE.match(text):
+            kept.append(line)
+    if kept:
+        os.write(2, "".join(kept).encode())
+    for severity, where, message in relayed:
+        log.info("TensorFlow %s (%s): %s", _SEVERITY[severity], where, message)
 
 
 def accelerator_notes() -> tuple[str, ...]:
@@ -130,6 +163,10 @@ class _QuietLoader(importlib.abc.Loader):
 
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else asks the spec's loader during the import (get_filename, is_package, ...).
+        return getattr(self.loader, name)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)

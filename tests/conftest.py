@@ -86,9 +86,15 @@ def _distinct_collective_keys() -> None:
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A TensorFlow C++ start-up line as absl writes it, anywhere in a line (Ray prefixes the
-# lines of its processes with their name): absl's pre-init notice, or "I0000 00:00:17... 123 port.cc:153] ...".
-TF_STARTUP_LINE = re.compile(r"absl::InitializeLog|\b[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] ")
+# A TensorFlow C++ start-up line as absl writes it, anywhere in a line (Ray prefixes the lines of
+# its processes with their name): absl's pre-init notice, or a line of the files that speak while
+# TensorFlow loads ("I0000 00:00:17... 123 port.cc:153] oneDNN ..."). Not every absl-format line:
+# gRPC's or a runtime error's are not start-up noise.
+TF_STARTUP_LINE = re.compile(
+    r"absl::InitializeLog"
+    r"|\b[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ (port|cpu_feature_guard|cudart_stub|cuda_platform|cuda_dnn|cuda_fft"
+    r"|cuda_blas|cuda_executor)\.cc:\d+\] "
+)
 
 
 def tensorflow_startup_lines(output: str) -> list[str]:

@@ -381,3 +381,32 @@ def test_ray_s_setup_hook_makes_a_bare_tensorflow_import_quiet_and_keeps_what_it
     assert all(re.match(OUR_LOG_LINE, line) for line in relayed), relayed
     assert len(relayed) == len(got["notes"]), (relayed, got["notes"])
     assert got["loader"] != "_QuietLoader" and got["finders"] == 1  # TensorFlow keeps its own loader
+
+
+_OVERLAPPING = """
+import os, threading
+from imdb_dist.logs import native_startup_filtered
+NOISE = b"I0000 00:00:1796230718.208342   17784 port.cc:153] oneDNN custom operations are on.\\n"
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+def a():
+    with native_startup_filtered():
+        a_in.set(); b_in.wait(); os.write(2, NOISE + b"from a\\n")
+    a_out.set()
+def b():
+    a_in.wait()
+    with native_startup_filtered():  # entered inside a's block, left after it
+        b_in.set(); a_out.wait(); os.write(2, NOISE + b"from b\\n")
+threads = [threading.Thread(target=a), threading.Thread(target=b)]
+for t in threads: t.start()
+for t in threads: t.join()
+os.write(2, b"after\\n")
+"""
+
+
+def test_the_start_up_filter_holds_for_overlapping_threads_and_gives_stderr_back() -> None:
+    # A Ray process may import TensorFlow in one thread and tf_keras in another: each block's
+    # noise is dropped, its other lines kept, and stderr works after the last block ends.
+    proc = subprocess.run([sys.executable, "-c", _OVERLAPPING], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["from a", "from b", "after"]

@@ -141,3 +141,30 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tmp_path: Path) -
         assert report["workers"] == 2 and report["replicas"] == 2
         assert report["validation"]["accuracy"] == pytest.approx(float(row["val_accuracy"]), abs=1e-6)
     assert (out / "best.yaml").is_file()
+
+
+def test_a_submission_with_its_own_setup_hook_is_refused_in_one_line_and_writes_nothing(head, tmp_path: Path) -> None:
+    # The job sets Ray's worker_process_setup_hook (TensorFlow loaded quietly in Ray's
+    # processes); ray.init cannot merge a submission's own with it.
+    address, env = head
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    storage = tmp_path / "storage"
+    sets = [f"data.path={data}", f"ray.storage_path={storage}", *TINY]
+    runtime_env = {"worker_process_setup_hook": "os.getcwd", "env_vars": {"TF_USE_LEGACY_KERAS": "1"}}
+    proc = subprocess.run(
+        [installed_script("ray"), "job", "submit", "--address", address, "--working-dir", ".",
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         sys.executable, "job/train.py", "--config", "job/configs/ray-local.yaml",
+         *[arg for item in sets for arg in ("--set", item)]],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed" in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: the job's runtime env sets worker_process_setup_hook, which imdb-dist sets to "
+        "imdb_dist.logs.quiet_tensorflow_imports (TensorFlow's start-up lines kept out of Ray's processes): "
+        "drop it from the submission, or call that function from your hook"
+    ], output[-3000:]
+    assert "Traceback" not in output
+    assert not storage.exists()

@@ -260,7 +260,11 @@ STORAGE = f"s3://{BUCKET}/runs?endpoint_override={HEAD}:{S3_PORT}&scheme=http"
 POINT_STEPS = 20  # run.log_every_steps: the step points, where the batch digests are compared
 CHECKPOINT_STEPS = 60  # the elastic job's run.checkpoint_steps (the fixed one: epoch ends only)
 STEPS_PER_EPOCH = 22_500 // 64  # 22,500 training reviews (validation_fraction 0.1), full global batches of 64
-EPOCHS = 3
+# Enough steps that the elastic job's host loss, its grow back (a node start, a resize interval and a
+# group start: about 20 s, at about 40 steps/s on one worker) and a drain with its notice all come
+# before the end. Three epochs (1,053 steps) were enough only while checkpoints were paced by Ray
+# Train's 2 s poll (ray.report_poll_s now 0.5); the CI once saw the job finish first.
+EPOCHS = 5
 SETS = [f"data.path={REAL_DATA}", f"ray.storage_path={STORAGE}", "ray.num_shards=4", f"train.epochs={EPOCHS}",
         "data.max_len=100", f"run.log_every_steps={POINT_STEPS}"]
 
@@ -285,9 +289,7 @@ def _finished(cluster: Cluster, name: str, proc: subprocess.Popen, log: Path) ->
 def fixed_run(cluster: Cluster) -> Finished:
     """The job with a fixed 2 workers, one per host."""
     log = cluster.root / "fixed.log"
-    # Checkpoints at epoch ends only (uploading one every 20 steps about halved this job's speed,
-    # docs/BENCHMARKS.md):
-    # where checkpoints fall changes neither the batches nor the model.
+    # Checkpoints at epoch ends only: where checkpoints fall changes neither the batches nor the model.
     proc = cluster.submit([*SETS, "ray.name=fixed", "ray.num_workers=2", "run.checkpoint_steps=0"], log)
     return _finished(cluster, "fixed", proc, log)
 
@@ -368,18 +370,18 @@ def test_an_elastic_job_loses_a_host_grows_back_is_preempted_and_ends_with_the_f
     assert (workers, cause) == (1, "shrunk: lost workers"), log.read_text()[-6000:]
     # From the last checkpoint Ray Train kept (every worker's report of it collected) ...
     assert 0 < resumed_at == job.kept_before_group(1), (resumed_at, log.read_text()[-6000:])
-    # ... so lost work is under two checkpoints' steps: the last one handed over may not have been
-    # collected, and no worker hands over the next before its previous one is.
+    # ... so lost work is at most two checkpoints' steps: the last one handed over may not have been
+    # collected, and a worker that trained on to the next waits in its report until it is.
     # (Not bounded above: when rank 0 ran on the lost host, its last lines may die with it.)
-    assert lost_after - 2 * CHECKPOINT_STEPS < resumed_at, (lost_after, resumed_at)
+    assert lost_after - 2 * CHECKPOINT_STEPS <= resumed_at, (lost_after, resumed_at)
 
     # The host comes back; within ray.resize_interval_s the job grows back to it.
     cluster.start_worker_node()
     wait_for(lambda: len(job.groups()) >= 3, "the job to grow back", proc, timeout=300)
-    # The resize too restarts from the last checkpoint Ray Train kept: under two checkpoints back.
+    # The resize too restarts from the last checkpoint Ray Train kept: at most two checkpoints back.
     alone_until, grown_at = job.last_step_of_group(1), job.groups()[2][2]
     assert grown_at == job.kept_before_group(2), (grown_at, log.read_text()[-6000:])
-    assert alone_until - 2 * CHECKPOINT_STEPS < grown_at <= alone_until, (alone_until, grown_at)
+    assert alone_until - 2 * CHECKPOINT_STEPS <= grown_at <= alone_until, (alone_until, grown_at)
 
     # Then the host is drained for preemption with a deadline, as a spot reclaim does on Ray
     # (a `ray start --block` node drains itself so on SIGTERM).
@@ -405,9 +407,9 @@ def test_an_elastic_job_loses_a_host_grows_back_is_preempted_and_ends_with_the_f
     assert f"preemption: checkpoint at epoch {epoch + 1} step {step} " in log.read_text()  # the notice's own
     assert noticed_at <= preempted_at == job.kept_before_group(3) < EPOCHS * STEPS_PER_EPOCH, (noticed_at,
                                                                                                 preempted_at)
-    # Lost: under two step points' steps (as above, with a checkpoint at every step point), where
+    # Lost: at most two step points' steps (as above, with a checkpoint at every step point), where
     # run.checkpoint_steps alone would lose up to twice its own.
-    assert job.last_step_of_group(2) - preempted_at < 2 * POINT_STEPS, (job.last_step_of_group(2), preempted_at)
+    assert job.last_step_of_group(2) - preempted_at <= 2 * POINT_STEPS, (job.last_step_of_group(2), preempted_at)
     elastic = _finished(cluster, "elastic", proc, log)
 
     history = [(g["workers"], g["cause"]) for g in elastic.report["worker_groups"]]
