@@ -164,9 +164,11 @@ def test_a_submission_with_its_own_setup_hook_is_refused_in_one_line_and_writes_
     # One line from the job; `ray job submit` shows it twice (the streamed log, then its status message's tail).
     errors = {line for line in output.splitlines() if line.startswith("error: ")}
     assert errors == {
-        "error: the job's runtime env sets worker_process_setup_hook, which imdb-dist sets to "
-        "imdb_dist.logs.quiet_tensorflow_imports (TensorFlow's start-up lines kept out of Ray's processes): "
-        "drop it from the submission, or call that function from your hook"
+        (
+            "error: the job's runtime env sets worker_process_setup_hook, which imdb-dist sets to "
+            "imdb_dist.logs.quiet_tensorflow_imports (TensorFlow's start-up lines kept out of Ray's processes): "
+            "drop it from the submission, or call that function from your hook"
+        )
     }, output[-3000:]
     assert "Traceback" not in output
     assert not storage.exists()
