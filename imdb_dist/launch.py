@@ -308,8 +308,9 @@ def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list
 
     run = run_dir.location
     parent = posixpath.dirname(run.path)
-    # Ray Train hands this variable on from the driver to its controller (constants.py,
-    # ENV_VARS_TO_PROPAGATE): the documented place to set it.
+    # Ray Train hands this variable on from the driver to its controller (ray/train/v2/_internal/
+    # constants.py, ENV_VARS_TO_PROPAGATE; not in Ray's published docs, so
+    # tests/test_launch.py fails if a Ray upgrade stops it reaching the controller).
     os.environ[REPORT_POLL_ENV] = f"{cfg.ray.report_poll_s:g}"
     trainer = TensorflowTrainer(
         _worker_loop,

@@ -97,6 +97,12 @@ TF_STARTUP_LINE = re.compile(
 )
 
 
+# The Ray Train controller's line for each checkpoint it keeps (imdb_dist.controller_log), with its
+# timestamp: groups (time, epoch, step).
+KEPT = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO imdb_dist\.controller_log: "
+                  r"Ray Train kept the checkpoint: training resumes from epoch (\d+) step (\d+)")
+
+
 def tensorflow_startup_lines(output: str) -> list[str]:
     """The lines of ``output`` that are TensorFlow's native start-up noise (none, in a healthy run's output)."""
     return [line for line in output.splitlines() if TF_STARTUP_LINE.search(line)]

@@ -25,6 +25,7 @@ import ray
 import tensorflow as tf
 import tf_keras as keras
 from conftest import (
+    KEPT,
     REPO,
     TINY,
     installed_script,
@@ -198,10 +199,6 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(uninterrupted, memb
     embeddings = [w for w in exported if w.shape == one_network.weights[0].shape]
     assert len(embeddings) == members
     assert all(not np.array_equal(a, b) for i, a in enumerate(embeddings) for b in embeddings[i + 1 :])
-
-
-KEPT = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO imdb_dist\.controller_log: "
-                  r"Ray Train kept the checkpoint: training resumes from epoch (\d+) step (\d+)")
 
 
 @pytest.mark.timeout(240)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA, REPO, installed_script
+from conftest import KEPT, REAL_DATA, REPO, installed_script
 
 from imdb_dist import rundir
 
@@ -309,7 +309,6 @@ def test_ray_job_submit_trains_across_two_hosts_with_the_run_on_s3(fixed_run: Fi
 
 GROUP = re.compile(r"worker group: (\d+) worker\(s\)(?: \(was \d+\))?, ([^;]+); training from epoch (\d+) step (\d+)")
 STEP = re.compile(r"step (\d+) \(epoch \d+, \d+/(\d+)\)")
-KEPT = re.compile(r"Ray Train kept the checkpoint: training resumes from epoch (\d+) step (\d+)")
 
 
 class JobLog:
@@ -333,7 +332,7 @@ class JobLog:
         text = self.path.read_text()
         start = [m.start() for m in GROUP.finditer(text)][index]
         steps = self.steps_per_epoch() or 0
-        return max(((int(m[1]) - 1) * steps + int(m[2]) for m in KEPT.finditer(text, 0, start)), default=0)
+        return max(((int(m[2]) - 1) * steps + int(m[3]) for m in KEPT.finditer(text, 0, start)), default=0)
 
     def last_step_of_group(self, index: int) -> int:
         """The last step point logged after the ``index``-th worker group started (0: none yet)."""
