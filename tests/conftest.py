@@ -27,12 +27,17 @@ import yaml
 # Read when ray is first imported, so set before anything imports it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import tensorflow as tf  # noqa: E402
+from imdb_dist.logs import native_startup_filtered
 
-# Split the host CPU into two logical devices before any op runs, so tests can
-# build a MirroredStrategy with two replicas on a machine with no GPU.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+# TensorFlow's start-up lines are filtered as the CLI filters them: else every
+# pytest process (the controller and each xdist worker) prints them into the log.
+with native_startup_filtered():
+    import tensorflow as tf
+
+    # Split the host CPU into two logical devices before any op runs, so tests can
+    # build a MirroredStrategy with two replicas on a machine with no GPU.
+    _cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 def sigint_as_from_a_shell() -> None:
