@@ -159,6 +159,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
 
 
+# Each test file's time, setup, call and teardown summed, and the xdist worker that ran it: CI's
+# output ends with them (README, "Test": the suite's budget), so the change that makes a file
+# slow shows which file it is. Recorded where the reports arrive: xdist's controller, or the one
+# process of -n 0.
+_FILE_SECONDS: dict[str, float] = {}
+_FILE_WORKER: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+    worker = getattr(report, "node", None)  # xdist's controller: the worker that sent the report
+    if worker is not None:
+        _FILE_WORKER[path] = worker.gateway.id
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or not _FILE_SECONDS:  # an xdist worker: the controller prints
+        return
+    terminalreporter.write_sep("=", "seconds per test file (setup + call + teardown), longest first")
+    workers: dict[str, float] = {}
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        worker = _FILE_WORKER.get(path, "-")
+        workers[worker] = workers.get(worker, 0.0) + seconds
+        terminalreporter.write_line(f"{seconds:8.1f}  {worker:>4}  {path}")
+    for worker, seconds in sorted(workers.items()):
+        terminalreporter.write_line(f"{seconds:8.1f}  {worker:>4}  (all its files)")
+
+
 def start_imdb_dist(*args: str, preexec_fn=None) -> subprocess.Popen:
     """``imdb-dist ARGS`` as a child process of this Python, from the repository root, output captured."""
     return subprocess.Popen(
