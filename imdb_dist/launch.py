@@ -1,4 +1,4 @@
-"""Run the job on a Ray cluster: Ray Train (V2) ``TensorflowTrainer``, N workers, MultiWorkerMirrored.
+"""Run the job on a Ray cluster: Ray Train (V2), N workers, MultiWorkerMirrored.
 
 The driver (this process; under ``ray job submit``, the job's entrypoint)
 prepares the data once — validation split, vocabulary, TFRecord shards —
@@ -301,10 +301,12 @@ def _gpu_shortfall(cfg: Config, per_worker: float, *, waited: bool) -> str:
 
 
 def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list[keras.callbacks.Callback]) -> None:
+    import ray.cloudpickle
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from imdb_dist.controller_log import KeptCheckpoints
+    from imdb_dist.ray_backend import TFConfig
 
     run = run_dir.location
     parent = posixpath.dirname(run.path)
@@ -312,11 +314,15 @@ def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list
     # constants.py, ENV_VARS_TO_PROPAGATE; not in Ray's published docs, so
     # tests/test_launch.py fails if a Ray upgrade stops it reaching the controller).
     os.environ[REPORT_POLL_ENV] = f"{cfg.ray.report_poll_s:g}"
-    trainer = TensorflowTrainer(
+    # Ray Train's own TensorflowTrainer would load TensorFlow in its controller (imdb_dist.ray_backend);
+    # so would Keras callbacks in the loop's config, which the controller unpickles too: they travel
+    # as bytes, unpickled in the workers only (our own objects, from this process).
+    trainer = DataParallelTrainer(
         _worker_loop,
+        backend_config=TFConfig(),
         train_loop_config={
             "config": to_dict(cfg),
-            "callbacks": worker_callbacks,
+            "callbacks": ray.cloudpickle.dumps(worker_callbacks),
             # One id per submission: a worker group started again under it is a restart or a resize.
             "submission": uuid.uuid4().hex,
             "lease": lease,
@@ -386,6 +392,7 @@ def _worker_input_error(exc: BaseException) -> tuple[int, InputError] | None:
 
 def _worker_loop(payload: dict[str, Any]) -> None:
     """One Ray Train worker: restore the latest checkpoint, then ``imdb_dist.train.run`` under the driver's lease."""
+    import ray.cloudpickle
     import ray.train
 
     setup_logging()
@@ -472,7 +479,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
             launched=Launched(lease=payload["lease"], checkpoints=local, on_start=on_start),
             after_checkpoint=hand_to_ray,
             checkpoint_now=preemption_notice,
-            extra_callbacks=payload["callbacks"],
+            extra_callbacks=ray.cloudpickle.loads(payload["callbacks"]),
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
