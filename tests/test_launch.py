@@ -360,6 +360,45 @@ def test_mixed_float16_without_gpu_workers_is_refused_before_starting(tmp_path: 
     assert not (tmp_path / "storage").exists()
 
 
+def test_what_ray_trains_controller_unpickles_loads_no_tensorflow(tmp_path: Path) -> None:
+    # The controller unpickles the trainer's backend config and its loop's config; with Ray's own
+    # TensorflowConfig (ray.train.tensorflow) or Keras callbacks in the config that loaded TensorFlow
+    # there, about 7 s of CPU before it asks for the workers (imdb_dist.ray_backend).
+    import ray.cloudpickle
+
+    from imdb_dist.launch import _worker_loop
+    from imdb_dist.ray_backend import TFConfig
+
+    blob = tmp_path / "controller.pkl"
+    blob.write_bytes(ray.cloudpickle.dumps(
+        (TFConfig(), _worker_loop, {"callbacks": ray.cloudpickle.dumps([RecordEpochs(str(tmp_path / "log"))])})
+    ))
+    check = ("import sys, ray.cloudpickle; backend, loop, config = ray.cloudpickle.loads(open(sys.argv[1], 'rb').read());"
+             "print(backend.backend_cls.__name__, loop.__name__, "
+             "','.join(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tf_keras', 'keras'})) or '-')")
+    result = subprocess.run([sys.executable, "-c", check, str(blob)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["_TFConfigBackend", "_worker_loop", "-"], result.stdout
+
+
+def test_the_backend_sets_tf_config_as_ray_does() -> None:
+    # Every worker's host:port in rank order and the worker's own index: what MultiWorkerMirroredStrategy reads.
+    from imdb_dist.ray_backend import set_tf_config
+
+    saved = os.environ.get("TF_CONFIG")
+    try:
+        set_tf_config(["10.0.0.1:1234", "10.0.0.2:4321"], 1)
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        assert resolver.cluster_spec().as_dict() == {"worker": ["10.0.0.1:1234", "10.0.0.2:4321"]}
+        assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+    finally:
+        if saved is None:
+            os.environ.pop("TF_CONFIG", None)
+        else:
+            os.environ["TF_CONFIG"] = saved
+
+
 def test_a_cluster_the_launcher_starts_listens_on_loopback_only() -> None:
     script = (
         # As in `imdb-dist launch`: nothing imports ray before the launcher connects.
