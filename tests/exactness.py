@@ -23,7 +23,7 @@ LOSS_COLUMNS = (*TRAINING_COLUMNS, "val_loss", "val_accuracy")
 
 
 def reordered_sum_tolerance(terms: int) -> float:
-    """The relative gap allowed between two float32 means of the same ``terms`` non-negative values summed in other orders.
+    """The relative gap allowed between float32 means of the same ``terms`` non-negative values in two orders.
 
     A float32 running sum of n values is within (n - 1)·u of the exact sum,
     relative, when none is negative (Higham, "Accuracy and Stability of

@@ -363,7 +363,8 @@ def test_what_ray_trains_controller_unpickles_loads_no_tensorflow(tmp_path: Path
     blob.write_bytes(ray.cloudpickle.dumps(
         (TFConfig(), _worker_loop, {"callbacks": ray.cloudpickle.dumps([RecordEpochs(str(tmp_path / "log"))])})
     ))
-    check = ("import sys, ray.cloudpickle; backend, loop, config = ray.cloudpickle.loads(open(sys.argv[1], 'rb').read());"
+    check = ("import sys, ray.cloudpickle;"
+             "backend, loop, config = ray.cloudpickle.loads(open(sys.argv[1], 'rb').read());"
              "print(backend.backend_cls.__name__, loop.__name__, "
              "','.join(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tf_keras', 'keras'})) or '-')")
     result = subprocess.run([sys.executable, "-c", check, str(blob)], cwd=tmp_path, capture_output=True, text=True,

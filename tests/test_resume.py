@@ -51,7 +51,8 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     assert got.keys() == want.keys() and len(want) >= 5
     for key in want:
         assert np.array_equal(got[key], want[key]), f"{key} differs by {np.max(np.abs(got[key] - want[key]))}"
-    report, epochs = json.loads((uninterrupted / rundir.REPORT).read_text()), read_metrics(uninterrupted / rundir.METRICS)
+    report = json.loads((uninterrupted / rundir.REPORT).read_text())
+    epochs = read_metrics(uninterrupted / rundir.METRICS)
     # Every stop here lands inside epoch 2 (or at an epoch's end, which splits nothing).
     assert_same_epoch_metrics(read_metrics(resumed / rundir.METRICS), epochs, split_epochs=[2],
                               steps_per_epoch=report["optimizer_steps"] // len(epochs), replicas=report["replicas"])
@@ -168,13 +169,15 @@ def _loss_scale(run_dir: Path) -> dict[str, float]:
     return {key.split("/")[2]: float(reader.get_tensor(key)) for key in keys}
 
 
+# Each feature a resume must carry is in one SIGTERM or SIGKILL case (one process each stopped and
+# resumed, against a reference run): steps_per_execution, an ensemble, two replicas, mixed precision's
+# loss scale and the bfloat16 transport, mid-epoch step checkpoints.
 @pytest.mark.parametrize(
     ("execution", "members", "replicas", "precision"),
-    [(1, 1, 1, "float32"), (4, 1, 1, "float32"), (1, 2, 1, "float32"), (1, 1, 2, "float32"),
-     (1, 1, 2, "mixed_float16")],
+    [(1, 1, 1, "float32"), (4, 2, 1, "float32"), (1, 1, 2, "mixed_float16")],
     # The mixed_float16 case also all-reduces the embedding gradient in bfloat16
     # (distribution.embedding_transport): rounded, and still exact on resume.
-    ids=["steps_per_execution=1", "steps_per_execution=4", "ensemble-of-2", "two-replicas",
+    ids=["steps_per_execution=1", "steps_per_execution=4-ensemble-of-2",
          "two-replicas-mixed_float16-bfloat16-transport"],
 )
 def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
@@ -212,8 +215,8 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
 
 @pytest.mark.parametrize(
     ("execution", "replicas"),
-    [(1, 1), (4, 1), (1, 2)],
-    ids=["steps_per_execution=1", "steps_per_execution=4", "two-replicas"],
+    [(1, 1), (4, 2)],
+    ids=["steps_per_execution=1", "steps_per_execution=4-two-replicas"],
 )
 def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterrupted_model(
     data, tmp_path_factory, execution, replicas
