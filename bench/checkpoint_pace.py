@@ -20,7 +20,7 @@ storage, the wait for the previous report to be collected).
 
     python -m bench.checkpoint_pace --data ../shared/data/imdb/aclImdb_train.tar.gz \\
         --config job/configs/ray-local.yaml --every 20 --poll 2 --rounds 2 \\
-        [--output docs/bench-results/checkpoint-pace.json]
+        [--variants epoch-ends,every-20] [--output docs/bench-results/checkpoint-pace.json]
 """
 
 from __future__ import annotations
@@ -83,14 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=2.0,
                         help="the other variant's ray.report_poll_s, seconds (2: Ray Train's own default)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", help="comma-separated names of the variants to run (default: all three; "
+                        "epoch-ends is always run, the others are measured against it)")
     parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
 
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants(args.every, args.poll)}
+    known = variants(args.every, args.poll)
+    wanted = ["epoch-ends", *(name for name in (args.variants or ",".join(known)).split(",") if name != "epoch-ends")]
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
     for _ in range(args.rounds):
         # Alternating: a drift of the shared machine falls on every variant alike.
-        for name, (checkpoint_steps, poll) in variants(args.every, args.poll).items():
+        for name in wanted:
+            checkpoint_steps, poll = known[name]
             runs[name].append(measure(args.config, args.data, checkpoint_steps, poll, args.sets))
 
     def summary(name: str) -> dict[str, float]:
