@@ -1,8 +1,9 @@
 """The suite's own rules, as CI runs them: strict skips, a timeout on every test, no stray markers.
 
 A generated test file is run by a real pytest with this repository's
-pytest settings (pyproject.toml) and this directory's conftest as a plugin,
-so what is checked is what CI's ``IMDB_DIST_STRICT=1 python -m pytest`` does.
+pytest settings (pyproject.toml) and this directory's rules plugin
+(tests/suite_rules.py, which conftest loads), so what is checked is what CI's
+``IMDB_DIST_STRICT=1 python -m pytest`` does.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def run_pytest(tmp_path: Path, source: str, *args: str, strict: bool, workers: i
     if strict:
         env["IMDB_DIST_STRICT"] = "1"
     command = [sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path),
-               "-p", "conftest", "-p", "no:cacheprovider", "-n", str(workers), "-rA", *args, str(tmp_path / "test_generated.py")]
+               "-p", "suite_rules", "-p", "no:cacheprovider", "-n", str(workers), "-rA", *args,
+               str(tmp_path / "test_generated.py")]
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
 
