@@ -150,6 +150,8 @@ UNINTERRUPTED = ("train.epochs=2", "run.checkpoint_steps=3", "ray.max_failures=1
 # transport's float32 counterpart), and that all-reduce in bfloat16.
 DENSE = ("distribution.embedding_gradient=dense",)
 BFLOAT16_TRANSPORT = (*DENSE, "distribution.embedding_transport=bfloat16")
+# An elastic range whose largest size fits the cluster.
+ELASTIC = ("ray.num_workers=[1, 2]", "ray.resize_interval_s=5")
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,8 @@ def uninterrupted(cluster, tmp_path_factory) -> Callable[..., tuple[Path, Path]]
 
 @pytest.mark.parametrize("members", [1, 2], ids=["one-network", "ensemble-of-2"])
 def test_two_workers_train_in_sync_and_only_the_chief_writes(uninterrupted, members: int) -> None:
-    tmp_path, run_dir = uninterrupted(members, *(DENSE if members == 1 else ()))  # the fault test's reference
+    # One network: the fault test's reference; an ensemble: the elastic-range test's run too.
+    tmp_path, run_dir = uninterrupted(members, *(DENSE if members == 1 else ELASTIC))
     log, threads = tmp_path / "events.txt", tmp_path / "threads.txt"
     cfg = load_config(run_dir / rundir.CONFIG)
     assert run_dir == tmp_path / "storage" / "job"
@@ -335,9 +338,10 @@ def test_an_elastic_range_with_a_size_that_cannot_split_the_batch_is_refused_nam
     assert not (tmp_path / "storage").exists()
 
 
-def test_an_elastic_job_starts_with_the_workers_that_fit_and_trains_to_the_end(cluster, tmp_path: Path) -> None:
+def test_an_elastic_job_starts_with_the_workers_that_fit_and_trains_to_the_end(uninterrupted) -> None:
     # The cluster's 2 CPUs hold both workers of [1, 2]: Ray Train's elastic policy starts with 2.
-    run_dir = launch(ray_config(tmp_path, "ray.num_workers=[1, 2]", "ray.resize_interval_s=5")).local_path()
+    # (The ensemble's run of the sync test: where both workers fit, the range changes nothing else.)
+    _, run_dir = uninterrupted(2, *ELASTIC)
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["workers"] == 2 and report["optimizer_steps"] == 2 * STEPS_PER_EPOCH
     assert report["config"]["ray"]["num_workers"] == [1, 2]
