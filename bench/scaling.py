@@ -182,6 +182,7 @@ def weak(args: argparse.Namespace) -> dict[str, Any]:
     if "pair" in steady and "1" in steady:
         # What this machine gives two 1-CPU processes that never communicate.
         summary["pair_over_1"] = steady["pair"] / steady["1"]
+    if "pair" in steady:
         for two in ("2-sparse", "2-dense", "2-bf16"):
             if two in steady:
                 summary[f"{two}_over_pair"] = steady[two] / steady["pair"]

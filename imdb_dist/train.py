@@ -472,6 +472,16 @@ def _dense_embedding_gradient(cfg: Config, worker: Worker, vocab: int) -> bool:
     return dense
 
 
+def _embedding_gradient(model: keras.Model, worker: Worker) -> str | None:
+    """``dense, in float32`` / ``dense, in bfloat16`` / ``sparse``, as the run's optimizer reduced it; None: one replica."""
+    if worker.replicas == 1:
+        return None
+    optimizer = model.optimizer
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return f"dense, in {optimizer.transport}" if optimizer.dense_sparse_gradients else "sparse"
+
+
 def data_plan(cfg: Config, lengths: Any) -> plan.GlobalPlan:
     """The run's global plan over training examples of these token counts."""
     bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
@@ -578,6 +588,8 @@ def _finish(
         # (the source named them); null: the split may share movies.
         "validation_movies": validation_movies,
         "precision": worker.precision,
+        # How the replicas all-reduced the embedding gradient (null: one replica, nothing to reduce).
+        "embedding_gradient": _embedding_gradient(model, worker),
         "config": to_dict(cfg),
         "versions": {
             "imdb_dist": __version__,

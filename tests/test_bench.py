@@ -218,12 +218,12 @@ def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)  # four imdb-dist launch processes, each with its own Ray cluster
-def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path) -> None:
+@pytest.mark.timeout(600)  # three imdb-dist launch processes, each with its own Ray cluster
+def test_scaling_weak_launches_two_workers_and_a_pair_of_jobs(data: Path) -> None:
+    # The pair is two 1-worker jobs at once: the "1" variant's launch, twice.
     out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
-                "--rounds", "1", "--variants", "1,pair,2-bf16")
-    assert set(out["median"]) == {"1", "pair", "2-bf16"}
-    assert out["efficiency_2-bf16"] > 0
+                "--rounds", "1", "--variants", "pair,2-bf16")
+    assert set(out["median"]) == {"pair", "2-bf16"}
     assert out["runs"]["2-bf16"][0]["tf_threads"] == ["1"]
     assert out["runs"]["2-bf16"][0]["embedding_gradient"] == ["dense, in bfloat16"]
     assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
@@ -232,7 +232,7 @@ def test_scaling_weak_launches_one_and_two_workers_and_a_pair_of_jobs(data: Path
     assert len(pair["jobs"]) == 2
     assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
     assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
-    assert out["pair_over_1"] > 0 and out["2-bf16_over_pair"] > 0
+    assert pair["jobs"][0]["tf_threads"] == ["1"] and out["2-bf16_over_pair"] > 0
 
 
 def test_transport_error_compares_a_bfloat16_sum_of_real_gradients_with_float32(data: Path) -> None:

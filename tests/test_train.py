@@ -49,6 +49,7 @@ def test_run_writes_the_output_contract(trained_run: Path) -> None:
     assert {"accuracy", "auc", "loss", "n", "confusion"} <= report["validation"].keys()
     assert report["validation"]["n"] == 40  # 20% of 200 generated reviews
     assert report["epochs"] == 2 and report["replicas"] == 1
+    assert report["embedding_gradient"] is None  # one replica: nothing reduced
     assert report["versions"]["data_plan"] == PLAN_VERSION  # which plan chose the batches
 
 
@@ -158,6 +159,7 @@ def test_mirrored_run_on_two_logical_cpus(data: Path, tmp_path: Path) -> None:
     run(config(data, out, "train.epochs=1", "distribution.strategy=mirrored", "distribution.devices=[/cpu:0, /cpu:1]"))
     report = json.loads((out / rundir.REPORT).read_text())
     assert report["replicas"] == 2 and report["strategy"] == "MirroredStrategy"
+    assert report["embedding_gradient"] in ("sparse", "dense, in float32")  # as distribution.embedding_gradient: auto chose
     assert math.isfinite(report["validation"]["loss"])
 
 
