@@ -36,6 +36,12 @@ def one_epoch(data: Path, out: Path, *extra: str) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def trained_once(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the tiny model, for the tests that resume a copy of it."""
+    return one_epoch(data, tmp_path_factory.mktemp("trained-once") / "run")
+
+
 def _unchanged(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in (rundir.CONFIG, fingerprint.FINGERPRINT, rundir.METRICS)}
 
@@ -60,8 +66,10 @@ def test_operational_changes_resume_the_run(data: Path, tmp_path: Path) -> None:
         (["train.batch_size=8"], "train.batch_size"),
     ],
 )
-def test_a_model_defining_change_is_refused_naming_the_key_and_writes_nothing(data, tmp_path, extra, key) -> None:
-    out = one_epoch(data, tmp_path / "run")
+def test_a_model_defining_change_is_refused_naming_the_key_and_writes_nothing(
+    data, trained_once, tmp_path, extra, key
+) -> None:
+    out = shutil.copytree(trained_once, tmp_path / "run")
     before = _unchanged(out)
     with pytest.raises(InputError, match=rf"holds a run whose {key} is .*add --change {key}"):
         run(config(data, out, "train.epochs=2", *extra))
