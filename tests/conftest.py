@@ -26,6 +26,10 @@ import yaml
 # mode is on; keep every test cluster (and the TF_CONFIG it writes) on loopback.
 # Read when ray is first imported, so set before anything imports it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# tf.keras resolves to tf_keras, as in every process of the job (imdb_dist.logs, launch.WORKER_ENV,
+# the Dockerfile): else each test process, and every process a test starts (a benchmark, a worker,
+# a child script), imports Keras 3 and matplotlib with TensorFlow, 1.2 s of CPU each (BENCHMARKS).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # Strict skips under CI, the longest files first, each file's time (tests/suite_rules.py).
 pytest_plugins = ["suite_rules"]

@@ -27,7 +27,7 @@ from conftest import (
 
 from imdb_dist import rundir
 
-# Each job is a Ray Train run of its own (the sweep: two), beside a `ray start` head.
+# Each job is a Ray Train run of its own (the sweep's trial), beside a `ray start` head.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
@@ -91,29 +91,6 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_trains_and_exports(head, tmp_path: Path) -> None:
-    address, env = head
-    data = write_aclimdb(tmp_path / "data", {"train": 100})
-    storage = tmp_path / "storage"
-    sets = [f"data.path={data}", f"ray.storage_path={storage}", *TINY]
-    proc = subprocess.run(
-        [installed_script("ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env", "job/runtime_env.yaml", "--",
-         sys.executable, "job/train.py", "--config", "job/configs/ray-local.yaml",
-         *[arg for item in sets for arg in ("--set", item)]],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout + proc.stderr
-    # The job's log (the driver, Ray Train's controller, both workers) holds no TensorFlow start-up lines.
-    noise = tensorflow_startup_lines(proc.stdout + proc.stderr)
-    assert not noise, noise[:5]
-    run_dir = storage / "ray-local"
-    report = json.loads((run_dir / rundir.REPORT).read_text())
-    assert report["workers"] == 2 and report["replicas"] == 2
-    assert (run_dir / rundir.MODEL / "1" / "saved_model.pb").is_file()
-
-
 def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tmp_path: Path) -> None:
     """job/tune.py on a `ray start` cluster, each trial a 2-worker Ray Train run (tune.workers_per_trial)."""
     address, env = head
@@ -132,6 +109,11 @@ def test_ray_job_submit_runs_a_sweep_of_ray_train_trials(head, tmp_path: Path) -
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The job's log (the driver, Tune, the trial's Ray Train controller and workers) holds no
+    # TensorFlow start-up lines. (`job/train.py` through `ray job submit`, trained and exported:
+    # tests/test_multinode.py, on a `ray start` cluster of two hosts.)
+    noise = tensorflow_startup_lines(proc.stdout + proc.stderr)
+    assert not noise, noise[:5]
     with (out / "results.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(float(row["train.learning_rate"]) for row in rows) == grid
