@@ -202,10 +202,9 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
 def quiet_tensorflow_imports() -> None:
     """Ray's ``worker_process_setup_hook`` for our jobs: TensorFlow loads without its start-up lines.
 
-    Ray Train's TensorFlow backend imports TensorFlow in its controller and
-    in each worker (``ray.train.tensorflow`` imports it at the top) before
-    any code of ours runs there, and the start-up lines it prints reach the
-    job's log. Ray runs this hook in every worker process of the job before
+    A Ray Train worker imports TensorFlow when it unpickles the training
+    function, before any line of ours runs there, and the start-up lines it
+    prints reach the job's log. Ray runs this hook in every worker process of the job before
     any task or actor code (``imdb_dist.launch.connect`` sets it); it
     imports nothing itself, so a process that never imports TensorFlow pays
     nothing, and one that does loads it inside :func:`native_startup_filtered`.

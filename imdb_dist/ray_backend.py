@@ -3,9 +3,10 @@
 Ray Train's own ``TensorflowConfig`` lives in the ``ray.train.tensorflow``
 package, whose ``__init__`` imports TensorFlow. Ray Train's controller
 unpickles the trainer's backend config, so with it the controller loaded
-TensorFlow (about 7 s of CPU on a 2-core machine, on the path before it asks
-for the workers, and its memory for the whole job) only to set ``TF_CONFIG``
-in each worker. :class:`TFConfig` does that one thing as Ray's backend does
+TensorFlow (about 4 s of CPU on a 2-core machine, docs/BENCHMARKS.md, on
+the path before it asks for the workers, and its memory for the whole job)
+only to set ``TF_CONFIG`` in each worker. :class:`TFConfig` does that one
+thing as Ray's backend does
 (``ray/train/tensorflow/config.py``): every worker's ``host:port`` in rank
 order, and each worker's own index, from a module that imports no
 TensorFlow. The workers import TensorFlow themselves (``imdb_dist.launch``).

@@ -30,17 +30,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 
 
 # The two xdist workers (pyproject.toml's addopts) take whole files in
-# collection order (--no-loadscope-reorder): the longest files first, so
-# that the two finish together rather than one running a long file alone
-# at the end. Seconds each file took with two workers (2-core AMD EPYC,
-# AVX-512, 2026-12-01):
-# launch 303, bench 265, resume 141, storage 132, job_submit 124,
-# tune 78, faults 60; every other file under 30. Since 2026-12-02
-# multinode (two jobs on the real reviews, one of them losing a host and
-# drained for preemption) is the longest: it goes first.
+# collection order (--no-loadscope-reorder), two each at first, then one
+# more each time a worker is free: the longest files first, so that the two
+# finish together rather than one running a long file alone at the end.
+# Seconds each file took with two workers, a fresh clone as CI runs it
+# (2-core AMD EPYC, AVX2 only, 2026-12-07, docs/BENCHMARKS.md "The suite's
+# time per CPU kind"): launch 757, bench 722, multinode 512, resume 396,
+# storage 320, tune 152, faults 129, fingerprint 91, job_submit 91, train
+# 85, topology 77, loop 62, integration 58; every other file under 56.
 LONGEST_FIRST = (
-    "test_multinode.py", "test_launch.py", "test_bench.py", "test_resume.py", "test_storage.py",
-    "test_job_submit.py", "test_tune.py", "test_loop.py", "test_faults.py", "test_devices.py", "test_topology.py",
+    "test_launch.py", "test_bench.py", "test_multinode.py", "test_resume.py", "test_storage.py",
+    "test_tune.py", "test_faults.py", "test_fingerprint.py", "test_job_submit.py", "test_train.py",
+    "test_topology.py", "test_loop.py", "test_integration.py", "test_cli.py", "test_aggregation.py",
+    "test_rundir.py",
 )
 
 
