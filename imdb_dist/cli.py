@@ -130,7 +130,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from imdb_dist.config import check_space
+    from imdb_dist.tune import check_space
 
     cfg = load_config(args.config, args.overrides)
     check_space(cfg)  # a bad space fails before TensorFlow or Ray load

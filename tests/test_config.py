@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import imdb_dist.config
 from imdb_dist.config import (
     OFFICIAL_SHA256,
     OFFICIAL_URL,
@@ -413,3 +415,39 @@ def test_a_report_poll_outside_what_ray_train_can_keep_up_with_is_refused(value)
     # preemption notices would wait that long to be noticed.
     with pytest.raises(ConfigError, match=rf"ray\.report_poll_s: {float(value)} is out of range \[0\.05, 60\.0\]"):
         load_config(None, [f"ray.report_poll_s={value}"])
+
+
+def _package_imports(path: Path) -> list[tuple[str, bool]]:
+    """Each ``imdb_dist`` module that ``path`` imports, and whether at its top level (not inside a function)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    inner = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        found += [(name, id(node) not in inner) for name in names if name.split(".")[0] == "imdb_dist"]
+    return found
+
+
+def test_the_config_stays_at_the_bottom_layer():
+    # It imports only the errors, its own modules, and storage on first use (to refuse credentials in
+    # a URI): nothing of the job it configures, so every module can import it.
+    package = Path(imdb_dist.config.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert {p.name for p in modules} >= {"__init__.py", "job.py", "cluster.py", "loading.py", "reference.py"}
+    wrong = [
+        f"{path.name} imports {name}{' at its top' if top else ''}"
+        for path in modules
+        for name, top in _package_imports(path)
+        if not (name == "imdb_dist.errors" or name.startswith("imdb_dist.config.") or (name == "imdb_dist.storage" and not top))
+    ]
+    assert wrong == []
+
+
+def test_the_config_keeps_its_public_names():
+    # Every module imports these from imdb_dist.config, whichever of its modules holds them.
+    for name in ("Config", "DataConfig", "ModelConfig", "TrainConfig", "DistributionConfig", "RunConfig", "RayConfig",
+                 "TuneConfig", "load_config", "with_values", "config_from_dict", "to_dict", "dump_yaml",
+                 "OFFICIAL_URL", "OFFICIAL_SHA256", "METRIC_MODES"):
+        assert name in imdb_dist.config.__all__ and hasattr(imdb_dist.config, name), name

@@ -80,11 +80,25 @@ def test_missing_data_is_one_error_line_and_exit_2_before_any_trial(data, tmp_pa
 
 
 def test_the_shipped_sweep_preset_has_a_valid_space() -> None:
-    from imdb_dist.config import check_space
+    from imdb_dist.tune import check_space
 
     cfg = load_config(REPO / "job" / "configs" / "tune-local.yaml")
     check_space(cfg)
     assert cfg.tune.trials >= 4 and cfg.tune.workers_per_trial == 1
+
+
+def test_the_space_is_checked_before_tensorflow_or_ray_loads() -> None:
+    # imdb-dist tune refuses a bad space at once: importing the package and checking loads neither.
+    code = (
+        "import sys\n"
+        "from imdb_dist.config import load_config\n"
+        "from imdb_dist.tune import check_space\n"
+        f"check_space(load_config({str(REPO / 'job' / 'configs' / 'tune-local.yaml')!r}))\n"
+        "print(sorted(m for m in ('tensorflow', 'tf_keras', 'ray') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_train_ignores_a_tune_section_and_refuses_a_bad_one(data, tmp_path) -> None:
@@ -151,7 +165,8 @@ def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_pat
 
     # best.yaml is a complete config `imdb-dist train` takes as it is.
     trained = subprocess.run([sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(out / "best.yaml"),
-                              "--set", f"run.output_dir={tmp_path / 'best'}"], cwd=REPO, capture_output=True, text=True)
+                              "--set", f"run.output_dir={tmp_path / 'best'}"], cwd=REPO, capture_output=True, text=True,
+                             check=False)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (tmp_path / "best" / rundir.REPORT).is_file()
 
