@@ -29,20 +29,15 @@ flatters, and the JSON says so: ``grouped_by_movie`` false, ``margin``
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import seed
-from bench.timing import emit
-from bench.topology import cpu_model
-from imdb_dist import rundir
+from bench import harness, seed
+from bench.machine import cpu_model
 from imdb_dist.config import DataConfig, load_config
 from imdb_dist.data.sources import load_training_splits, movies
-from imdb_dist.rundir import read_metrics
 from imdb_dist.train import run
 
 # What an ungrouped CV mean must clear a target by (README, docs/BENCHMARKS.md).
@@ -57,8 +52,8 @@ def first_reaching(curve: list[tuple[float, float]], threshold: float) -> float 
 def run_preset(preset: str, data: str, out: Path, overrides: list[str]) -> dict:
     cfg = load_config(preset, [f"data.path={data}", f"run.output_dir={out}", *overrides])
     run(cfg)
-    records = read_metrics(out / rundir.METRICS)
-    report = json.loads((out / rundir.REPORT).read_text())
+    records = harness.read_records(out)
+    report = harness.read_report(out)
     return {
         "curve": [(r["wall_s"], r["val_accuracy"]) for r in records],
         "exported_val_accuracy": report["validation"]["accuracy"],
@@ -128,8 +123,8 @@ def plot(curves: dict[str, list[tuple[float, float]]], threshold: float, path: P
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--preset", action="append", default=[], help="imdb-dist preset (repeatable)")
     parser.add_argument("--seed-max-len", type=int, action="append", default=[], help="seed-style runs (repeatable)")
     parser.add_argument("--seed-epochs", type=int, default=2)
@@ -137,8 +132,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over the training reviews")
     parser.add_argument("--threshold", type=float, default=0.88)
     parser.add_argument("--plot", type=Path, help="write validation accuracy vs wall time here (PNG)")
-    parser.add_argument("--output", type=Path, help="also write the JSON result here")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    harness.add_output(parser)
+    harness.add_sets(parser)
     args = parser.parse_args()
     if args.folds == 1 or args.folds < 0:
         parser.error("--folds must be 0 (one validation split) or at least 2")
@@ -177,7 +172,7 @@ def main() -> None:
         "folds": args.folds,
         "results": results,
     }
-    emit(summary, args.output)
+    harness.emit(summary, args.output)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,12 @@ storage, the wait for the previous report to be collected).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.timing import emit, median
-from bench.topology import cpu_model
+from bench import harness
+from bench.machine import cpu_model
 
 
 def variants(every: int, poll: float) -> dict[str, tuple[int, float | None]]:
@@ -51,23 +45,17 @@ def measure(config: str, data: str, checkpoint_steps: int, poll: float | None, e
         # The bench's own settings last: they win over --set.
         sets = [*extra, f"data.path={data}", f"ray.storage_path={scratch}/storage", "ray.name=pace",
                 f"run.checkpoint_steps={checkpoint_steps}", *([f"ray.report_poll_s={poll:g}"] if poll else [])]
-        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local cluster
-        started = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-m", "imdb_dist.cli", "launch", "--config", config,
-             *[arg for item in sets for arg in ("--set", item)]],
-            cwd=scratch, env=env, check=True, capture_output=True, text=True,
-        )
-        wall = time.perf_counter() - started
-        report = json.loads((Path(scratch) / "storage" / "pace" / "report.json").read_text())
+        # A local cluster of its own, however this shell is set up.
+        done = harness.run_job("launch", config, sets, cwd=Path(scratch), env={"RAY_ADDRESS": None})
+        report = harness.read_report(Path(scratch) / "storage" / "pace")
     phases = report["timings"]["phases_s"]
     return {
-        "wall_s": wall,
+        "wall_s": done.wall_s,
         "examples_per_s_median": report["examples_per_s_median"],
         "epochs": report["epochs"],
         "optimizer_steps": report["optimizer_steps"],
         # As Ray Train's controller logged them (imdb_dist.controller_log): every one it kept.
-        "checkpoints": (done.stdout + done.stderr).count("Ray Train kept the checkpoint"),
+        "checkpoints": done.log.count("Ray Train kept the checkpoint"),
         "checkpoints_s": phases.get("checkpoints", 0.0),
         "after_checkpoint_s": phases.get("after_checkpoint", 0.0),
         "steps_s": phases.get("steps", 0.0),
@@ -76,17 +64,17 @@ def measure(config: str, data: str, checkpoint_steps: int, poll: float | None, e
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--data", required=True)
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", default="job/configs/ray-local.yaml")
     parser.add_argument("--every", type=int, default=20, help="run.checkpoint_steps of the step-checkpoint variants")
     parser.add_argument("--poll", type=float, default=2.0,
                         help="the other variant's ray.report_poll_s, seconds (2: Ray Train's own default)")
-    parser.add_argument("--rounds", type=int, default=2)
+    harness.add_rounds(parser, default=2)
     parser.add_argument("--variants", help="comma-separated names of the variants to run (default: all three; "
                         "epoch-ends is always run, the others are measured against it)")
-    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE")
-    parser.add_argument("--output", type=Path)
+    harness.add_sets(parser)
+    harness.add_output(parser)
     args = parser.parse_args(argv)
 
     known = variants(args.every, args.poll)
@@ -94,25 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in wanted if name not in known]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(known)}")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
-    for _ in range(args.rounds):
-        # Alternating: a drift of the shared machine falls on every variant alike.
-        for name in wanted:
-            checkpoint_steps, poll = known[name]
-            runs[name].append(measure(args.config, args.data, checkpoint_steps, poll, args.sets))
 
-    def summary(name: str) -> dict[str, float]:
-        got = runs[name]
-        return {key: median([run[key] for run in got]) for key in
-                ("examples_per_s_median", "wall_s", "after_checkpoint_s", "checkpoints_s", "steps_s")}
+    def variant(name: str) -> Any:
+        checkpoint_steps, poll = known[name]
+        return lambda round_: measure(args.config, args.data, checkpoint_steps, poll, args.overrides)
 
-    medians = {name: summary(name) for name in runs}
+    runs = harness.interleave({name: variant(name) for name in wanted}, args.rounds)
+    keys = ("examples_per_s_median", "wall_s", "after_checkpoint_s", "checkpoints_s", "steps_s")
+    medians = {name: harness.medians(got, keys) for name, got in runs.items()}
     base = medians["epoch-ends"]["examples_per_s_median"]
-    emit({
+    harness.emit({
         "bench": "checkpoint_pace",
         "cpu": cpu_model(),
         "config": args.config,
-        "sets": args.sets,
+        "sets": args.overrides,
         "every": args.every,
         "poll_s": args.poll,
         "rounds": args.rounds,

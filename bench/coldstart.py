@@ -32,41 +32,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import seed
+from bench import harness, seed
 from bench.baseline import REPO, worktree
-from bench.timing import emit, median
-from bench.topology import cpu_model
+from bench.harness import median
+from bench.machine import cpu_model
 from imdb_dist.config import load_config
 
 
-def _fresh_env(tree: Path, home: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MPLCONFIGDIR", "XDG_CACHE_HOME")}
+def _fresh_env(tree: Path, home: Path) -> dict[str, str | None]:
     # This tree's imdb_dist and bench, ahead of any installed copy; nothing cached under HOME.
-    return {**env, "HOME": str(home), "PYTHONPATH": str(tree)}
+    return {"MPLCONFIGDIR": None, "XDG_CACHE_HOME": None, "HOME": str(home), "PYTHONPATH": str(tree)}
 
 
 def run_imdb_dist(tree: Path, config: Path, sets: list[str], out: Path, home: Path) -> dict[str, Any]:
     """One ``imdb-dist train`` process, timed from outside; what its run directory says."""
-    command = [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(config)]
-    command += [arg for item in [*sets, f"run.output_dir={out}"] for arg in ("--set", item)]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=tree, env=_fresh_env(tree, home), check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    report = json.loads((out / "report.json").read_text())
+    done = harness.run_job("train", config, [*sets, f"run.output_dir={out}"], tree=tree, env=_fresh_env(tree, home))
+    report = harness.read_report(out)
     return {
-        "process_wall_s": wall,
+        "process_wall_s": done.wall_s,
         "val_accuracy": report["validation"]["accuracy"],
-        "epoch_examples_per_s": [r["examples_per_s"] for r in records],
+        "epoch_examples_per_s": [r["examples_per_s"] for r in harness.read_records(out)],
         # Absent from revisions before the report had them.
         "phases_s": report.get("timings", {}).get("phases_s", {}),
     }
@@ -74,13 +66,11 @@ def run_imdb_dist(tree: Path, config: Path, sets: list[str], out: Path, home: Pa
 
 def run_seed(data: str, max_len: int, home: Path, epochs: int = 1) -> dict[str, Any]:
     """The seed-style script in its own process (``val_accuracy``: its last epoch's)."""
-    command = [sys.executable, "-m", "bench.seed", "--data", data, "--max-len", str(max_len), "--epochs", str(epochs)]
-    started = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, env=_fresh_env(REPO, home), check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    result = json.loads(proc.stdout[proc.stdout.index("{") :])
+    argv = [sys.executable, "-m", "bench.seed", "--data", data, "--max-len", str(max_len), "--epochs", str(epochs)]
+    done = harness.run(argv, env=_fresh_env(REPO, home))
+    result = harness.summary_of(done)
     return {
-        "process_wall_s": wall,
+        "process_wall_s": done.wall_s,
         "val_accuracy": result["val_accuracy"][-1],
         "epoch_examples_per_s": result["examples_per_s"],
     }
@@ -121,48 +111,34 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", type=Path, default=Path("job/configs/fast.yaml"))
-    parser.add_argument("--rounds", type=int, default=3)
+    harness.add_rounds(parser, default=3)
     parser.add_argument("--baseline", help="also time this git revision's imdb-dist, side by side")
     parser.add_argument("--no-seed", action="store_true", help="skip the seed-style script")
     parser.add_argument("--no-steady", action="store_true", help="skip the run with one more epoch")
     parser.add_argument(
         "--seed-settings", action="store_true", help="also time the seed-style script at the seed's own settings"
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output", type=Path, help="also write the JSON result here")
+    harness.add_sets(parser)
+    harness.add_output(parser)
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-    data = str(Path(args.data).resolve())
-    config = args.config.resolve()
-    cfg = load_config(config, [f"data.path={data}", *args.overrides])
-    sets = [f"data.path={data}", *args.overrides]
     with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        variants: dict[str, Any] = {
-            "current": lambda out, home: run_imdb_dist(REPO, config, sets, out, home),
-        }
-        if not args.no_steady:
-            more = [*sets, f"train.epochs={cfg.train.epochs + 1}"]
-            variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
-        if not args.no_seed:
-            variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
-        if args.seed_settings:
-            variants["seed-settings"] = lambda out, home: run_seed(data, seed.MAX_LEN, home, seed.EPOCHS)
-        if args.baseline:
-            base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree"))
-            variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-        for round_ in range(args.rounds):
-            for name, variant in variants.items():
+        base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree")) if args.baseline else None
+        variants = _variants(args, base)
+
+        def fresh(name: str) -> Any:
+            def run(round_: int) -> dict[str, Any]:
                 home = scratch / f"home-{name}-{round_}"
                 home.mkdir()
-                results[name].append(variant(scratch / f"{name}-{round_}", home))
-                print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
-    summary = {
+                return variants[name](scratch / f"{name}-{round_}", home)
+
+            return run
+
+        results = harness.interleave({name: fresh(name) for name in variants}, args.rounds)
+    harness.emit({
         "benchmark": "coldstart",
         "config": str(args.config),
         "overrides": args.overrides,
@@ -172,8 +148,28 @@ def main() -> None:
         "cpu": cpu_model(),
         **summarize(results),
         "runs": results,
+    }, args.output)
+
+
+def _variants(args: argparse.Namespace, base: Path | None) -> dict[str, Callable[[Path, Path], dict[str, Any]]]:
+    """Name -> a run of it into (run directory, fresh HOME): the variants the flags ask for."""
+    data = str(Path(args.data).resolve())
+    config = args.config.resolve()
+    cfg = load_config(config, [f"data.path={data}", *args.overrides])
+    sets = [f"data.path={data}", *args.overrides]
+    more = [*sets, f"train.epochs={cfg.train.epochs + 1}"]
+    variants: dict[str, Callable[[Path, Path], dict[str, Any]]] = {
+        "current": lambda out, home: run_imdb_dist(REPO, config, sets, out, home),
     }
-    emit(summary, args.output)
+    if not args.no_steady:
+        variants["steady"] = lambda out, home: run_imdb_dist(REPO, config, more, out, home)
+    if not args.no_seed:
+        variants["seed"] = lambda out, home: run_seed(data, cfg.data.max_len, home)
+    if args.seed_settings:
+        variants["seed-settings"] = lambda out, home: run_seed(data, seed.MAX_LEN, home, seed.EPOCHS)
+    if base is not None:
+        variants["baseline"] = lambda out, home: run_imdb_dist(base, config, sets, out, home)
+    return variants
 
 
 if __name__ == "__main__":

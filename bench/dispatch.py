@@ -16,7 +16,6 @@ host's overhead per execution; ``train.steps_per_execution`` divides it.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from bench.timing import emit, median
+from bench import harness
+from bench.harness import median
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import DistributionConfig, ModelConfig
 from imdb_dist.data import plan
@@ -80,22 +80,23 @@ def seconds_per_step(strategy: tf.distribute.Strategy, steps: int, execution: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--steps", type=int, default=400, help="steps per timed epoch")
     parser.add_argument("--execution", type=int, default=8, help="the grouped steps_per_execution")
     parser.add_argument("--log-every", type=int, default=8, help="a step point every N steps")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", type=Path)
+    harness.add_rounds(parser, default=5)
+    harness.add_output(parser)
     args = parser.parse_args()
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = make_strategy(DistributionConfig(cpu_devices=2))
-    runs: dict[str, list[float]] = {"1": [], str(args.execution): []}
-    for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
-        for execution in (1, args.execution):
-            runs[str(execution)].append(seconds_per_step(strategy, args.steps, execution, args.log_every))
+    runs = harness.interleave({
+        str(execution): lambda round_, execution=execution: seconds_per_step(
+            strategy, args.steps, execution, args.log_every)
+        for execution in (1, args.execution)
+    }, args.rounds)
     one, grouped = median(runs["1"]), median(runs[str(args.execution)])
-    emit({
+    harness.emit({
         "benchmark": "dispatch",
         "steps": args.steps,
         "log_every": args.log_every,

@@ -23,35 +23,26 @@ says more about the work a run does than wall time. Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bench import harness
 from bench.baseline import REPO, worktree
-from bench.timing import emit, median
 
 
 def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list[str]) -> dict[str, float]:
     sets = [f"data.path={data}", f"train.epochs={epochs}", f"run.output_dir={out}", *extra]
-    env = {**os.environ, "PYTHONPATH": str(tree)}  # this tree's imdb_dist, ahead of the installed one
-    started, cpu = time.perf_counter(), _children_cpu_s()
-    subprocess.run(
-        [sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(tree / config),
-         *[arg for item in sets for arg in ("--set", item)]],
-        cwd=tree, env=env, check=True, capture_output=True, text=True,
-    )
-    wall, cpu = time.perf_counter() - started, _children_cpu_s() - cpu
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cpu = _children_cpu_s()
+    done = harness.run_job("train", tree / config, sets, tree=tree)  # the config as that tree has it
+    records = harness.read_records(out)
     return {
-        "steady_examples_per_s": median([r["examples_per_s"] for r in records[1:]]),
+        "steady_examples_per_s": harness.steady([r["examples_per_s"] for r in records]),
         "first_epoch_examples_per_s": records[0]["examples_per_s"],
-        "wall_s": wall,
-        "cpu_s": cpu,
+        "wall_s": done.wall_s,
+        "cpu_s": _children_cpu_s() - cpu,
         "val_accuracy": records[-1]["val_accuracy"],
         "val_loss": records[-1]["val_loss"],
     }
@@ -62,17 +53,20 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+VARIANTS = ("baseline", "current", "deterministic", "grouped")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", default="job/configs/smoke.yaml")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    harness.add_rounds(parser, default=3)
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
-    parser.add_argument("--variants", default="baseline,current,deterministic",
-                        help="comma-separated subset of baseline,current,deterministic,grouped")
+    parser.add_argument("--variants", default="baseline,current,deterministic", type=_variants,
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--steps-per-execution", type=int, default=8, help="the grouped variant's")
-    parser.add_argument("--output", type=Path)
+    harness.add_output(parser)
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the steady state is the epochs after the first)")
@@ -83,29 +77,33 @@ def main() -> None:
         known = {"baseline": (base, []), "current": (REPO, []),
                  "deterministic": (REPO, ["train.deterministic=true"]),
                  "grouped": (REPO, [f"train.steps_per_execution={args.steps_per_execution}"])}
-        variants = {name: known[name] for name in args.variants.split(",")}
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-        for round_ in range(args.rounds):
-            for name, (tree, extra) in variants.items():
-                out = Path(scratch) / f"{name}-{round_}"
-                results[name].append(_run(tree, args.config, data, args.epochs, out, extra))
-                print(name, round_, results[name][-1], file=sys.stderr)
+
+        def variant(name: str) -> Callable[[int], dict[str, float]]:
+            tree, extra = known[name]
+            return lambda round_: _run(tree, args.config, data, args.epochs, Path(scratch) / f"{name}-{round_}", extra)
+
+        results = harness.interleave({name: variant(name) for name in args.variants}, args.rounds)
     summary = {
         "config": args.config,
         "epochs": args.epochs,
         "rounds": args.rounds,
         "baseline": args.baseline,
         "cpus": os.cpu_count(),
-        "median": {
-            name: {key: median([r[key] for r in runs]) for key in runs[0]} for name, runs in results.items()
-        },
+        "median": {name: harness.medians(runs, list(runs[0])) for name, runs in results.items()},
         "runs": results,
     }
     for new, old in (("current", "baseline"), ("deterministic", "current"), ("grouped", "current")):
         if new in results and old in results:
             for key, label in (("steady_examples_per_s", ""), ("cpu_s", "cpu_"), ("wall_s", "wall_")):
                 summary[f"{label}{new}_over_{old}"] = summary["median"][new][key] / summary["median"][old][key]
-    emit(summary, args.output)
+    harness.emit(summary, args.output)
+
+
+def _variants(value: str) -> list[str]:
+    names = value.split(",")
+    if unknown := [name for name in names if name not in VARIANTS]:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {','.join(unknown)}: choose from {','.join(VARIANTS)}")
+    return names
 
 
 if __name__ == "__main__":

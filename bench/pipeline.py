@@ -10,13 +10,13 @@ ratio of the two.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import tensorflow as tf
 
+from bench import harness
+from bench.harness import median
 from bench.throughput import imdb_dist_runner
-from bench.timing import emit, median
 from imdb_dist.config import load_config
 from imdb_dist.data import pipeline, plan
 from imdb_dist.data.sources import load_training_splits
@@ -52,11 +52,11 @@ def pipeline_rates(cfg, train, passes: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", default="job/configs/fast.yaml")
     parser.add_argument("--passes", type=int, default=4, help="pipeline passes (the first fills the cache)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    harness.add_sets(parser)
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.path={args.data}", *args.overrides])
     train, val = load_training_splits(cfg.data)
@@ -65,7 +65,7 @@ def main() -> None:
     epoch()  # warm-up
     training = trained / epoch()
     steady = median(rates[1:]) if len(rates) > 1 else rates[0]
-    emit({
+    harness.emit({
         "benchmark": "pipeline",
         "config": args.config,
         "pipeline_examples_per_s_first_pass": rates[0],

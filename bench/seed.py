@@ -9,13 +9,13 @@ post-truncation to ``max_len``), the whole split vectorized into NumPy arrays,
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import tf_keras as keras
 
-from bench.timing import TrainTimer, emit
+from bench import harness
+from bench.timing import TrainTimer
 from imdb_dist.config import DataConfig
 from imdb_dist.data.sources import Reviews, load_training_splits
 
@@ -70,15 +70,15 @@ def train_seed(train: Reviews, val: Reviews, *, max_len: int, epochs: int, vocab
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--max-len", type=int, default=MAX_LEN)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
     cfg = DataConfig(source="aclimdb", path=args.data)
     train, val = load_training_splits(cfg)
     result = train_seed(train, val, max_len=args.max_len, epochs=args.epochs)
-    emit({"benchmark": "seed", "max_len": args.max_len, **result})
+    harness.emit({"benchmark": "seed", "max_len": args.max_len, **result})
 
 
 if __name__ == "__main__":

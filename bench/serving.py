@@ -13,13 +13,13 @@ and lengths are real.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
-from bench.timing import emit, median
+from bench import harness
+from bench.harness import median
 from imdb_dist.config import load_config
 from imdb_dist.data import pipeline
 from imdb_dist.data.sources import load_reviews
@@ -29,12 +29,12 @@ from imdb_dist.model import build_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--preset", default="job/configs/best.yaml")
     parser.add_argument("--members", type=int, default=0, help="ensemble size to compare (default: the preset's)")
     parser.add_argument("--reviews", type=int, default=2500)
-    parser.add_argument("--rounds", type=int, default=3)
+    harness.add_rounds(parser, default=3)
     args = parser.parse_args()
     cfg = load_config(args.preset, [f"data.path={args.data}"])
     members = args.members or cfg.model.members
@@ -51,12 +51,12 @@ def main() -> None:
             served[k] = load_model(export_model(Path(tmp) / str(k), tokenizer, model, cfg.data.max_len, {}))
             score_texts(served[k], sample[:256])  # warm-up: trace the signature once
         for _ in range(args.rounds):
-            for k in seconds:
+            for k, taken in seconds.items():
                 start = time.perf_counter()
                 score_texts(served[k], sample)
-                seconds[k].append(time.perf_counter() - start)
+                taken.append(time.perf_counter() - start)
     per_s = {k: len(sample) / median(s) for k, s in seconds.items()}
-    emit(
+    harness.emit(
         {
             "benchmark": "serving",
             "preset": args.preset,

@@ -10,7 +10,6 @@ Dropout, without its LSTM, and with ``FastDropout``; each variant is timed
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -18,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from bench.timing import emit, median
+from bench import harness
+from bench.harness import median
 from imdb_dist.dropout import FastDropout
 
 VOCAB = 20002
@@ -48,12 +48,12 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--length", type=int, default=232, help="tokens per review (232: the mean at max_len 400)")
     parser.add_argument("--precision", default="mixed_bfloat16", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    harness.add_rounds(parser, default=2)
     args = parser.parse_args()
     keras.mixed_precision.set_global_policy(args.precision)
     rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def main() -> None:
                 float(train_step(data)["loss"])
                 times[name].append(time.perf_counter() - start)
     ms = {name: 1000 * median(values) for name, values in times.items()}
-    emit({
+    harness.emit({
         "benchmark": "step",
         "batch": args.batch,
         "length": args.length,

@@ -12,8 +12,6 @@ trains full batches only).
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 from collections.abc import Callable
 
@@ -21,8 +19,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from bench import seed
-from bench.timing import TrainTimer, emit, median
+from bench import harness, seed
+from bench.harness import median
+from bench.machine import cpu_model
+from bench.timing import TrainTimer
 from imdb_dist.config import Config, load_config
 from imdb_dist.data import pipeline, plan
 from imdb_dist.data.sources import Reviews, load_training_splits
@@ -101,23 +101,23 @@ def measure(train: Reviews, val: Reviews, cfg: Config, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", default="job/configs/fast.yaml", help="imdb-dist preset to measure")
     parser.add_argument("--max-len", type=int, default=400, help="truncation length for both contenders")
-    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per contender, alternating")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    harness.add_rounds(parser, default=3, help="timed epochs per contender, alternating")
+    harness.add_sets(parser)
     args = parser.parse_args()
     cfg = load_config(args.config, [f"data.path={args.data}", f"data.max_len={args.max_len}", *args.overrides])
     train, val = load_training_splits(cfg.data)
     result = measure(train, val, cfg, args.rounds)
-    emit({
+    harness.emit({
         "benchmark": "throughput",
         "max_len": args.max_len,
         "config": args.config,
         "overrides": args.overrides,
         "n_train": len(train),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+        "machine": {**cpu_model(), "processor": platform.processor(),
                     "tensorflow": tf.__version__, "numpy": np.__version__},
         **result,
     })

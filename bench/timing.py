@@ -1,12 +1,8 @@
-"""Timing shared by the benchmarks: training-phase seconds per epoch, medians, JSON output."""
+"""Training-phase seconds per epoch, timed inside the process as a Keras callback."""
 
 from __future__ import annotations
 
-import json
-import statistics
 import time
-from pathlib import Path
-from typing import Any
 
 import tf_keras as keras
 
@@ -35,15 +31,3 @@ class TrainTimer(keras.callbacks.Callback):
         self.wall_s.append(time.perf_counter() - self._begin)
         if logs and "val_accuracy" in logs:
             self.val_accuracy.append(float(logs["val_accuracy"]))
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values))
-
-
-def emit(summary: dict[str, Any], output: Path | None = None) -> None:
-    """Print the benchmark's JSON summary (what scripts and docs consume); also write it to ``output``."""
-    text = json.dumps(summary, indent=2, sort_keys=True)
-    print(text)
-    if output is not None:
-        output.write_text(text + "\n")

@@ -36,42 +36,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench import harness
 from bench.baseline import REPO, worktree
-from bench.timing import emit, median
+from bench.machine import cpu_model
 from imdb_dist.config import load_config
 
 TOPOLOGIES = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x2": (2, 2)}
 RESEEDED = "1x1 train.seed+1"
 
 
-def cpu_model() -> dict[str, Any]:
-    """``lscpu``'s model name and the vector flags that change CPU step times."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {
-        "model": fields.get("Model name", "").strip(),
-        "cpus": os.cpu_count(),
-        "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
-    }
-
-
-def run_topology(tree: Path, config: Path, sets: list[str], workers: int, local: int, scratch: Path) -> Path:
-    """One run of the config on ``workers`` x ``local`` replicas, as a fresh process; its run directory."""
+def run_topology(tree: Path, config: Path, sets: list[str], workers: int, local: int, scratch: Path
+                 ) -> tuple[Path, float]:
+    """One run of the config on ``workers`` x ``local`` replicas, as a fresh process; its run directory and wall time."""
     sets = list(sets)
     if local > 1:
         sets.append(f"distribution.cpu_devices={local}")
@@ -81,21 +63,16 @@ def run_topology(tree: Path, config: Path, sets: list[str], workers: int, local:
     else:
         command, run_dir = "launch", scratch / "storage" / "job"
         sets += [f"ray.num_workers={workers}", f"ray.storage_path={scratch / 'storage'}", "ray.name=job"]
-    argv = [sys.executable, "-m", "imdb_dist.cli", command, "--config", str(config)]
-    argv += [arg for item in sets for arg in ("--set", item)]
     home = scratch / "home"
     home.mkdir(parents=True)
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(tree)}
-    env.pop("RAY_ADDRESS", None)  # launch starts its own throw-away cluster
-    proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command} {workers}x{local} at {tree} failed:\n{proc.stderr[-3000:]}")
-    return run_dir
+    # A fresh HOME: nothing cached; launch starts its own throw-away cluster.
+    done = harness.run_job(command, config, sets, tree=tree, env={"HOME": str(home), "RAY_ADDRESS": None})
+    return run_dir, done.wall_s
 
 
 def measure(run_dir: Path, process_wall_s: float) -> dict[str, Any]:
-    report = json.loads((run_dir / "report.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    report = harness.read_report(run_dir)
+    records = harness.read_records(run_dir)
     phases = dict(report["timings"]["phases_s"])
     # report.json's wall_s runs from train.run's start to the end of
     # training: start-up comes before it, export, score and curves after.
@@ -108,7 +85,7 @@ def measure(run_dir: Path, process_wall_s: float) -> dict[str, Any]:
         "phases_s": phases,
         "idle_per_epoch_s": (report["wall_s"] - sum(phases.values())) / len(records),
         "first_epoch_examples_per_s": speeds[0],
-        "steady_examples_per_s": median(speeds[1:]) if len(speeds) > 1 else None,
+        "steady_examples_per_s": harness.steady(speeds),
         "val_accuracy": report["validation"]["accuracy"],
         "replicas": report["replicas"],
         "workers": report["workers"],
@@ -141,11 +118,9 @@ def compare_exports(config: Path, sets: list[str], runs: dict[str, Path], names:
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
-        medians[name] = {
-            key: median([r[key] for r in runs])
-            for key in ("idle_per_epoch_s", "first_epoch_examples_per_s", "steady_examples_per_s", "process_wall_s")
-            if all(r[key] is not None for r in runs)
-        }
+        keys = [key for key in ("idle_per_epoch_s", "first_epoch_examples_per_s", "steady_examples_per_s",
+                                "process_wall_s") if all(r[key] is not None for r in runs)]
+        medians[name] = harness.medians(runs, keys)
     summary: dict[str, Any] = {"median": medians}
     for topology in ("1x1", "2x1"):
         before = medians.get(f"baseline {topology}")
@@ -160,48 +135,44 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", type=Path, default=Path("job/configs/smoke.yaml"))
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--topologies", default="1x1,1x2,2x1,2x2")
+    harness.add_rounds(parser, default=2)
+    parser.add_argument("--topologies", default="1x1,1x2,2x1,2x2", type=_topologies)
     parser.add_argument("--baseline", help="also run 1x1 and 2x1 at this git revision, side by side")
     parser.add_argument("--reseeded", action="store_true", help="also run 1x1 with train.seed + 1, for scale")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output", type=Path, help="also write the JSON result here")
+    harness.add_sets(parser)
+    harness.add_output(parser)
     args = parser.parse_args()
-    if args.rounds < 1 or args.epochs < 2:
-        parser.error("--rounds must be at least 1 and --epochs at least 2 (a steady state)")
-    topologies = [t.strip() for t in args.topologies.split(",")]
-    if unknown := set(topologies) - set(TOPOLOGIES):
-        parser.error(f"unknown topologies {sorted(unknown)}; choose from {sorted(TOPOLOGIES)}")
-    data = str(Path(args.data).resolve())
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (a steady state)")
     config = args.config.resolve()
-    sets = [f"data.path={data}", *args.overrides, f"train.epochs={args.epochs}"]  # --epochs wins
+    sets = [f"data.path={Path(args.data).resolve()}", *args.overrides, f"train.epochs={args.epochs}"]  # --epochs wins
     with tempfile.TemporaryDirectory(prefix="bench-topology-") as scratch_dir, contextlib.ExitStack() as stack:
         scratch = Path(scratch_dir)
-        variants: dict[str, tuple[Path, int, int]] = {t: (REPO, *TOPOLOGIES[t]) for t in topologies}
-        seed = load_config(config, sets).train.seed
-        if args.reseeded:
-            variants[RESEEDED] = (REPO, 1, 1)
-        if args.baseline:
-            base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree"))
-            variants.update({f"baseline {t}": (base, *TOPOLOGIES[t]) for t in ("1x1", "2x1") if t in topologies})
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+        base = stack.enter_context(worktree(args.baseline, scratch / "baseline-tree")) if args.baseline else None
         first_rounds: dict[str, Path] = {}
-        for round_ in range(args.rounds):
-            for name, (tree, workers, local) in variants.items():
+        seed = load_config(config, sets).train.seed
+
+        def variant(name: str, tree: Path, workers: int, local: int) -> Any:
+            extra = [f"train.seed={seed + 1}"] if name == RESEEDED else []
+
+            def run(round_: int) -> dict[str, Any]:
                 where = scratch / f"{name.replace(' ', '-')}-{round_}"
-                started = time.perf_counter()
-                extra = [f"train.seed={seed + 1}"] if name == RESEEDED else []
-                run_dir = run_topology(tree, config, [*sets, *extra], workers, local, where)
-                results[name].append(measure(run_dir, time.perf_counter() - started))
+                run_dir, wall_s = run_topology(tree, config, [*sets, *extra], workers, local, where)
                 first_rounds.setdefault(name, run_dir)
-                print(name, round_, json.dumps(results[name][-1]), file=sys.stderr, flush=True)
-        trained = compare_exports(config, sets, first_rounds, [*topologies, *([RESEEDED] if args.reseeded else [])])
+                return measure(run_dir, wall_s)
+
+            return run
+
+        variants = _variants(args.topologies, args.reseeded, base)
+        results = harness.interleave({name: variant(name, *spec) for name, spec in variants.items()}, args.rounds)
+        compared = [*args.topologies, *([RESEEDED] if args.reseeded else [])]
+        trained = compare_exports(config, sets, first_rounds, compared)
         trained = {name: {"val_accuracy": results[name][0]["val_accuracy"], **diffs} for name, diffs in trained.items()}
-    summary = {
+    harness.emit({
         "benchmark": "topology",
         "config": str(args.config),
         "epochs": args.epochs,
@@ -212,8 +183,24 @@ def main() -> None:
         **summarize(results),
         "trained": trained,
         "runs": results,
-    }
-    emit(summary, args.output)
+    }, args.output)
+
+
+def _topologies(value: str) -> list[str]:
+    topologies = [t.strip() for t in value.split(",")]
+    if unknown := set(topologies) - set(TOPOLOGIES):
+        raise argparse.ArgumentTypeError(f"unknown topologies {sorted(unknown)}; choose from {sorted(TOPOLOGIES)}")
+    return topologies
+
+
+def _variants(topologies: list[str], reseeded: bool, base: Path | None) -> dict[str, tuple[Path, int, int]]:
+    """Name -> (tree, workers, local replicas): the topologies, then the reseeded 1x1 and the baseline's."""
+    variants = {t: (REPO, *TOPOLOGIES[t]) for t in topologies}
+    if reseeded:
+        variants[RESEEDED] = (REPO, 1, 1)
+    if base is not None:
+        variants.update({f"baseline {t}": (base, *TOPOLOGIES[t]) for t in ("1x1", "2x1") if t in topologies})
+    return variants
 
 
 if __name__ == "__main__":

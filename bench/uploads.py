@@ -17,10 +17,7 @@ bytes per checkpoint should not grow with the run.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,31 +25,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.timing import emit
-from bench.topology import cpu_model
+from bench import harness
+from bench.machine import cpu_model, free_port
 
 BUCKET = "bench"
 # moto accepts any key pair.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _client(endpoint: str) -> Any:
+    """An S3 client of the moto server at ``endpoint`` (``host:port``)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
 def _start_s3() -> tuple[subprocess.Popen, str]:
     """A moto S3 server on loopback with one empty bucket; its ``host:port``."""
-    import boto3
-
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="bench", aws_secret_access_key="bench")
+    client = _client(f"127.0.0.1:{port}")
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -67,8 +64,6 @@ def _start_s3() -> tuple[subprocess.Popen, str]:
 
 def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, Any]:
     """One run into a fresh bucket prefix; the per-sync upload records and what they add up to."""
-    import boto3
-
     config, data = str(Path(config).resolve()), str(Path(data).resolve())  # the run starts in a scratch directory
     server, endpoint = _start_s3()
     try:
@@ -77,16 +72,8 @@ def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, 
         sets = [*extra, f"data.path={data}", f"train.epochs={epochs}", f"run.output_dir={target}",
                 "run.checkpoint_steps=0"]
         with tempfile.TemporaryDirectory(prefix="imdb-dist-bench-uploads-") as scratch:
-            started = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "imdb_dist.cli", "train", "--config", config,
-                 *[arg for item in sets for arg in ("--set", item)]],
-                cwd=scratch, env={**os.environ, **CREDENTIALS}, check=True, capture_output=True, text=True,
-            )
-            wall = time.perf_counter() - started
-        client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
-                              aws_access_key_id="bench", aws_secret_access_key="bench")
-        report = json.loads(client.get_object(Bucket=BUCKET, Key="run/report.json")["Body"].read())
+            wall = harness.run_job("train", config, sets, cwd=Path(scratch), env=CREDENTIALS).wall_s
+        report = json.loads(_client(endpoint).get_object(Bucket=BUCKET, Key="run/report.json")["Body"].read())
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -113,12 +100,12 @@ def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="aclImdb directory or .tar.gz")
+    parser = harness.parser(__doc__)
+    harness.add_data(parser)
     parser.add_argument("--config", default="job/configs/fast.yaml")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--output", type=Path, help="also write the JSON summary here")
+    harness.add_sets(parser)
+    harness.add_output(parser)
     args = parser.parse_args(argv)
     summary = {
         "machine": cpu_model(),
@@ -126,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         **measure(args.config, args.data, args.epochs, args.overrides),
     }
-    emit(summary, args.output)
+    harness.emit(summary, args.output)
     return 0
 
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def bench(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout[proc.stdout.index("{"):])
 
@@ -31,6 +32,21 @@ def data(tmp_path_factory) -> Path:
 
 def sets() -> list[str]:
     return [arg for item in [*TINY, "train.epochs=1"] for arg in ("--set", item)]
+
+
+def test_a_benchmark_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    # bench/harness.py's parser, which every benchmark uses: no usage dump, no traceback
+    # minutes in, nothing on stdout (where the JSON summary goes), exit status 2.
+    for args, says in (
+        (["weak", "--data", str(tmp_path / "missing")], "no such file or directory"),
+        (["weak", "--data", str(tmp_path), "--variants", "1,3-dense"], "unknown variant(s) 3-dense"),
+        (["threads", "--rounds", "0"], "must be at least 1"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "bench.scaling", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", (args, proc.stderr[-3000:])
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith("error: ") and says in line, (args, line)
 
 
 def test_throughput_reports_medians_and_their_ratio(data: Path) -> None:
@@ -72,7 +88,7 @@ def test_accuracy_cross_validates_over_folds_that_cover_the_data_and_draws_the_c
 
 def test_accuracy_refuses_a_single_fold(data: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.accuracy", "--data", str(data), "--folds", "1"],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "--folds must be 0" in proc.stderr
 
 
