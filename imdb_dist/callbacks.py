@@ -1,11 +1,16 @@
-"""Keras callbacks for the run's side effects: the epoch and step metrics files and the loss guard."""
+"""Keras callbacks for the run's side effects: the epoch and step metrics logs and the loss guard.
+
+The logs are the run directory's (:class:`imdb_dist.rundir.JsonLog`): these
+callbacks say what a record holds and when, the run directory writes it.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +19,22 @@ import tf_keras as keras
 
 from imdb_dist.digest import BatchDigest
 from imdb_dist.errors import RunError
-from imdb_dist.rundir import atomic_write, read_metrics
+from imdb_dist.rundir import JsonLog
 
 log = logging.getLogger(__name__)
 
 
 class EpochMetrics(keras.callbacks.Callback):
-    """Logs one line per epoch and, on the chief, appends it to ``metrics.jsonl``.
+    """Logs one line per epoch and, on the chief, appends it to the run's ``metrics.jsonl`` (``records``).
 
     ``examples_per_s`` counts the training steps this process ran in the
     epoch (fewer after a mid-epoch resume) times the global batch, over the
     training part of the epoch only (up to the start of validation).
     """
 
-    def __init__(self, path: Path | None, global_batch: int) -> None:
+    def __init__(self, records: JsonLog | None, global_batch: int) -> None:
         super().__init__()
-        self.path = path
+        self.records = records
         self.global_batch = global_batch
         self._steps = 0
         self._start = self._train_end = self._run_start = 0.0
@@ -40,9 +45,9 @@ class EpochMetrics(keras.callbacks.Callback):
         self._run_start = time.perf_counter()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self._first_epoch and self.path is not None:
+        if self._first_epoch and self.records is not None:
             # Resuming at `epoch`: lines for it and later came from the lost attempt.
-            kept = drop_epochs_from(self.path, epoch + 1)
+            kept = self.records.drop_after("epoch", epoch)
             self._wall_offset = kept[-1]["wall_s"] if kept else 0.0
         self._first_epoch = False
         self._start = time.perf_counter()
@@ -74,9 +79,8 @@ class EpochMetrics(keras.callbacks.Callback):
             epoch + 1,
             " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
         )
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self.records is not None:
+            self.records.append(record)
 
 
 POINTS_PER_EPOCH = 40
@@ -88,7 +92,7 @@ def log_every(configured: int, steps_per_epoch: int) -> int:
 
 
 class StepMetrics(keras.callbacks.Callback):
-    """Every ``every`` optimizer steps, and at each epoch's last step: one ``steps.jsonl`` line and TensorBoard points.
+    """Every ``every`` optimizer steps, and at each epoch's last step: a ``steps.jsonl`` record and TensorBoard points.
 
     Each point holds the training loss and accuracy *over the steps since the
     previous point*, the learning rate, and the examples per second over
@@ -105,7 +109,7 @@ class StepMetrics(keras.callbacks.Callback):
 
     def __init__(
         self,
-        path: Path,
+        records: JsonLog,
         tensorboard: Path | None,
         *,
         every: int,
@@ -116,7 +120,7 @@ class StepMetrics(keras.callbacks.Callback):
     ) -> None:
         super().__init__()
         self.digest = digest
-        self.path, self.tensorboard, self.every = path, tensorboard, every
+        self.records, self.tensorboard, self.every = records, tensorboard, every
         self.steps_per_epoch, self.global_batch, self.echo = steps_per_epoch, global_batch, echo
         self._writer: Any = None
         self._resumed = False
@@ -140,7 +144,7 @@ class StepMetrics(keras.callbacks.Callback):
             if not self._resumed:
                 self._resumed = True
                 done = self._epoch * self.steps_per_epoch + batch
-                kept = drop_records_after(self.path, "step", done)
+                kept = self.records.drop_after("step", done)
                 self._wall_offset = kept[-1]["wall_s"] if kept else 0.0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -171,8 +175,7 @@ class StepMetrics(keras.callbacks.Callback):
             # Read by the loop on every worker at this point (imdb_dist.digest).
             record["batches_digest"] = self.digest.value
         self._window, self._window_start = (step_in_epoch, running), now
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self.records.append(record)
         if self._writer is not None:
             with self._writer.as_default(step=step):
                 for name in ("loss", "accuracy", "learning_rate", "examples_per_s"):
@@ -193,23 +196,6 @@ class StepMetrics(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def drop_records_after(path: Path, key: str, value: int) -> list[dict[str, Any]]:
-    """Remove the records of a JSON-lines file whose ``key`` is above ``value``; returns those kept."""
-    records = read_metrics(path)
-    kept = [r for r in records if r[key] <= value]
-    if len(kept) != len(records):
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def drop_epochs_from(path: Path, epoch: int) -> list[dict[str, Any]]:
-    """Remove records of ``epoch`` and later, so a resumed run never counts an epoch twice.
-
-    Returns the records kept.
-    """
-    return drop_records_after(path, "epoch", epoch - 1)
 
 
 class FiniteLoss(keras.callbacks.Callback):
@@ -240,3 +226,52 @@ class FiniteLoss(keras.callbacks.Callback):
                 "is kept: to resume from it with a lower learning rate, run again with "
                 "--set train.learning_rate=<lower> --change train.learning_rate"
             )
+
+
+def run_callbacks(
+    model: keras.Model,
+    extra: Sequence[keras.callbacks.Callback],
+    *,
+    chief: bool,
+    metrics: JsonLog,
+    steps_log: JsonLog,
+    tensorboard: Path,
+    global_batch: int,
+    epochs: int,
+    steps_per_epoch: int,
+    every: int,
+    digest: BatchDigest,
+) -> keras.callbacks.CallbackList:
+    """The training job's callbacks, then ``extra``, bound to ``model``.
+
+    The loss guard and the epoch lines run on every worker; the logs,
+    TensorBoard's events and a terminal's progress bar on the chief only.
+
+    Args:
+        metrics: ``metrics.jsonl``; steps_log: ``steps.jsonl`` (:class:`imdb_dist.rundir.JsonLog`).
+        tensorboard: TensorBoard's directory in the run directory.
+        every: the step logging period (:func:`log_every`).
+    """
+    callbacks: list[keras.callbacks.Callback] = [FiniteLoss(), EpochMetrics(metrics if chief else None, global_batch)]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard), write_graph=False, profile_batch=0))
+        callbacks.append(
+            StepMetrics(
+                steps_log,
+                tensorboard,
+                every=every,
+                steps_per_epoch=steps_per_epoch,
+                global_batch=global_batch,
+                digest=digest,
+                # A terminal has the progress bar; logs (Ray jobs, pods) get a line per point.
+                echo=not sys.stdout.isatty(),
+            )
+        )
+    return keras.callbacks.CallbackList(
+        [*callbacks, *extra],
+        add_progbar=chief and sys.stdout.isatty(),
+        model=model,
+        verbose=1,
+        epochs=epochs,
+        steps=steps_per_epoch,
+    )

@@ -146,8 +146,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from imdb_dist.config import DataConfig
     from imdb_dist.data.sources import load_reviews
     from imdb_dist.evaluate import metrics, score_texts
-    from imdb_dist.export import load_model
-    from imdb_dist.rundir import locate_model
+    from imdb_dist.export import load_model, locate_model
 
     with locate_model(args.model, "--model") as path:
         model = load_model(path)
@@ -170,8 +169,7 @@ def _predict(args: argparse.Namespace) -> int:
     keyed = _predict_inputs(args)  # bad input fails before TensorFlow loads
     import_tensorflow_quietly()
     from imdb_dist.evaluate import label_of, score_texts
-    from imdb_dist.export import load_model
-    from imdb_dist.rundir import locate_model
+    from imdb_dist.export import load_model, locate_model
 
     with locate_model(args.model, "--model") as path:
         model = load_model(path)

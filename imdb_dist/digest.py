@@ -10,6 +10,14 @@ rows, and differs (but with chance ~2**-31) when any step trained other
 examples, the same ones twice, or in another order: two runs that end with
 the same digest trained the same global batches at the same steps.
 
+No step waits for it on an accelerator: ``tf.fingerprint`` has a CPU
+kernel only, so the rows are hashed on the host, from the host's copy of
+the worker's block (:func:`host_rows_sums`), before the replicas' slices
+travel to their devices; a replica receives its slice's sum, one float64,
+and weighs it by the step on its device. Hashing the slice a GPU replica
+holds would copy it back to the host every step (docs/BENCHMARKS.md, "The
+batch digest's share of a step").
+
 No step pays a collective for it: each replica adds locally (a
 ``SyncOnRead`` variable), and the replicas' sums are read together only at
 the loop's step points and checkpoints, where every worker already meets.
@@ -24,6 +32,9 @@ and in every all-reduce.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import tensorflow as tf
 
@@ -41,12 +52,46 @@ def slice_sum(tokens: tf.Tensor, labels: tf.Tensor, step: tf.Tensor) -> tf.Tenso
     not matter), the step weight ``1 + (step * 7919 mod 65521)`` makes the
     digest depend on which step trained which batch.
     """
+    return weighted(rows_sum(tokens, labels), step)
+
+
+def rows_sum(tokens: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The step-free part of :func:`slice_sum`: the rows' 24-bit hashes summed, modulo :data:`PRIME` (float64).
+
+    ``tf.fingerprint`` runs on CPUs only: call it on the host's tensors.
+    """
     rows = tf.concat([tf.cast(tokens, tf.int64), tf.cast(tf.reshape(labels, [-1, 1]), tf.int64)], axis=1)
     hashed = tf.cast(tf.fingerprint(rows)[:, :3], tf.float64)  # [rows, 3] bytes
     row_hash = hashed[:, 0] + 256.0 * hashed[:, 1] + 65536.0 * hashed[:, 2]
-    total = tf.math.floormod(tf.reduce_sum(row_hash), PRIME)
+    return tf.math.floormod(tf.reduce_sum(row_hash), PRIME)
+
+
+def weighted(total: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """A :func:`rows_sum` weighed by global step ``step``: integer float64 arithmetic, exact on any device."""
     weight = 1.0 + tf.math.floormod(tf.cast(step, tf.float64) * 7919.0, _WEIGHTS)
     return tf.math.floormod(total * weight, PRIME)
+
+
+def host_rows_sums(strategy: tf.distribute.Strategy, replica_slice: Callable[[Any], Any]) -> Any:
+    """Each local replica's :func:`rows_sum`, hashed on this worker's CPU: a per-replica value for ``strategy.run``.
+
+    Args:
+        strategy: the run's strategy.
+        replica_slice: given a replica's ``tf.distribute.experimental.ValueContext``,
+            its ``(tokens, labels)`` cut from the host's copy of the block
+            (the function that cuts the replicas' batches).
+
+    Each replica then receives one float64 (a host-to-device copy of 8
+    bytes), not the slice back from its device.
+    """
+
+    def one(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+        # Inside the replica's device scope: the CPU of the same worker (job and task are kept).
+        with tf.device("/device:CPU:0"):
+            tokens, labels = replica_slice(context)
+            return rows_sum(tokens, labels)
+
+    return strategy.experimental_distribute_values_from_function(one)
 
 
 class BatchDigest:
@@ -73,10 +118,17 @@ class BatchDigest:
         self.value: int | None = None
 
     def add(self, tokens: tf.Tensor, labels: tf.Tensor, step: tf.Tensor) -> None:
-        """In a replica's step: add its slice at global step ``step`` (no collective)."""
-        self._since_checkpoint.assign(
-            tf.math.floormod(self._since_checkpoint + slice_sum(tokens, labels, step), PRIME)
-        )
+        """In a replica's step: add its slice at global step ``step`` (no collective).
+
+        Hashes the slice where it is: on a GPU replica that copies it to the
+        host first; a training step adds :func:`host_rows_sums`' values with
+        :meth:`add_rows_sum` instead.
+        """
+        self.add_rows_sum(rows_sum(tokens, labels), step)
+
+    def add_rows_sum(self, total: tf.Tensor, step: tf.Tensor) -> None:
+        """In a replica's step: add its slice's :func:`rows_sum` (from :func:`host_rows_sums`) at global step ``step``."""
+        self._since_checkpoint.assign(tf.math.floormod(self._since_checkpoint + weighted(total, step), PRIME))
 
     def read(self) -> int:
         """The digest of every step so far; every worker must call it at the same points (a collective)."""

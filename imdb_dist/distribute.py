@@ -1,12 +1,14 @@
 """Strategy, chief and precision decisions: the only module that reads TF_CONFIG.
 
-Create the strategy first thing in a worker: MultiWorkerMirroredStrategy
-must exist before any other TensorFlow op initialises the runtime.
+Create the strategy first thing in a worker (:func:`start_worker`):
+MultiWorkerMirroredStrategy must exist before any other TensorFlow op
+initialises the runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,11 +19,85 @@ import tensorflow as tf
 import tf_keras as keras
 from tensorflow.python.distribute import collective_all_reduce_strategy
 
+from imdb_dist import aggregation
 from imdb_dist.config import Config, DistributionConfig
+from imdb_dist.devices import check_devices, is_gpu
 from imdb_dist.errors import ConfigError
-from imdb_dist.logs import accelerator_notes
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """What this process is within the job."""
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    num_workers: int
+    index: int
+    precision: str
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
+def start_worker(cfg: Config, *, ray_worker: bool) -> Worker:
+    """Check the devices, build the strategy, resolve the precision and seed: this process, ready to train.
+
+    Raises:
+        ConfigError: the job asks for a GPU there is not, or its global batch does not split among the replicas.
+    """
+    # Devices are read first (that does not initialise the runtime): a job
+    # that needs a GPU and has none stops here, before anything is written.
+    gpu = check_devices(cfg, ray_worker=ray_worker) and not cfg.distribution.cpu_devices
+    # Then the strategy: MultiWorkerMirroredStrategy must be created before
+    # any other op initialises the TensorFlow runtime.
+    strategy = make_strategy(cfg.distribution)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(
+            "train.batch_size",
+            f"global batch {cfg.train.batch_size} is not divisible by {replicas} replicas in sync",
+        )
+    num_workers, index = worker_index(strategy)
+    precision = resolve_precision(cfg.train.mixed_precision, gpu=gpu)
+    log.info(
+        "strategy %s: %d worker(s), %d replica(s) in sync on %s; precision %s; global batch %d",
+        type(strategy).__name__,
+        num_workers,
+        replicas,
+        ", ".join(local_devices(strategy)) or "the default device",
+        precision,
+        cfg.train.batch_size,
+    )
+    keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        # Ops without a deterministic kernel raise instead of varying run to run.
+        tf.config.experimental.enable_op_determinism()
+    return Worker(strategy, is_chief(strategy), num_workers, index, precision)
+
+
+def dense_embedding_gradient(cfg: DistributionConfig, *, replicas: int, rows: int, vocab: int, dim: int) -> bool:
+    """Whether the replicas all-reduce the embedding gradient dense (``distribution.embedding_gradient``); logged.
+
+    ``rows``: token positions per replica and step (a full-length batch); ``vocab`` and ``dim``: the embedding's shape.
+    """
+    transport = cfg.embedding_transport
+    dense = aggregation.dense_embedding_gradient(
+        cfg.embedding_gradient, replicas=replicas, rows=rows, vocab=vocab, dim=dim, transport=transport
+    )
+    if replicas > 1:
+        log.info(
+            "embedding gradient: %s all-reduce (%s); per replica and step, gathering a full-length batch "
+            "sends %.1f MB, the dense all-reduce in %s %.1f MB",
+            f"dense, in {transport}," if dense else "sparse (gathered rows)",
+            cfg.embedding_gradient,
+            aggregation.gathered_bytes(rows, dim, replicas) / 1e6,
+            transport,
+            aggregation.reduced_bytes(vocab, dim, replicas, transport) / 1e6,
+        )
+    return dense
 
 
 def cluster_spec() -> dict | None:
@@ -101,11 +177,6 @@ def make_strategy(cfg: DistributionConfig) -> tf.distribute.Strategy:
     if cfg.devices:
         raise ConfigError("distribution.devices", f"only applies to the mirrored strategy, not {name}")
     return tf.distribute.get_strategy()
-
-
-def is_gpu(device: str) -> bool:
-    """Whether a device string names a GPU: ``/gpu:0``, ``GPU:1``, ``/job:worker/device:GPU:0``."""
-    return "gpu:" in device.lower()
 
 
 def collective_for(name: str, *, gpus: bool) -> str:
@@ -281,77 +352,6 @@ def resolve_precision(name: str, *, gpu: bool) -> str:
     if name == "auto":
         return "mixed_float16" if gpu else "float32"
     return name
-
-
-def gpu_requests(cfg: Config, *, ray_worker: bool = False) -> list[str]:
-    """The config keys that ask this process for a GPU (empty: it may run on CPUs).
-
-    ``ray_worker``: the process is a Ray Train worker, which ``ray.use_gpu``
-    promised GPUs (``imdb-dist train`` ignores the ``ray`` section).
-    """
-    keys = []
-    if cfg.train.mixed_precision == "mixed_float16" and not cfg.distribution.cpu_devices:
-        keys.append("train.mixed_precision")
-    if any(is_gpu(device) for device in cfg.distribution.devices):
-        keys.append("distribution.devices")
-    if cfg.distribution.collective == "nccl":
-        keys.append("distribution.collective")
-    if ray_worker and cfg.ray.use_gpu:
-        keys.append("ray.use_gpu")
-    return keys
-
-
-def check_devices(cfg: Config, *, ray_worker: bool = False) -> bool:
-    """Log the devices TensorFlow found, in one line; return whether it found a GPU.
-
-    Call it before the strategy exists (it reads physical devices only, so
-    it leaves the runtime uninitialised).
-
-    Raises:
-        ConfigError: the config asks for a GPU (:func:`gpu_requests`) and
-            TensorFlow sees none; the message says why, in TensorFlow's
-            words where it gave them. Training on the CPU instead would be
-            many times slower, and unnoticed.
-    """
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        described = []
-        for gpu in gpus:
-            details = tf.config.experimental.get_device_details(gpu)
-            capability = details.get("compute_capability")
-            described.append(
-                gpu.name.removeprefix("/physical_device:")
-                + f" ({details.get('device_name', 'unknown')}"
-                + (f", compute capability {capability[0]}.{capability[1]})" if capability else ")")
-            )
-        log.info("devices: %d GPU(s): %s", len(gpus), ", ".join(described))
-        return True
-    reason = no_gpu_reason()
-    requests = gpu_requests(cfg, ray_worker=ray_worker)
-    if requests:
-        asked = {
-            "train.mixed_precision": "mixed_float16",
-            "distribution.devices": ", ".join(cfg.distribution.devices),
-            "distribution.collective": "nccl",
-            "ray.use_gpu": "true",
-        }[requests[0]]
-        raise ConfigError(requests[0], f"{asked} needs a GPU and TensorFlow sees none: {reason}")
-    split = f" split into {cfg.distribution.cpu_devices} logical devices" if cfg.distribution.cpu_devices else ""
-    log.info("devices: the CPU%s, no GPU: %s", split, reason)
-    return False
-
-
-def no_gpu_reason() -> str:
-    """Why TensorFlow lists no GPU: its build, ``CUDA_VISIBLE_DEVICES``, or what it said while loading."""
-    if not tf.test.is_built_with_cuda():
-        return "this TensorFlow is built without CUDA (on Linux: pip install 'tensorflow[and-cuda]')"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    notes = accelerator_notes()
-    if notes:
-        return "TensorFlow said: " + "; ".join(dict.fromkeys(notes))  # each message once
-    return "TensorFlow lists no GPU device and said nothing about why"
 
 
 @contextlib.contextmanager

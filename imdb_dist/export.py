@@ -5,27 +5,40 @@ scores raw review text with no Python of ours: signature ``serving_default``
 takes ``text`` (string ``[None]``) and returns ``score`` (float32
 ``[None, 1]``, the probability that the review is positive).
 
+In a run directory the exports are ``model/<version>/`` (TF-Serving's
+layout, :mod:`imdb_dist.rundir.versions`); :func:`locate_model` finds the
+complete one a user names, local or on remote storage.
+
 A SavedModel is a program: load one only from storage you trust.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import posixpath
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
+from imdb_dist import __version__, storage
+from imdb_dist.config import DataConfig, ModelConfig
 from imdb_dist.data.pipeline import Tokenizer, encode_padded
 from imdb_dist.errors import InputError, RunError, write_failure
-from imdb_dist.model import ensemble_score
+from imdb_dist.model import build_model, ensemble_score
+from imdb_dist.rundir import CONFIG, MODEL, MODEL_MARKER, REPORT
+from imdb_dist.rundir.versions import newest_complete
 
 SIGNATURE = "serving_default"
-METADATA = Path("assets.extra") / "imdb_dist.json"
+# Written into a version last: it marks the version complete (imdb_dist.rundir.versions).
+METADATA = Path(MODEL_MARKER)
 
 
 class _Serving(tf.Module):
@@ -105,6 +118,28 @@ def export_model(
     return target
 
 
+def export_trained(
+    model_cfg: ModelConfig, data_cfg: DataConfig, model_root: Path, tokenizer: Tokenizer, model: keras.Model,
+    *, version: int,
+) -> Path:
+    """Export a float32 copy of the trained ``model`` as ``model_root/<version>``, with the data it expects.
+
+    A fresh float32 model outside any strategy: the export then holds plain
+    variables and serves at full speed on CPUs, whatever the training policy.
+    """
+    serving = build_model(model_cfg, vocab_size=tokenizer.vocabulary_size())
+    serving.set_weights(model.get_weights())
+    metadata = {
+        "max_len": data_cfg.max_len,
+        "validation_fraction": data_cfg.validation_fraction,
+        "folds": data_cfg.folds,
+        "fold": data_cfg.fold,
+        "seed": data_cfg.seed,
+        "imdb_dist_version": __version__,
+    }
+    return export_model(model_root, tokenizer, serving, data_cfg.max_len, metadata, version=version)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServedModel:
     """A loaded export: ``score(texts)`` returns probabilities as a float32 ``[n, 1]`` tensor."""
@@ -158,3 +193,69 @@ def load_model(path: str | os.PathLike) -> ServedModel:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{meta_path} is unreadable: {exc}") from None
     return ServedModel(export, metadata, loaded)
+
+
+@contextlib.contextmanager
+def locate_model(where: str, key: str = "--model") -> Iterator[Path]:
+    """A local path to a complete model version, given a run directory, its ``model/``, or one version.
+
+    A run directory must be complete (its ``report.json`` names the version
+    it published); a ``model/`` gives its newest complete version; a version
+    must be complete itself (:mod:`imdb_dist.rundir.versions`). A remote one is
+    downloaded to a temporary directory for the duration.
+
+    Raises:
+        InputError: nothing complete there, or the storage cannot be read.
+    """
+    location = storage.parse(where, key)
+    try:
+        with _model_version(location, where, key) as path:
+            yield path
+    except OSError as exc:
+        raise InputError(f"{key} {location}: cannot read it: {storage.reason(exc)}") from None
+
+
+@contextlib.contextmanager
+def _model_version(location: storage.Location, where: str, key: str) -> Iterator[Path]:
+    if location.local:
+        files = {p.relative_to(location.path).as_posix(): 0 for p in Path(location.path).rglob("*") if p.is_file()} \
+            if Path(location.path).is_dir() else {}
+        read = (lambda name: (Path(location.path) / name).read_bytes()) if files else None
+    else:
+        files = storage.list_files(location)
+        read = lambda name: storage.read_bytes(location.child(*name.split("/"))) or b""
+    if not files:
+        exists = Path(location.path).exists() if location.local else False
+        raise InputError(
+            f"{key} {location} holds no complete imdb-dist model export" if exists else f"{key} {location} does not exist"
+        )
+    if REPORT in files or CONFIG in files:  # a run directory
+        if REPORT not in files:
+            raise InputError(
+                f"{key} {location} is a run directory whose run is not complete (no {REPORT}: still training, or "
+                f"stopped): give its {MODEL}/ for the newest complete export, or wait for the run to finish"
+            )
+        report = json.loads(read(REPORT))
+        version = str(report.get("model_version") or newest_complete(files, MODEL) or "")
+        prefix = f"{MODEL}/{version}"
+    elif posixpath.basename(location.path).isdigit() or "saved_model.pb" in files or MODEL_MARKER in files:
+        # One version (what it holds so far: its upload may not have finished).
+        prefix = ""
+    else:  # a model root
+        version = newest_complete(files, "")
+        if version is None:
+            raise InputError(f"{key} {location} holds no complete model export (no <version>/{MODEL_MARKER})")
+        prefix = str(version)
+    marker = f"{prefix}/{MODEL_MARKER}".lstrip("/")
+    if marker not in files:
+        raise InputError(
+            f"{key} {location.child(*prefix.split('/')) if prefix else location} is not a complete model export "
+            f"(no {MODEL_MARKER}: its upload did not finish)"
+        )
+    if location.local:
+        yield Path(location.path, prefix)
+        return
+    with tempfile.TemporaryDirectory(prefix="imdb-dist-model-") as scratch:
+        target = Path(scratch) / (prefix.rsplit("/", 1)[-1] or "model")
+        storage.download(location.child(*prefix.split("/")) if prefix else location, target)
+        yield target

@@ -17,6 +17,9 @@ the loss guard advises); each such change is kept in ``changes.jsonl`` and
 in ``report.json``. The fingerprint is ``fingerprint.json`` in the run
 directory, beside the config and checkpoints it describes.
 
+This module computes and compares; :class:`imdb_dist.rundir.RunDir` reads
+and writes the files.
+
 ``train.epochs``: with a constant learning rate more epochs extend the run
 (the steps so far are the start of the longer run's). A cosine schedule's
 curve is as long as the whole run, so more epochs would make it a different
@@ -28,19 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from imdb_dist import rundir
 from imdb_dist.config import Config, to_dict
 from imdb_dist.errors import InputError
-
-FINGERPRINT = "fingerprint.json"
-CHANGES = "changes.jsonl"
 
 # Config keys the trained weights depend on (besides every model.* key):
 # which reviews train and validate, how they are cut into batches and
@@ -125,19 +122,26 @@ class Fingerprint:
         cosine = cfg.train.lr_schedule == "cosine"
         return cls(model_config(cfg), precision, cfg.train.epochs if cosine else None, plan_version, data)
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> Fingerprint:
+        return cls(**saved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def parts(self) -> dict[str, Any]:
         """Every checked value by the name errors and ``--change`` use."""
         named = {DERIVED_KEYS[k]: v for k, v in dataclasses.asdict(self).items() if k in DERIVED_KEYS}
         return {**self.config, **named}
 
 
-def check_config(previous: Config, current: Config, run_dir: Path, changes: Sequence[str] = ()) -> None:
+def check_config(previous: Config, current: Config, where: object, changes: Sequence[str] = ()) -> None:
     """Refuse, before any data is read, a resume whose config would train another model.
 
     Only the model-defining keys count, and ``train.epochs`` under a cosine
-    schedule; ``changes`` names the keys meant to change. The data's
-    content, the resolved precision and the plan version are checked once
-    the data is read (:func:`check`).
+    schedule; ``changes`` names the keys meant to change; ``where``: the run
+    directory, for the message. The data's content, the resolved precision
+    and the plan version are checked once the data is read (:func:`check`).
 
     Raises:
         InputError: naming the first key that differs and was not named.
@@ -146,43 +150,24 @@ def check_config(previous: Config, current: Config, run_dir: Path, changes: Sequ
     cosine = "cosine" in (previous.train.lr_schedule, current.train.lr_schedule)
     if cosine and previous.train.epochs != current.train.epochs:
         changed["train.epochs"] = (previous.train.epochs, current.train.epochs)
-    refuse_unnamed(changed, changes, run_dir)
+    refuse_unnamed(changed, changes, where)
 
 
-def already_complete(run_dir: Path, current: Config, changes: Sequence[str] = ()) -> bool:
-    """True if ``run_dir`` holds a finished run of ``current``'s model and epochs (operational keys aside).
-
-    Raises:
-        InputError: the directory is not a run, or holds a run of another model.
-    """
-    previous = rundir.prior_config(run_dir)
-    if previous is None:
-        return False
-    check_config(previous, current, run_dir, changes)
-    same = model_config(previous) == model_config(current)
-    return same and previous.train.epochs == current.train.epochs and (run_dir / rundir.REPORT).exists()
+def same_run(previous: Config, current: Config) -> bool:
+    """True if ``current`` trains ``previous``'s model for as many epochs (operational keys aside)."""
+    return model_config(previous) == model_config(current) and previous.train.epochs == current.train.epochs
 
 
-def check(run_dir: Path, current: Fingerprint, changes: Sequence[str]) -> Fingerprint | None:
-    """Refuse a resume whose fingerprint differs from the run's in a key ``changes`` does not name.
+def check(previous: Fingerprint | None, current: Fingerprint, changes: Sequence[str], where: object) -> None:
+    """Refuse a resume whose fingerprint differs from the run's saved one in a key ``changes`` does not name.
 
-    Returns the run's saved fingerprint (None for a new run), for :func:`record`.
+    ``previous`` is None for a run that saved none yet (a new run); ``where``: the run directory, for the message.
 
     Raises:
         InputError: naming the key (see :func:`refuse_unnamed`).
     """
-    previous = read(run_dir)
     if previous is not None:
-        refuse_unnamed(differences(previous.parts(), current.parts()), changes, run_dir)
-    return previous
-
-
-def read(run_dir: Path) -> Fingerprint | None:
-    """The fingerprint saved in ``run_dir``, or None (a new run, or one from before fingerprints)."""
-    path = run_dir / FINGERPRINT
-    if not path.exists():
-        return None
-    return Fingerprint(**json.loads(path.read_text(encoding="utf-8")))
+        refuse_unnamed(differences(previous.parts(), current.parts()), changes, where)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -190,7 +175,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
-def refuse_unnamed(changed: dict[str, tuple[Any, Any]], named: Sequence[str], run_dir: Path | str) -> None:
+def refuse_unnamed(changed: dict[str, tuple[Any, Any]], named: Sequence[str], where: object) -> None:
     """Raise for the first change the command did not name.
 
     Raises:
@@ -202,28 +187,18 @@ def refuse_unnamed(changed: dict[str, tuple[Any, Any]], named: Sequence[str], ru
         old, new = changed[key]
         more = f" (and {', '.join(unnamed[1:])})" if len(unnamed) > 1 else ""
         raise InputError(
-            f"run.output_dir {run_dir} holds a run whose {key} is {old!r}, not {new!r}{more}: resuming would "
+            f"run.output_dir {where} holds a run whose {key} is {old!r}, not {new!r}{more}: resuming would "
             f"train another model; to change it from here on, add --change {key} (recorded in the report), "
             "or choose another run directory"
         )
 
 
-def record(run_dir: Path, previous: Fingerprint | None, current: Fingerprint, at: dict[str, int]) -> None:
-    """Save ``current`` and append the changes from ``previous`` (named ones: the check has passed) to changes.jsonl."""
-    if previous is not None:
-        changed = differences(previous.parts(), current.parts())
-        if changed:
-            lines = "".join(
-                json.dumps({"key": key, "from": old, "to": new, **at}) + "\n" for key, (old, new) in changed.items()
-            )
-            existing = (run_dir / CHANGES).read_text(encoding="utf-8") if (run_dir / CHANGES).exists() else ""
-            rundir.atomic_write(run_dir / CHANGES, existing + lines)
-    rundir.atomic_write(run_dir / FINGERPRINT, json.dumps(dataclasses.asdict(current), indent=2, sort_keys=True) + "\n")
+def changes_made(previous: Fingerprint | None, current: Fingerprint, at: dict[str, int]) -> list[dict[str, Any]]:
+    """The ``changes.jsonl`` records of what differs from ``previous`` to ``current`` (the check has passed).
 
-
-def read_changes(run_dir: Path) -> list[dict[str, Any]]:
-    """The deliberate changes made to the run so far, oldest first."""
-    path = run_dir / CHANGES
-    if not path.exists():
+    ``at`` says where the run is when they take effect (``{"epochs_done": N}``).
+    """
+    if previous is None:
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    changed = differences(previous.parts(), current.parts())
+    return [{"key": key, "from": old, "to": new, **at} for key, (old, new) in changed.items()]

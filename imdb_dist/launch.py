@@ -17,7 +17,7 @@ the driver's lease. Ray Train moves the checkpoints, through the same
 retrying filesystem. This module is the Ray glue only.
 
 GPUs: a ``ray.use_gpu`` job is checked against the cluster after the data
-is read and before anything is written (:func:`check_gpus`): a cluster
+is read and before anything is written (:func:`imdb_dist.ray_cluster.check_gpus`): a cluster
 without the GPUs its workers need is one ``error:`` line (exit 2), at once or
 after ``ray.gpu_wait_s`` seconds of asking the autoscaler for them, where Ray
 Train would wait for them forever. A worker that refuses the job for bad
@@ -54,6 +54,7 @@ from imdb_dist.config import Config, config_from_dict, to_dict
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
 from imdb_dist.prepare import prepare
+from imdb_dist.ray_cluster import check_gpus, connect
 
 # Nothing TensorFlow at import time: a Ray worker imports this module to
 # run _worker_loop, which imports TensorFlow with its start-up lines filtered.
@@ -65,9 +66,6 @@ log = logging.getLogger(__name__)
 # Keras 3 breaks MultiWorkerMirroredStrategy under Ray Train (ray#47464):
 # make `tf.keras` mean tf_keras in every worker, whatever a library imports.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# Ray's worker_process_setup_hook for every process of our jobs (imdb_dist.logs).
-QUIET_HOOK = "imdb_dist.logs.quiet_tensorflow_imports"
 # How often Ray Train's controller polls the workers, and so collects their reports (ray.report_poll_s).
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
@@ -146,158 +144,6 @@ def _check_replicas(cfg: Config) -> None:
         raise ConfigError(
             "distribution.strategy", f"Ray workers run multi_worker (or auto), not {cfg.distribution.strategy}"
         )
-
-
-def connect() -> None:
-    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start one on loopback."""
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
-        # On Linux Ray turns 127.0.0.1 into the host's network address (and so
-        # does the TF_CONFIG it writes) unless its single-machine mode is on.
-        # Read when ray is first imported.
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Every Ray process of the job (Ray Train's controller and workers import TensorFlow before
-    # our code runs in them) loads TensorFlow without its start-up lines. Merged by ray.init with
-    # a submitted job's runtime env.
-    quiet = {"worker_process_setup_hook": QUIET_HOOK}
-    if address:
-        try:
-            ray.init(address=address, runtime_env=quiet)
-        except ValueError as exc:
-            if "worker_process_setup_hook" not in str(exc):
-                raise
-            raise InputError(
-                f"the job's runtime env sets worker_process_setup_hook, which imdb-dist sets to {QUIET_HOOK} "
-                "(TensorFlow's start-up lines kept out of Ray's processes): drop it from the submission, "
-                "or call that function from your hook"
-            ) from exc
-    else:
-        # A new throw-away single-node cluster on loopback ("local": never join
-        # whatever cluster /tmp/ray says was started last).
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=quiet)
-
-
-# Seconds between looks at the cluster while waiting for GPUs (ray.gpu_wait_s).
-_GPU_POLL_S = 2.0
-
-
-def check_gpus(cfg: Config) -> None:
-    """Refuse a ``ray.use_gpu`` job the connected cluster has no GPUs for: not now, nor after ``ray.gpu_wait_s``.
-
-    Ray Train V2 would wait forever instead. It reserves a placement group of
-    the workers' bundles and gives up on it after
-    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s: ray/train/v2/_internal/
-    execution/worker_group/worker_group.py, ``_start_impl``) with a
-    ``WorkerGroupStartupTimeoutError``, which its only failure policy retries
-    as a controller error up to ``FailureConfig.controller_failure_limit``,
-    by default -1: forever (failure_handling/default.py,
-    ``RETRYABLE_CONTROLLER_ERRORS``). Its own up-front check
-    (``InsufficientClusterResourcesError``) runs only where an autoscaler has
-    published the cluster's node types, which a fixed cluster never does.
-
-    An autoscaling cluster (KubeRay with a GPU worker group scaled to zero)
-    has no GPUs until something asks for them, so with ``ray.gpu_wait_s: N``
-    the workers' bundles are requested from its autoscaler
-    (``ray.autoscaler.sdk.request_resources``) and the GPUs awaited for up to
-    N seconds; the request is withdrawn when the wait ends (it would
-    otherwise hold the nodes up after the job), by which time Ray Train's
-    placement group, itself a demand the autoscaler sees, takes it over. With
-    the default 0 a cluster without the GPUs fails at once: on a fixed
-    cluster they never come, and the message names ``ray.gpu_wait_s``.
-
-    Some GPUs but too few fails the same way, not with a warning: Ray Train
-    would wait for the missing ones forever just the same. They are counted
-    per node (a worker's GPUs are on one node), on live nodes, whatever runs
-    there now. Only GPUs are checked: a CPU job on an autoscaling cluster
-    often starts with no CPU worker nodes at all.
-
-    Raises:
-        InputError: one line: what the job needs and what the cluster has.
-    """
-    if not cfg.ray.use_gpu:
-        return
-    per_worker = float(cfg.ray.resources_per_worker["GPU"])  # RayConfig: > 0 with use_gpu
-    if _gpu_workers_placeable(per_worker) >= _needed(cfg):
-        return
-    waited = bool(cfg.ray.gpu_wait_s)
-    if waited and _wait_for_gpus(cfg, per_worker):
-        return
-    raise InputError(_gpu_shortfall(cfg, per_worker, waited=waited))
-
-
-def _needed(cfg: Config) -> int:
-    """The workers the job needs to start: all of them, or an elastic job's minimum."""
-    return cfg.ray.worker_counts[0]
-
-
-def _gpu_workers_placeable(per_worker: float) -> int:
-    """How many workers of ``per_worker`` GPUs the cluster's live nodes hold (on an idle cluster)."""
-    import ray
-
-    return sum(
-        int(node["Resources"].get("GPU", 0.0) / per_worker + 1e-9) for node in ray.nodes() if node.get("Alive")
-    )
-
-
-def _wait_for_gpus(cfg: Config, per_worker: float) -> bool:
-    """Ask the autoscaler for the workers' bundles; True once the cluster holds them, False after ``gpu_wait_s``."""
-    from ray.autoscaler.sdk import request_resources
-
-    bundles = [dict(cfg.ray.resources_per_worker) for _ in range(_needed(cfg))]
-    log.info(
-        "the Ray cluster lacks GPUs for %d workers of %s: asked its autoscaler for them, waiting up to %g s "
-        "(ray.gpu_wait_s)",
-        _needed(cfg),
-        bundles[0],
-        cfg.ray.gpu_wait_s,
-    )
-    deadline = time.monotonic() + cfg.ray.gpu_wait_s
-    request_resources(bundles=bundles)
-    try:
-        while _gpu_workers_placeable(per_worker) < _needed(cfg):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(_GPU_POLL_S, left))
-        log.info("the Ray cluster now has GPUs for %d workers", _needed(cfg))
-        return True
-    finally:
-        request_resources(bundles=[])
-
-
-def _gpu_shortfall(cfg: Config, per_worker: float, *, waited: bool) -> str:
-    """The one-line error: what the job needs, what the cluster has, what to change."""
-    import ray
-
-    resources = ray.cluster_resources()
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    gpus = resources.get("GPU", 0.0)
-    has = [f"CPU {resources.get('CPU', 0.0):g}"] + ([f"GPU {gpus:g}"] if gpus else [])
-    has.append(f"memory {resources.get('memory', 0.0) / 2**30:.1f} GiB")
-    has.append(f"{len(nodes)} node{'s' * (len(nodes) != 1)}")
-    if gpus and len(nodes) > 1:
-        has[-1] += " with " + " + ".join(f"{node['Resources'].get('GPU', 0.0):g}" for node in nodes) + " GPUs"
-    where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    if gpus:
-        lacks = (
-            f"has GPUs for only {_gpu_workers_placeable(per_worker)} of the job's {_needed(cfg)} workers "
-            f"of {per_worker:g} GPU{'s' * (per_worker != 1)} each (on one node)"
-        )
-    else:
-        lacks = "has no GPUs"
-    message = f"ray.use_gpu is true but {where} {lacks} (it has: {', '.join(has)})"
-    if waited:
-        message += f"; still so after ray.gpu_wait_s={cfg.ray.gpu_wait_s:g} s of asking its autoscaler for them"
-    fixes = ["set ray.use_gpu=false to train on CPUs"]
-    if gpus:
-        fixes.append("lower ray.num_workers or ray.resources_per_worker.GPU")
-    if not waited:
-        fixes.append("set ray.gpu_wait_s=N to wait N seconds for an autoscaler to add GPU nodes")
-    return f"{message}; {', or '.join(fixes)}"
 
 
 def _fit(cfg: Config, run_dir: rundir.RunDir, lease: str, worker_callbacks: list[keras.callbacks.Callback]) -> None:
@@ -398,12 +244,10 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     setup_logging()
     import_tensorflow_quietly()
     from imdb_dist.distribute import size_thread_pools
-    from imdb_dist.train import Launched
     from imdb_dist.train import run as train
 
     cfg = config_from_dict(payload["config"])
     context = ray.train.get_context()
-    rank = context.get_world_rank()
     # Where each rank runs and which hosts its TF_CONFIG (set by Ray Train) names: what to check first
     # when a multi-node job hangs in its first collective.
     hosts = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
@@ -411,7 +255,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
     threads = size_thread_pools(cpus) if cpus else None
     placement = {
-        "rank": rank,
+        "rank": context.get_world_rank(),
         "node": ray.util.get_node_ip_address(),
         "tf_config_workers": hosts,
         "cpus": cpus,
@@ -419,28 +263,54 @@ def _worker_loop(payload: dict[str, Any]) -> None:
     }
     log.info("worker placement: %s", json.dumps(placement))
     scratch = Path(tempfile.mkdtemp(prefix="imdb-dist-worker-"))
-    # Per-worker local copy of the checkpoint: the training loop reads and
-    # writes it; Ray Train moves it to and from storage_path.
-    local = scratch / "checkpoint"
-    local.mkdir()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        checkpoint.to_directory(str(local))
-        log.info("restoring from the Ray Train checkpoint %s", checkpoint.path)
-    chief = False  # train.run says, once its strategy is built (on_start)
+    try:
+        # Per-worker local copy of the checkpoint: the training loop reads and
+        # writes it; Ray Train moves it to and from storage_path.
+        local = scratch / "checkpoint"
+        local.mkdir()
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(local))
+            log.info("restoring from the Ray Train checkpoint %s", checkpoint.path)
+        callbacks = ray.cloudpickle.loads(payload["callbacks"])
+        train(cfg, launched=_RayWorker(payload, local, restored=checkpoint is not None, callbacks=callbacks))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    def on_start(is_chief: bool, run_dir: rundir.RunDir) -> None:
-        nonlocal chief
-        chief = is_chief
+
+class _RayWorker:
+    """A Ray Train worker's hooks into ``imdb_dist.train.run`` (:class:`imdb_dist.train.Launched`).
+
+    Args:
+        payload: the trainer's loop config (the submission's id, the driver's lease).
+        checkpoints: this worker's local copy of the checkpoint, which Ray Train moves.
+        restored: whether Ray Train gave the worker a checkpoint to start from.
+        callbacks: the launcher's extra Keras callbacks, unpickled here.
+    """
+
+    def __init__(self, payload: dict[str, Any], checkpoints: Path, *, restored: bool,
+                 callbacks: Sequence[keras.callbacks.Callback]) -> None:
+        self.lease: str = payload["lease"]
+        self.checkpoints = checkpoints
+        self._submission: str = payload["submission"]
+        self._restored = restored
+        self._callbacks = callbacks
+        self._chief = False  # train.run says, once its strategy is built (on_start)
+        self._noticed: set[str] = set()
+
+    def on_start(self, chief: bool, run_dir: rundir.RunDir) -> None:
+        import ray.train
+
+        self._chief = chief
         if chief:
-            record_worker_group(run_dir.work, context.get_world_size(), payload["submission"],
-                                local if checkpoint else None)
-            # Now, not at the first checkpoint: a group lost before it saves anything is history too.
-            run_dir.upload_only([rundir.WORKER_GROUPS])
+            workers = ray.train.get_context().get_world_size()
+            checkpoint = self.checkpoints if self._restored else None
+            run_dir.record_worker_group(worker_group(run_dir.worker_groups(), workers, self._submission, checkpoint))
 
-    noticed: set[str] = set()
+    def callbacks(self) -> Sequence[keras.callbacks.Callback]:
+        return self._callbacks
 
-    def preemption_notice() -> bool:
+    def checkpoint_now(self) -> bool:
         """Whether a node of this worker group is draining for preemption: then checkpoint at every step point.
 
         Ray's answer is rank 0's, broadcast (every worker asks at the same
@@ -451,42 +321,38 @@ def _worker_loop(payload: dict[str, Any]) -> None:
         the notice on, a checkpoint at every step point keeps the loss to at
         most twice ``run.log_every_steps`` steps (``imdb_dist.controller_log``).
         """
+        import ray.train
+
         info = ray.train.get_preemption_info()
         if info is None:
             return False
-        if chief and not set(info.preempted_node_ids) <= noticed:
+        if self._chief and not set(info.preempted_node_ids) <= self._noticed:
             left = f", {info.deadline_ms / 1000 - time.time():.0f} s before its deadline" if info.deadline_ms else ""
             log.info("preemption notice: node(s) %s (rank(s) %s) draining%s; checkpointing now and at every step "
                      "point until Ray Train restarts the group", ", ".join(info.preempted_node_ids),
                      ", ".join(map(str, info.preempted_ranks)), left)
-        noticed.update(info.preempted_node_ids)
+        self._noticed.update(info.preempted_node_ids)
         return True
 
-    def hand_to_ray(metrics: dict[str, Any]) -> None:
-        # train.run has synced the logs so far (chief) before this: Ray records the checkpoint after them.
-        # A barrier: every worker calls it after every save, the chief uploads.
+    def after_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Hand the checkpoint to Ray Train: a barrier, every worker calls it after every save, the chief uploads.
+
+        ``imdb_dist.train.run`` has synced the logs so far (chief) before this: Ray records the checkpoint after them.
+        """
+        import ray.train
+
         ray.train.report(
             {k: float(v) for k, v in metrics.items()},
-            checkpoint=ray.train.Checkpoint.from_directory(str(local)) if chief else None,
+            checkpoint=ray.train.Checkpoint.from_directory(str(self.checkpoints)) if self._chief else None,
         )
-        if chief and noticed and "step" in metrics:
+        if self._chief and self._noticed and "step" in metrics:
             log.info("preemption: checkpoint at epoch %d step %d handed to Ray Train", metrics["epoch"],
                      metrics["step"])
 
-    try:
-        train(
-            cfg,
-            launched=Launched(lease=payload["lease"], checkpoints=local, on_start=on_start),
-            after_checkpoint=hand_to_ray,
-            checkpoint_now=preemption_notice,
-            extra_callbacks=ray.cloudpickle.loads(payload["callbacks"]),
-        )
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
-
-def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint: Path | None) -> dict[str, Any]:
-    """Append this worker group's start to ``worker_groups.jsonl`` and log one line; returns the entry.
+def worker_group(history: list[dict[str, Any]], workers: int, submission: str,
+                 checkpoint: Path | None) -> dict[str, Any]:
+    """This worker group's start, as ``worker_groups.jsonl`` records it after ``history``; logged in one line.
 
     The cause is read from the history: the first group of a run starts it;
     a later one of the same submission is Ray Train's doing, a resize
@@ -497,7 +363,6 @@ def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint
     """
     from imdb_dist.checkpoint import saved_position
 
-    history = rundir.read_worker_groups(run_dir)
     epoch, step = saved_position(checkpoint) if checkpoint is not None else (0, 0)
     if not history:
         cause = "start"
@@ -509,11 +374,9 @@ def record_worker_group(run_dir: Path, workers: int, submission: str, checkpoint
         cause = "grown: capacity returned"
     else:
         cause = "restarted after a failure"
-    entry = {"workers": workers, "epoch": epoch + 1, "step": step, "cause": cause, "submission": submission,
-             "time": time.time()}
     previous = f" (was {history[-1]['workers']})" if history else ""
     log.info("worker group: %d worker(s)%s, %s; training from epoch %d step %d", workers, previous, cause,
              epoch + 1, step)
-    lines = "".join(json.dumps(item) + "\n" for item in [*history, entry])
-    rundir.atomic_write(run_dir / rundir.WORKER_GROUPS, lines)
-    return entry
+    return {"workers": workers, "epoch": epoch + 1, "step": step, "cause": cause, "submission": submission,
+            "time": time.time()}
+

@@ -33,8 +33,22 @@ _ACCELERATOR = re.compile(r"gpu|cuda|cudnn|nccl", re.IGNORECASE)
 # absl's line format: severity, date, time, thread, file:line, then the message.
 _ABSL = re.compile(r"^([IWEF])\d{4} \S+\s+\d+ (\S+)\] (.*)$")
 _SEVERITY = {"I": "info", "W": "warning", "E": "error", "F": "fatal"}
-# Every accelerator line TensorFlow wrote while it loaded in this process (its message, without absl's prefix).
-_accelerator_notes: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class _Note:
+    """One accelerator line TensorFlow wrote: absl's severity letter, its source file:line, the message."""
+
+    severity: str
+    where: str
+    message: str
+
+    def relay(self, level: int) -> None:
+        log.log(level, "TensorFlow %s (%s): %s", _SEVERITY[self.severity], self.where, self.message)
+
+
+# Every accelerator line TensorFlow wrote while it loaded in this process.
+_accelerator_notes: list[_Note] = []
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +90,13 @@ def native_startup_filtered() -> Iterator[None]:
     written to fd 2 inside the block is held in a temporary file and
     replayed, minus the noise, when the block ends (also on an exception).
     A start-up line that mentions a GPU, CUDA, cuDNN or NCCL is never
-    dropped: it is logged as one of ours, ``TensorFlow error (file:line):
-    message``, and kept for :func:`accelerator_notes`. Logged at INFO
-    whatever TensorFlow's severity: a CUDA build on a machine without a GPU
-    says "error" about cuInit on every start, and a job that needs the GPU
-    stops on its own error naming the reason (:func:`imdb_dist.distribute.check_devices`).
+    dropped: it is kept for :func:`accelerator_notes` and logged as one of
+    ours, ``TensorFlow error (file:line): message``, at DEBUG whatever
+    TensorFlow's severity: a CUDA build on a machine without a GPU says
+    "error" about cuInit on every start, which is no error of a run that
+    asked for no GPU. The device check relays the lines at INFO where a GPU
+    was asked for, and quotes them in the ``devices:`` line's reason
+    (:func:`imdb_dist.devices.check_devices`).
     """
     global _redirect
     with _redirect_lock:
@@ -109,27 +125,28 @@ def native_startup_filtered() -> Iterator[None]:
 
 
 def _replay(written: str) -> None:
-    """Write what was held back to stderr, minus the start-up noise; relay the accelerator lines."""
+    """Write what was held back to stderr, minus the start-up noise; log the accelerator lines at DEBUG."""
     # Without a configured log (a script that never called
     # setup_logging) the accelerator lines are kept as TensorFlow wrote them.
-    relay = bool(logging.getLogger().handlers) and log.isEnabledFor(logging.INFO)
+    relay = bool(logging.getLogger().handlers)
     kept, relayed = [], []
     for line in written.splitlines(keepends=True):
         text = line.rstrip("\n")
         absl = _ABSL.match(text)
         # The source file counts: cuda_platform.cc's "failed call to cuInit".
         if absl and _ACCELERATOR.search(text):
-            _accelerator_notes.append(absl.group(3))
+            note = _Note(*absl.groups())
+            _accelerator_notes.append(note)
             if relay:
-                relayed.append(absl.groups())
+                relayed.append(note)
             else:
                 kept.append(line)
         elif not _STARTUP_NOISE.match(text):
             kept.append(line)
     if kept:
         os.write(2, "".join(kept).encode())
-    for severity, where, message in relayed:
-        log.info("TensorFlow %s (%s): %s", _SEVERITY[severity], where, message)
+    for note in relayed:
+        note.relay(logging.DEBUG)
 
 
 def accelerator_notes() -> tuple[str, ...]:
@@ -137,7 +154,17 @@ def accelerator_notes() -> tuple[str, ...]:
 
     Empty when it said nothing, or loaded outside :func:`import_tensorflow_quietly`.
     """
-    return tuple(_accelerator_notes)
+    return tuple(note.message for note in _accelerator_notes)
+
+
+def relay_accelerator_notes(level: int = logging.INFO) -> None:
+    """Log each line of :func:`accelerator_notes` as ours at ``level``: ``TensorFlow error (file:line): message``.
+
+    For a job that asked for a GPU, where what TensorFlow said about CUDA is
+    the story of the run's devices (it was logged at DEBUG as it came).
+    """
+    for note in _accelerator_notes:
+        note.relay(level)
 
 
 def import_tensorflow_quietly() -> None:

@@ -33,7 +33,7 @@ import tf_keras as keras
 
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.data.plan import replica_rows
-from imdb_dist.digest import BatchDigest
+from imdb_dist.digest import BatchDigest, host_rows_sums
 from imdb_dist.distribute import local_replicas
 from imdb_dist.interrupt import Interrupted, StopRequest
 from imdb_dist.timings import Timings
@@ -66,8 +66,8 @@ def build_metrics(model: keras.Model, targets: tf.Tensor) -> None:
         model.compiled_metrics.build(predictions, targets)
 
 
-def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
-    """Each local replica's slice of this worker's block (:func:`imdb_dist.data.plan.replica_rows`), in the graph."""
+def replica_slicer(strategy: tf.distribute.Strategy, block: Any) -> Callable[[Any], Any]:
+    """The function cutting a local replica's slice from this worker's block (:func:`imdb_dist.data.plan.replica_rows`)."""
     replicas_here = local_replicas(strategy)
 
     def replica_batch(context: tf.distribute.experimental.ValueContext) -> Any:
@@ -75,7 +75,12 @@ def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
         local = context.replica_id_in_sync_group % replicas_here
         return tf.nest.map_structure(lambda part: replica_rows(part, local, replicas_here), block)
 
-    return strategy.experimental_distribute_values_from_function(replica_batch)
+    return replica_batch
+
+
+def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
+    """Each local replica's slice of this worker's block, in the graph."""
+    return strategy.experimental_distribute_values_from_function(replica_slicer(strategy, block))
 
 
 def make_train_function(
@@ -97,14 +102,19 @@ def make_train_function(
     """
     strategy = model.distribute_strategy
 
-    def replica_step(batch: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def replica_step(batch: tuple[tf.Tensor, tf.Tensor], rows_sum: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         if digest is not None:
             # The step about to run: read before train_step increments it.
-            digest.add(batch[0], batch[1], model.optimizer.iterations)
+            digest.add_rows_sum(rows_sum, model.optimizer.iterations)
         return model.train_step(batch)
 
     def one_step(iterator: Any) -> dict[str, tf.Tensor]:
-        outputs = strategy.run(replica_step, args=(per_replica(strategy, next(iterator)),))
+        block = next(iterator)
+        args = (per_replica(strategy, block),)
+        if digest is not None:
+            # Hashed on the host from its copy of the block: tf.fingerprint has no GPU kernel (imdb_dist.digest).
+            args += (host_rows_sums(strategy, replica_slicer(strategy, block)),)
+        outputs = strategy.run(replica_step, args=args)
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 
     # One step has no tensor-dependent Python control flow (the model's layers

@@ -45,20 +45,25 @@ def prepare(
 
     # A local directory is checked before its first look (a file there would fail the look); a
     # remote one after it, since its check writes a probe and a finished job resubmitted writes nothing.
-    if not run_dir.remote:
+    # Before that look, a remote one must answer within seconds: nothing is running yet that
+    # storage.py's long retry budget protects, so an unreachable endpoint is one line now.
+    if run_dir.remote:
+        run_dir.check_reachable()
+    else:
         run_dir.check_writable()
     if run_dir.holds_complete(cfg, changes):
         return None
     if run_dir.remote:
         run_dir.check_writable()
     target = run_dir.work / rundir.PREPARED
-    prepared = shards.read_manifest(target) is not None and rundir.read_vocab(run_dir.work) is not None
+    saved = run_dir.saved_fingerprint()
+    # Prepared shards are written after the fingerprint, under the lease: all three, or prepare again.
+    prepared = shards.read_manifest(target) is not None and run_dir.vocabulary() is not None and saved is not None
     if prepared:
+        assert saved is not None
         log.info("reusing the prepared data in %s", run_dir.location.child(rundir.PREPARED))
-        saved = fingerprint.read(run_dir.work)
-        # The prepared shards are the data this run trains on, wherever data.path points now
-        # (a run prepared before fingerprints existed is not checked).
-        current = None if saved is None else _fingerprint(cfg, saved.data)
+        # The prepared shards are the data this run trains on, wherever data.path points now.
+        current = _fingerprint(cfg, saved.data)
         train = val = None
     else:
         train, val = load_training_splits(cfg.data)
@@ -68,15 +73,14 @@ def prepare(
                 f"(train.batch_size {cfg.train.batch_size})"
             )
         current = _fingerprint(cfg, fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]))
-    if current is not None:
-        fingerprint.check(run_dir.work, current, changes)
+    run_dir.check_fingerprint(current, changes)
     before_writing()
     lease = run_dir.take(cfg, current, changes)
     if lease is None:
         return None
     if train is not None and val is not None:
         # Fitted once, here, so every replica shares the same token ids.
-        rundir.write_vocab(run_dir.work, pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
+        run_dir.write_vocabulary(pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
         meta = {"data": to_dict(cfg)["data"], "validation_movies": movies(val)}
         shards.write_prepared(target, {"train": train, "validation": val}, cfg.ray.num_shards, meta=meta)
         log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)

@@ -16,7 +16,13 @@ Transient faults: an S3 filesystem is built with pyarrow's bounded,
 exponential retry strategy (:class:`RetryingS3FileSystem`), sized by
 ``run.storage_retry_s``, and it keeps that strategy when pickled, so the
 copies Ray Train's controller and workers unpickle to write checkpoints
-retry too (a plain ``S3FileSystem`` pickles without it).
+retry too (a plain ``S3FileSystem`` pickles without it). The functions
+below try each call once without retries first: a call that fails then
+says so in one warning (what, where, for how long it retries) before it
+retries, instead of going silent for the budget. That budget protects a
+run in progress; before a run starts there is nothing to protect, so
+:func:`check_writable` and :func:`check_reachable` retry for
+:data:`START_RETRY_S` at most and refuse an unreachable store in seconds.
 
 TensorFlow reads and writes local files only (its cloud filesystems left
 the core wheel), so a run on remote storage works in a local directory and
@@ -31,11 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import posixpath
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -56,6 +64,13 @@ _S3_QUERY = {
 # pyarrow's AwsDefaultS3RetryStrategy (the AWS SDK's DefaultRetryStrategy) doubles its waits from this.
 _FIRST_WAIT_S = 0.025
 DEFAULT_RETRY_S = 60.0
+# How long the checks before a run retry (at most: a smaller run.storage_retry_s wins): 7 attempts,
+# whose waits add up to 3.15 s (retry_attempts). A store down at start is most likely a typo in its
+# endpoint, not an outage, and there is no run to protect yet.
+START_RETRY_S = 3.0
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def _secret_key(name: str) -> bool:
@@ -120,12 +135,30 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     second or two in all. This subclass rebuilds itself with the strategy.
     """
 
-    def __init__(self, options: dict[str, Any], attempts: int) -> None:
+    def __init__(self, options: dict[str, Any], attempts: int, budget: str = "run.storage_retry_s") -> None:
         super().__init__(**options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=attempts))
         self.options, self.attempts = dict(options), attempts
+        self.budget = budget  # what sized the retries, for the warning a retrying call logs
+        self._first_try: pafs.S3FileSystem | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return RetryingS3FileSystem, (self.options, self.attempts)
+
+    @property
+    def retry_s(self) -> float:
+        """How long a call keeps retrying a store that stays down (the waits between its attempts)."""
+        return _FIRST_WAIT_S * (2**self.attempts - 2)
+
+    def first_try(self) -> pafs.S3FileSystem:
+        """The same store without retries: each call fails at its first error (built once, on first use)."""
+        if self._first_try is None:
+            # max_attempts=0: the SDK's DefaultRetryStrategy makes the first attempt only.
+            self._first_try = pafs.S3FileSystem(**self.options, retry_strategy=pafs.AwsDefaultS3RetryStrategy(0))
+        return self._first_try
+
+    def with_attempts(self, attempts: int, budget: str) -> RetryingS3FileSystem:
+        """The same store retried ``attempts`` times; ``budget`` names what sized that, for the warnings."""
+        return RetryingS3FileSystem(self.options, attempts, budget)
 
 
 def _with_retries(filesystem: pafs.FileSystem, location: str, retry_s: float) -> pafs.FileSystem:
@@ -197,13 +230,24 @@ def parse(location: str, key: str, *, retry_s: float = DEFAULT_RETRY_S) -> Locat
     return Location(_with_retries(filesystem, location, retry_s), path.rstrip("/"), location)
 
 
+def _at_start(location: Location) -> Location:
+    """``location`` on a filesystem that retries for :data:`START_RETRY_S` at most: nothing to protect yet."""
+    filesystem = location.filesystem
+    if not isinstance(filesystem, RetryingS3FileSystem):
+        return location
+    attempts = min(filesystem.attempts, retry_attempts(START_RETRY_S))
+    budget = "before the run starts" if attempts < filesystem.attempts else filesystem.budget
+    return dataclasses.replace(location, filesystem=filesystem.with_attempts(attempts, budget))
+
+
 def check_writable(location: Location, key: str) -> None:
     """Fail now, in one line, if ``location`` cannot be reached or written (bucket, network, credentials).
 
     Writes and deletes a small probe object, the one test every store
-    answers the same way.
+    answers the same way. Before a run: an S3 store is retried for
+    :data:`START_RETRY_S` at most, whatever ``run.storage_retry_s`` says.
     """
-    probe = location.child(_PROBE)
+    probe = _at_start(location).child(_PROBE)
     try:
         write_bytes(probe, b"")
         delete(probe)
@@ -211,13 +255,51 @@ def check_writable(location: Location, key: str) -> None:
         raise InputError(f"{key} {location}: cannot write there: {reason(exc)}") from None
 
 
+def check_reachable(location: Location, key: str) -> None:
+    """Fail now, in one line, if ``location`` cannot be reached or read; writes nothing.
+
+    For a start that reads before it may write (a finished job resubmitted
+    writes nothing): the same short retry budget as :func:`check_writable`.
+    """
+    start = _at_start(location)
+    try:
+        _call(start, "read", lambda filesystem: filesystem.get_file_info(start.path))
+    except OSError as exc:
+        raise InputError(f"{key} {location}: cannot read there: {reason(exc)}") from None
+
+
+def _call(location: Location, what: str, call: Callable[[pafs.FileSystem], _T]) -> _T:
+    """``call`` on the location's filesystem; an S3 call that fails once says so in one warning, then retries.
+
+    pyarrow's retries are silent, and a store that stays down holds a call
+    for the whole budget: the first attempt is made without them, so the
+    log says at once what failed, where, and for how long it is retried.
+    """
+    filesystem = _remote(location)
+    if not isinstance(filesystem, RetryingS3FileSystem):
+        return call(filesystem)
+    try:
+        return call(filesystem.first_try())
+    except (FileNotFoundError, PermissionError):
+        raise  # the store answered: nothing to retry
+    except OSError as exc:
+        log.warning(
+            "storage: cannot %s %s: %s; retrying for up to %.3g s (%s)",
+            what, location, reason(exc), filesystem.retry_s, filesystem.budget,
+        )
+    return call(filesystem)
+
+
 def read_bytes(location: Location) -> bytes | None:
     """The file's bytes, or None when it does not exist."""
-    filesystem = _remote(location)
-    if filesystem.get_file_info(location.path).type != pafs.FileType.File:
-        return None
-    with filesystem.open_input_stream(location.path) as stream:
-        return stream.read()
+
+    def read(filesystem: pafs.FileSystem) -> bytes | None:
+        if filesystem.get_file_info(location.path).type != pafs.FileType.File:
+            return None
+        with filesystem.open_input_stream(location.path) as stream:
+            return stream.read()
+
+    return _call(location, "read", read)
 
 
 def object_store(filesystem: pafs.FileSystem) -> bool:
@@ -227,19 +309,22 @@ def object_store(filesystem: pafs.FileSystem) -> bool:
 
 def write_bytes(location: Location, data: bytes) -> None:
     """Replace the file with ``data``: readers see the old file or the new one, never a part."""
-    filesystem = _remote(location)
-    parent = posixpath.dirname(location.path)
+    _call(location, "write", lambda filesystem: _write(filesystem, location.path, data))
+
+
+def _write(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    parent = posixpath.dirname(path)
     if object_store(filesystem):
         # No create_dir: an object store's directories are key prefixes, and marker objects would be clutter.
-        with filesystem.open_output_stream(location.path) as stream:
+        with filesystem.open_output_stream(path) as stream:
             stream.write(data)
         return
     filesystem.create_dir(parent, recursive=True)
-    staging = posixpath.join(parent, f".{posixpath.basename(location.path)}.{uuid.uuid4().hex}.tmp")
+    staging = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with filesystem.open_output_stream(staging) as stream:
             stream.write(data)
-        filesystem.move(staging, location.path)
+        filesystem.move(staging, path)
     except BaseException:
         with contextlib.suppress(OSError):
             filesystem.delete_file(staging)
@@ -248,38 +333,47 @@ def write_bytes(location: Location, data: bytes) -> None:
 
 def list_files(location: Location) -> dict[str, int]:
     """Every file below a remote directory: its path relative to ``location`` → size (empty if none)."""
-    filesystem = _remote(location)
-    if filesystem.get_file_info(location.path).type != pafs.FileType.Directory:
-        return {}
-    selector = pafs.FileSelector(location.path, recursive=True)
-    prefix = location.path.rstrip("/") + "/"
-    return {
-        info.path[len(prefix):]: info.size
-        for info in filesystem.get_file_info(selector)
-        if info.type == pafs.FileType.File and info.path.startswith(prefix)
-    }
+
+    def listing(filesystem: pafs.FileSystem) -> dict[str, int]:
+        if filesystem.get_file_info(location.path).type != pafs.FileType.Directory:
+            return {}
+        selector = pafs.FileSelector(location.path, recursive=True)
+        prefix = location.path.rstrip("/") + "/"
+        return {
+            info.path[len(prefix):]: info.size
+            for info in filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File and info.path.startswith(prefix)
+        }
+
+    return _call(location, "list", listing)
 
 
 def delete(location: Location) -> None:
     """Remove a file or a directory tree; nothing to remove is fine."""
-    filesystem = _remote(location)
-    kind = filesystem.get_file_info(location.path).type
-    if kind == pafs.FileType.Directory:
-        filesystem.delete_dir(location.path)
-    elif kind == pafs.FileType.File:
-        filesystem.delete_file(location.path)
+
+    def remove(filesystem: pafs.FileSystem) -> None:
+        kind = filesystem.get_file_info(location.path).type
+        if kind == pafs.FileType.Directory:
+            filesystem.delete_dir(location.path)
+        elif kind == pafs.FileType.File:
+            filesystem.delete_file(location.path)
+
+    _call(location, "delete", remove)
 
 
 def download(source: Location, target: Path) -> bool:
     """Copy a remote file or directory tree to ``target``; False when nothing was there to copy."""
-    filesystem = _remote(source)
-    if filesystem.get_file_info(source.path).type == pafs.FileType.NotFound:
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(
-        source.path, str(target), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem()
-    )
-    return True
+
+    def copy(filesystem: pafs.FileSystem) -> bool:
+        if filesystem.get_file_info(source.path).type == pafs.FileType.NotFound:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            source.path, str(target), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem()
+        )
+        return True
+
+    return _call(source, "download", copy)
 
 
 def _remote(location: Location) -> pafs.FileSystem:

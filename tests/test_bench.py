@@ -302,3 +302,12 @@ def test_checkpoint_pace_launches_each_variant_and_reads_its_phases(data: Path) 
         assert run["checkpoints"] == run["epochs"] * (1 + every), (name, run)
     assert out["speed_vs_epoch_ends"]["epoch-ends"] == 1.0
     assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
+
+
+def test_digest_times_the_step_with_and_without_the_batch_digest() -> None:
+    out = bench("bench.digest", *[arg for item in TINY for arg in ("--set", item)], "--width", "32", "--steps", "2",
+                "--rounds", "1")
+    assert set(out["median_step_cpu_ms"]) == {"no_digest", "digest"}
+    assert all(ms > 0 for ms in out["median_step_ms"].values()) and out["rows_sum_alone_ms"] > 0
+    assert out["digest_cpu_share"] == pytest.approx(
+        out["median_step_cpu_ms"]["digest"] / out["median_step_cpu_ms"]["no_digest"] - 1)

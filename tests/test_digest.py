@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imdb_dist.digest import PRIME, BatchDigest, slice_sum
+from imdb_dist.data.plan import replica_rows
+from imdb_dist.digest import PRIME, BatchDigest, host_rows_sums, slice_sum
 
 
 def _batch(seed: int, rows: int = 48, width: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -78,3 +79,35 @@ def test_fold_keeps_the_digest_and_a_fresh_digest_resumes_from_the_folded_value(
     for step, (tokens, labels) in enumerate(steps[2:], start=2):
         resumed.add(tf.constant(tokens), tf.constant(labels), tf.constant(step, tf.int64))
     assert resumed.read() == _digest(steps) != before
+
+
+def test_a_mirrored_step_hashes_each_slice_on_the_host_and_adds_the_same_digest():
+    """The training step's route (imdb_dist.loop): rows hashed from the host's copy, one float64 to each replica.
+
+    Two logical CPUs stand in for two GPUs (tests/conftest.py): every
+    fingerprint must run on the worker's CPU:0, none on the replica device
+    that holds the slice (on a GPU that would copy the slice back every step),
+    and the digest must equal the one each replica hashing its own slice gives.
+    """
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    steps = [_batch(seed) for seed in range(3)]
+    digest = BatchDigest(strategy, tf.Variable(0.0, dtype=tf.float64))
+
+    @tf.function
+    def train_step(tokens: tf.Tensor, labels: tf.Tensor, step: tf.Tensor) -> None:
+        def replica_slice(context):
+            return tuple(replica_rows(part, context.replica_id_in_sync_group, 2) for part in (tokens, labels))
+
+        sums = host_rows_sums(strategy, replica_slice)
+        strategy.run(lambda total: digest.add_rows_sum(total, step), args=(sums,))
+
+    for step, (tokens, labels) in enumerate(steps):
+        train_step(tf.constant(tokens), tf.constant(labels), tf.constant(step, tf.int64))
+    assert digest.read() == _digest(steps) == _digest(steps, replicas=2)
+    graph = train_step.get_concrete_function(
+        tf.TensorSpec([None, None], tf.int64), tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int64)
+    ).graph
+    hashed_on = [op.device for op in graph.get_operations() if op.type == "Fingerprint"]
+    assert len(hashed_on) == 2 and all(device.endswith("device:CPU:0") for device in hashed_on), hashed_on
+    added_on = {op.device for op in graph.get_operations() if op.type == "AssignVariableOp"}
+    assert any(device.endswith("device:CPU:1") for device in added_on), added_on  # on the replica's own device

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_overrides, write_aclimdb
 
-from imdb_dist import fingerprint, rundir
+from imdb_dist import rundir
 from imdb_dist.config import load_config
 from imdb_dist.errors import InputError
 from imdb_dist.rundir import read_metrics
@@ -43,7 +43,7 @@ def trained_once(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _unchanged(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in (rundir.CONFIG, fingerprint.FINGERPRINT, rundir.METRICS)}
+    return {name: (out / name).read_bytes() for name in (rundir.CONFIG, rundir.FINGERPRINT, rundir.METRICS)}
 
 
 def test_operational_changes_resume_the_run(data: Path, tmp_path: Path) -> None:

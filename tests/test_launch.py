@@ -562,7 +562,7 @@ def test_fewer_gpus_than_the_workers_need_exit_2_too(one_fake_gpu: dict[str, str
 @pytest.mark.timeout(180)
 def test_a_worker_that_refuses_the_config_exits_2_with_its_line(one_fake_gpu: dict[str, str], tmp_path: Path) -> None:
     # The driver's check passes (the cluster has the GPU); the worker refuses ray.use_gpu
-    # (imdb_dist.distribute.check_devices) with a ConfigError.
+    # (imdb_dist.devices.check_devices) with a ConfigError.
     result, took = launch_command(tmp_path, "ray.num_workers=1", env=one_fake_gpu)
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = error_lines(result)

@@ -23,7 +23,9 @@ from test_storage import errors, imdb_dist, objects, s3, uri  # noqa: F401 - s3 
 
 from imdb_dist import rundir, storage
 from imdb_dist.errors import InputError, RunError
+from imdb_dist.export import locate_model
 from imdb_dist.lease import LEASE
+from imdb_dist.rundir.remote import complete_end
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -239,7 +241,7 @@ def test_a_sync_uploads_only_what_changed_and_a_log_only_its_new_lines(s3: str) 
     for key in keys:
         if "tfevents" in key:
             body = storage.read_bytes(storage.parse(uri(s3, key), "test"))
-            assert rundir._complete_end("x.tfevents", body) == len(body)
+            assert complete_end("x.tfevents", body) == len(body)
 
     # A second process joins the parts into the file's complete lines.
     reader = rundir.RunDir.open(location)
@@ -287,17 +289,17 @@ def test_only_complete_model_versions_and_complete_runs_are_read(where: str, tmp
     run.sync()
     assert run.next_model_version() == 3
     model = str(storage.parse(where, "t").child(rundir.MODEL))
-    with rundir.locate_model(model) as path:
+    with locate_model(model) as path:
         assert path.name == "1" and (path / rundir.MODEL_MARKER).is_file()
     with (pytest.raises(InputError, match="not a complete model export"),
-          rundir.locate_model(str(storage.parse(where, "t").child(rundir.MODEL, "2")))):
+          locate_model(str(storage.parse(where, "t").child(rundir.MODEL, "2")))):
         pass
-    with pytest.raises(InputError, match="run is not complete"), rundir.locate_model(where):
+    with pytest.raises(InputError, match="run is not complete"), locate_model(where):
         pass
     (run.work / rundir.REPORT).write_text(json.dumps({"model_version": 1}))
     fake_version(run.work, 3, complete=True)
     run.publish()
-    with rundir.locate_model(where) as path:
+    with locate_model(where) as path:
         assert path.name == "1", "the report names the version its run published"
     # The publish of version 3 dropped the incomplete version 2 and kept 1 for readers that chose it.
     assert rundir.RunDir.open(where).next_model_version() == 4

@@ -10,6 +10,7 @@ keeps its buckets.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import socket
@@ -149,6 +150,101 @@ def test_the_s3_retry_strategy_survives_pickling_as_ray_trains_copies_need() -> 
     assert len(connections) == 6
 
 
+class _ClosingEndpoint:
+    """An endpoint that accepts each connection and closes it at once: every S3 call fails, and is retried."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.connections: list[float] = []  # when each was accepted (time.time, as log records' created)
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # the listener was closed: the test is over
+                return
+            self.connections.append(time.time())
+            conn.close()
+
+    def uri(self, prefix: str) -> str:
+        port = self.listener.getsockname()[1]
+        return f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone may not)
+        self.listener.close()
+        self.acceptor.join(timeout=5)
+
+
+def _storage_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "imdb_dist.storage" and r.levelno == logging.WARNING]
+
+
+def test_a_storage_call_that_starts_retrying_says_so_at_once_what_where_and_for_how_long(caplog) -> None:
+    endpoint = _ClosingEndpoint()
+    try:
+        location = storage.parse(endpoint.uri("run"), "run.output_dir", retry_s=0.7)
+        caplog.set_level(logging.INFO, logger="imdb_dist.storage")
+        started = time.monotonic()
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            storage.read_bytes(location.child("report.json"))
+        ended = time.monotonic()
+    finally:
+        endpoint.close()
+    warnings = _storage_warnings(caplog)
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    message = warnings[0].getMessage()
+    assert message.startswith(f"storage: cannot read {location.child('report.json')}: ")
+    assert message.endswith("; retrying for up to 0.75 s (run.storage_retry_s)")  # 5 attempts
+    # Said after the first attempt, before any retry: the retries' 0.75 s of waits come after it.
+    assert len(endpoint.connections) == 1 + 6
+    assert endpoint.connections[0] <= warnings[0].created <= endpoint.connections[1]
+    assert ended - started >= 0.7
+
+
+def test_an_unreachable_store_is_refused_before_a_run_in_seconds_whatever_its_retry_budget(caplog) -> None:
+    """A typo in the endpoint at start is no outage: refused in a few seconds, not after run.storage_retry_s."""
+    location = storage.parse(f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{free_port()}&scheme=http",
+                             "run.output_dir")  # the default budget: 60 s, 102 s of waits
+    assert location.filesystem.retry_s > 100  # 102 s of waits
+    caplog.set_level(logging.INFO, logger="imdb_dist.storage")
+    for check, what in ((storage.check_writable, "write"), (storage.check_reachable, "read")):
+        caplog.clear()
+        started = time.monotonic()
+        with pytest.raises(InputError, match=rf"^run\.output_dir s3://{BUCKET}/run\S*: cannot {what} there: "):
+            check(location, "run.output_dir")
+        assert time.monotonic() - started < 15
+        warnings = [r.getMessage() for r in _storage_warnings(caplog)]
+        assert len(warnings) == 1 and warnings[0].startswith(f"storage: cannot {what} s3://{BUCKET}/run"), warnings
+        assert warnings[0].endswith("; retrying for up to 3.15 s (before the run starts)"), warnings
+    # A smaller budget wins.
+    short = storage.parse(f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{free_port()}&scheme=http",
+                          "run.output_dir", retry_s=0.1)
+    caplog.clear()
+    with pytest.raises(InputError):
+        storage.check_writable(short, "run.output_dir")
+    warnings = [r.getMessage() for r in _storage_warnings(caplog)]
+    assert len(warnings) == 1 and warnings[0].endswith("up to 0.15 s (run.storage_retry_s)"), warnings
+
+
+def test_imdb_dist_train_refuses_an_unreachable_run_directory_at_start_in_one_line(tmp_path: Path) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    target = f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{free_port()}&scheme=http"
+    started = time.monotonic()
+    result = imdb_dist("train", sets=[*tiny_overrides(data, tmp_path / "unused"), f"run.output_dir={target}"])
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert errors(result) == [result.stderr.strip().splitlines()[-1]]
+    assert "run.output_dir" in errors(result)[0] and "cannot write there" in errors(result)[0]
+    assert "retrying for up to 3.15 s (before the run starts)" in result.stderr
+    assert "Traceback" not in result.stderr
+    # TensorFlow's start-up, then 3 s of retries: not the 102 s of the run's budget.
+    assert elapsed < 60, elapsed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"], "something was written locally"
+
+
 @pytest.mark.parametrize(
     ("location", "message"),
     [
@@ -166,7 +262,7 @@ def launch_cli(*sets: str, cwd: Path, env: dict[str, str] | None = None) -> subp
 
     return subprocess.run(
         [installed_script("imdb-dist"), "launch", *[arg for item in sets for arg in ("--set", item)]],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env=env or dict(os.environ),
+        cwd=cwd, capture_output=True, text=True, timeout=300, env=env or dict(os.environ), check=False,
     )
 
 
@@ -243,7 +339,7 @@ def imdb_dist(*args: str, sets: list[str] = (), timeout: float = 300) -> subproc
 
     return subprocess.run(
         [installed_script("imdb-dist"), *args, *[arg for item in sets for arg in ("--set", item)]],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 
@@ -525,18 +621,18 @@ def check_the_s3_run(
     scored = subprocess.run(
         [installed_script("imdb-dist"), "evaluate", "--model", str(run.child(rundir.MODEL)), "--data", str(data),
          "--split", "validation"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(scored.stdout)["accuracy"] == pytest.approx(report["validation"]["accuracy"])
     predicted = subprocess.run(
         [installed_script("imdb-dist"), "predict", "--model", str(run.child(rundir.MODEL)), "a fine film"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert json.loads(predicted.stdout)["index"] == 0
     missing = subprocess.run(
         [installed_script("imdb-dist"), "predict", "--model", uri(s3, "runs/nothing/model"), "x"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import_tensorflow_quietly()
     import tensorflow as tf
 
-    from imdb_dist.distribute import no_gpu_reason
+    from imdb_dist.devices import no_gpu_reason
 
     gpus = len(tf.config.list_physical_devices("GPU"))
     if not gpus and not args.cpu_rehearsal:
