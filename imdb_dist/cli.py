@@ -155,9 +155,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         source=args.source,
         path=args.data,
         validation_fraction=model.metadata["validation_fraction"],
-        # Exports from before k-fold support carry no fold keys: a fraction split.
-        folds=model.metadata.get("folds", 0),
-        fold=model.metadata.get("fold", 0),
+        folds=model.metadata["folds"],
+        fold=model.metadata["fold"],
         seed=model.metadata["seed"],
     )
     reviews = load_reviews(data, args.split)
