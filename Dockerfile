@@ -2,7 +2,7 @@
 #
 #   docker build -t imdb-dist:0.1.0 .
 #
-# Running it, locally and on Kubernetes: README.md, "Docker" and "Run on Kubernetes".
+# Running it, locally and on Kubernetes: docs/kubernetes.md.
 #
 # Base: nvidia/cuda 12.5.1 "base" (CUDA runtime and the NVIDIA container
 # runtime's settings, no cuDNN): TensorFlow 2.21 is built against CUDA 12.5.1

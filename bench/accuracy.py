@@ -40,7 +40,7 @@ from imdb_dist.config import DataConfig, load_config
 from imdb_dist.data.sources import load_training_splits, movies
 from imdb_dist.train import run
 
-# What an ungrouped CV mean must clear a target by (README, docs/BENCHMARKS.md).
+# What an ungrouped CV mean must clear a target by (docs/training.md, docs/BENCHMARKS.md).
 UNGROUPED_MARGIN = 0.02
 
 

@@ -77,7 +77,7 @@ def run_seed(data: str, max_len: int, home: Path, epochs: int = 1) -> dict[str, 
 
 
 def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians per variant, and the ratios the README quotes."""
+    """Medians per variant, and the ratios docs/training.md quotes."""
     medians: dict[str, dict[str, Any]] = {}
     for name, runs in results.items():
         medians[name] = {

@@ -104,7 +104,7 @@ def test_coldstart_times_whole_processes_phase_by_phase_against_the_seeds_first_
     out = bench("bench.coldstart", "--data", str(data), "--rounds", "1", "--seed-settings", *sets())
     medians = out["median"]
     assert set(medians) == {"current", "steady", "seed", "seed-settings"}
-    # The seed's own settings: 2 epochs; the ratio the README quotes for fast.yaml.
+    # The seed's own settings: 2 epochs; the ratio docs/training.md quotes for fast.yaml.
     assert len(out["runs"]["seed-settings"][0]["epoch_examples_per_s"]) == 2
     assert out["current_over_seed_settings"] == pytest.approx(
         medians["current"]["process_wall_s"] / medians["seed-settings"]["process_wall_s"]

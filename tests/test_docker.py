@@ -233,7 +233,7 @@ def test_builder_installs_dependencies_before_copying_the_code():
 
 
 def test_dockerfile_installs_the_package_the_readme_installs():
-    """The README installs the project at the repository root from pyproject.toml; so does the image."""
+    """The README's quick start installs the project at the repository root from pyproject.toml; so does the image."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert 'python -m pip install -e ".[test]"' in readme
     builder = STAGES["builder"]

@@ -1,6 +1,6 @@
 """Faults during a run: SIGTERM / Ctrl-C, a full disk, leftovers of killed writes.
 
-The promise (README, "Failure behaviour"): a run stopped by a signal saves a
+The promise (docs/run-directory.md, failure behaviour): a run stopped by a signal saves a
 checkpoint at the end of the current step and exits 128 + signal; one that
 cannot write stops with one line and exit 1; either way the last good
 checkpoint is what the next run resumes from, and nothing looks complete.

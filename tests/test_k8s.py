@@ -343,7 +343,8 @@ def test_kustomize_output_still_validates(built, rayjob_validator):
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+# The guide that tells users how to apply the manifests (the README links to it).
+GUIDE = (REPO / "docs" / "kubernetes.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(
@@ -356,16 +357,18 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
         ("single-node", ["ConfigMap", "Job"]),
     ],
 )
-def test_readme_label_selector_picks_the_intended_objects(component, kinds):
+def test_guide_label_selector_picks_the_intended_objects(component, kinds):
     selector = f"-l app.kubernetes.io/component={component}"
     # The whole label: component=ray must not be found inside component=ray-elastic.
-    assert re.search(rf"kubectl apply -k k8s/ {re.escape(selector)}(?![\w-])", README), selector
+    assert re.search(rf"kubectl apply -k k8s/ {re.escape(selector)}(?![\w-])", GUIDE), selector
     selected = [o for o in all_objects() if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
     assert sorted(o["kind"] for o in selected) == kinds
 
 
-def test_readme_uses_only_existing_label_selectors():
-    used = set(re.findall(r"-l app\.kubernetes\.io/component=([\w-]+)", README))
+def test_guides_use_only_existing_label_selectors():
+    # The guide and the README's short Kubernetes section both show selectors: each must select something.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    used = set(re.findall(r"-l app\.kubernetes\.io/component=([\w-]+)", GUIDE + readme))
     labels = {o["metadata"].get("labels", {}).get("app.kubernetes.io/component") for o in all_objects()}
     assert used and used <= labels
 
@@ -505,7 +508,7 @@ def test_elastic_rayjob_worker_group_spans_the_configs_min_and_max():
     assert (group["minReplicas"], group["maxReplicas"]) == (low, high)
     # KubeRay submits the job once the cluster's pods are ready: start with the pods the job needs to start.
     assert group["replicas"] == low
-    assert (low, high) == (1, 4), "README.md and the manifest's comments describe 1 to 4 GPU pods"
+    assert (low, high) == (1, 4), "docs/kubernetes.md and the manifest's comments describe 1 to 4 GPU pods"
 
 
 def test_elastic_rayjob_runs_kuberays_autoscaler():
@@ -614,12 +617,12 @@ def test_dataset_is_mounted_read_only_where_data_path_points(pod):
     mount = mount_for(container, cfg.data.path)
     assert mount["readOnly"] is True
     assert volume(spec, mount["name"])["persistentVolumeClaim"]["claimName"] == STORAGE_CLAIM
-    # Where the file is on the volume, which is where the README has it copied.
+    # Where the file is on the volume, which is where the guide has it copied.
     on_volume = PurePosixPath(mount.get("subPath", "")) / PurePosixPath(cfg.data.path).relative_to(mount["mountPath"])
-    assert f"imdb-dist-data-loader:/mnt/imdb-dist/{on_volume}" in README
+    assert f"imdb-dist-data-loader:/mnt/imdb-dist/{on_volume}" in GUIDE
 
 
-def test_data_loader_mounts_the_volume_where_the_readme_copies_to():
+def test_data_loader_mounts_the_volume_where_the_guide_copies_to():
     (container,) = LOADER["spec"]["containers"]
     mount = mount_for(container, "/mnt/imdb-dist/datasets")
     assert mount["mountPath"] == "/mnt/imdb-dist" and "subPath" not in mount

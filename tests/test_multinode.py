@@ -4,7 +4,7 @@ Each "host" is a Linux network namespace (joined by a veth pair) with its
 own address, HOME and Ray temporary directory, as separate machines would
 have; the only shared thing they use is the S3 server (moto, on the head's
 address), so the run directory, the prepared shards and the checkpoints
-travel over the network. The cluster is started as the README says on a
+travel over the network. The cluster is started as docs/clusters.md says on a
 fresh machine: `ray get-auth-token --generate`, `ray start --head`, the token
 copied to the second host, `RAY_AUTH_MODE=token ray start --address=...`,
 then `RAY_AUTH_MODE=token ray job submit`.
@@ -151,7 +151,7 @@ class Cluster:
                   f".create_bucket(Bucket='{BUCKET}')")
         wait_for(lambda: self.client_run(sys.executable, "-c", create, env=self.env).returncode == 0,
                  "the S3 server", s3, every=2)
-        # The README's route on a fresh machine: a token first, then the head.
+        # docs/clusters.md's route on a fresh machine: a token first, then the head.
         subprocess.run(in_ns(self.head_ns, self.homes["head"], self.ray, "get-auth-token", "--generate"),
                        check=True, capture_output=True, timeout=120)
         token = self.homes["head"] / ".ray" / "auth_token"
@@ -167,7 +167,7 @@ class Cluster:
                                 RAY_health_check_period_ms="500", RAY_health_check_timeout_ms="500",
                                 RAY_health_check_failure_threshold="4",
                                 # Ray Train's wait for a worker group that cannot be placed (default 60 s):
-                                # after a lost host it first tries the old size, see the README. It bounds
+                                # after a lost host it first tries the old size, see docs/clusters.md. It bounds
                                 # the wait for the placement group only, which takes well under a second
                                 # where the nodes have the CPUs.
                                 RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="8", **self.env), "head.log")

@@ -1,6 +1,6 @@
 """Exact resume: a run stopped at any moment and rerun ends with the model of a run that never stopped.
 
-The promise (README, "Failure behaviour"): with ``train.deterministic``,
+The promise (docs/run-directory.md, failure behaviour): with ``train.deterministic``,
 rerunning the same command after SIGTERM, SIGKILL or a stop during
 validation gives bit-identical final weights and the same ``metrics.jsonl``
 loss columns as the uninterrupted run, whatever ``steps_per_execution`` is,

@@ -1,6 +1,6 @@
 """One data plan for any topology: workers x local replicas = 1x1, 1x2, 2x1 and 2x2 train the same global batches.
 
-The promise (README, "One data plan for any topology"): the global batch
+The promise (docs/clusters.md, "One data plan for any topology"): the global batch
 of every step is a function of ``(data.seed, epoch, step)`` and the
 examples alone; global replica ``k`` trains slice ``k`` of it, padded to
 the global batch's width; dropout masks are keyed by the example's place in
