@@ -78,13 +78,11 @@ def main() -> None:
     parser = harness.parser(__doc__)
     parser.add_argument("--config", help="a preset whose model and batch to time (default: the dataclass defaults)")
     harness.add_sets(parser)
-    parser.add_argument("--width", type=int, default=400, help="tokens per review in the timed block")
-    parser.add_argument("--steps", type=int, default=20, help="single-step calls per round")
+    parser.add_argument("--width", type=harness.at_least_one, default=400, help="tokens per review in the timed block")
+    parser.add_argument("--steps", type=harness.at_least_one, default=20, help="single-step calls per round")
     harness.add_rounds(parser, 7)
     harness.add_output(parser)
     args = parser.parse_args()
-    if args.width < 1 or args.steps < 1:
-        harness.refuse("--width and --steps must be at least 1")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -85,10 +85,10 @@ def add_sets(parser: argparse.ArgumentParser, help: str | None = None) -> None:
 
 def add_rounds(parser: argparse.ArgumentParser, default: int, help: str | None = None) -> None:
     """``--rounds N``: at least 1."""
-    parser.add_argument("--rounds", type=_at_least_one, default=default, help=help)
+    parser.add_argument("--rounds", type=at_least_one, default=default, help=help)
 
 
-def _at_least_one(value: str) -> int:
+def at_least_one(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")

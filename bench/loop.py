@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench import harness
 from bench.baseline import REPO, worktree
+from bench.machine import cpu_model
 
 
 def _run(tree: Path, config: str, data: str, epochs: int, out: Path, extra: list[str]) -> dict[str, float]:
@@ -89,6 +90,7 @@ def main() -> None:
         "rounds": args.rounds,
         "baseline": args.baseline,
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         "median": {name: harness.medians(runs, list(runs[0])) for name, runs in results.items()},
         "runs": results,
     }

@@ -91,10 +91,10 @@ def check_devices(cfg: Config, *, ray_worker: bool = False) -> bool:
     """Log the devices TensorFlow found, in one line; return whether it found a GPU.
 
     Call it before the strategy exists (it reads physical devices only, so
-    it leaves the runtime uninitialised). Where the config asks for a GPU,
-    what TensorFlow said about CUDA while it loaded is relayed first, line by
-    line (elsewhere those lines are debug output: a CPU machine's "failed
-    call to cuInit" is no error of the run's).
+    it leaves the runtime uninitialised). Where the config asks for a GPU
+    and TensorFlow found none, what it said about CUDA while it loaded is
+    relayed line by line before the error (elsewhere those lines are debug
+    output: a CPU machine's "failed call to cuInit" is no error of the run's).
 
     Raises:
         ConfigError: the config asks for a GPU (:func:`gpu_requests`) and
@@ -103,14 +103,14 @@ def check_devices(cfg: Config, *, ray_worker: bool = False) -> bool:
             many times slower, and unnoticed.
     """
     requests = gpu_requests(cfg, ray_worker=ray_worker)
-    if requests:
-        relay_accelerator_notes()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         log.info("devices: %d GPU(s): %s", len(gpus), ", ".join(describe(gpu) for gpu in gpus))
         return True
     reason = no_gpu_reason()
     if requests:
+        # Only here: a healthy GPU host's import-time lines are no story of its devices.
+        relay_accelerator_notes()
         asked = {
             "train.mixed_precision": "mixed_float16",
             "distribution.devices": ", ".join(cfg.distribution.devices),

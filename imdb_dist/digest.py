@@ -86,7 +86,8 @@ def host_rows_sums(strategy: tf.distribute.Strategy, replica_slice: Callable[[An
     """
 
     def one(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
-        # Inside the replica's device scope: the CPU of the same worker (job and task are kept).
+        # The strategy calls this under no device scope: pinned to this worker's CPU, or the placer
+        # would cut the slice on a GPU and copy it back for the hash.
         with tf.device("/device:CPU:0"):
             tokens, labels = replica_slice(context)
             return rows_sum(tokens, labels)

@@ -346,7 +346,7 @@ def resolve_precision(name: str, *, gpu: bool) -> str:
     On CPUs float16 math is emulated and slow, and bfloat16 is only a win
     where it is measured to be (docs/BENCHMARKS.md), so it is opt-in. An
     explicit ``mixed_float16`` without a GPU is refused earlier, by
-    :func:`check_devices`, except in a CPU rehearsal (``cpu_devices``),
+    :func:`imdb_dist.devices.check_devices`, except in a CPU rehearsal (``cpu_devices``),
     where it runs emulated, slowly, to try loss scaling before renting GPUs.
     """
     if name == "auto":

@@ -232,7 +232,7 @@ def quiet_tensorflow_imports() -> None:
     A Ray Train worker imports TensorFlow when it unpickles the training
     function, before any line of ours runs there, and the start-up lines it
     prints reach the job's log. Ray runs this hook in every worker process of the job before
-    any task or actor code (``imdb_dist.launch.connect`` sets it); it
+    any task or actor code (``imdb_dist.ray_cluster.connect`` sets it); it
     imports nothing itself, so a process that never imports TensorFlow pays
     nothing, and one that does loads it inside :func:`native_startup_filtered`.
     """

@@ -109,11 +109,11 @@ def make_train_function(
         return model.train_step(batch)
 
     def one_step(iterator: Any) -> dict[str, tf.Tensor]:
-        block = next(iterator)
-        args = (per_replica(strategy, block),)
+        cut = replica_slicer(strategy, next(iterator))
+        args = (strategy.experimental_distribute_values_from_function(cut),)
         if digest is not None:
             # Hashed on the host from its copy of the block: tf.fingerprint has no GPU kernel (imdb_dist.digest).
-            args += (host_rows_sums(strategy, replica_slicer(strategy, block)),)
+            args += (host_rows_sums(strategy, cut),)
         outputs = strategy.run(replica_step, args=args)
         return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
 

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from imdb_dist import fingerprint, rundir
 from imdb_dist.config import Config, to_dict
 from imdb_dist.data.sources import load_training_splits, movies
-from imdb_dist.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ def prepare(
         InputError: another live run holds the directory, or it is not a run.
     """
     from imdb_dist.data import pipeline, shards
+    from imdb_dist.data.training import check_sizes, in_memory_data
 
     # A local directory is checked before its first look (a file there would fail the look); a
     # remote one after it, since its check writes a probe and a finished job resubmitted writes nothing.
@@ -67,11 +67,8 @@ def prepare(
         train = val = None
     else:
         train, val = load_training_splits(cfg.data)
-        if len(train) < cfg.train.batch_size:
-            raise DataError(
-                f"{len(train)} training reviews are fewer than one global batch "
-                f"(train.batch_size {cfg.train.batch_size})"
-            )
+        # The workers' own check, before anything is written: a global batch, and validation reviews.
+        check_sizes(in_memory_data(cfg.data, (train, val)), cfg.train.batch_size)
         current = _fingerprint(cfg, fingerprint.data_digest([(train.texts, train.labels), (val.texts, val.labels)]))
     run_dir.check_fingerprint(current, changes)
     before_writing()

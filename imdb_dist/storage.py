@@ -142,7 +142,7 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         self._first_try: pafs.S3FileSystem | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return RetryingS3FileSystem, (self.options, self.attempts)
+        return RetryingS3FileSystem, (self.options, self.attempts, self.budget)
 
     @property
     def retry_s(self) -> float:

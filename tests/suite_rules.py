@@ -33,11 +33,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # collection order (--no-loadscope-reorder), two each at first, then one
 # more each time a worker is free: the longest files first, so that the two
 # finish together rather than one running a long file alone at the end.
-# Seconds each file took with two workers, a fresh clone as CI runs it
-# (2-core AMD EPYC, AVX2 only, 2026-12-07, docs/BENCHMARKS.md "The suite's
-# time per CPU kind"): launch 757, bench 722, multinode 512, resume 396,
-# storage 320, tune 152, faults 129, fingerprint 91, job_submit 91, train
-# 85, topology 77, loop 62, integration 58; every other file under 56.
+# Seconds each file took with two workers in a fresh clone run as CI runs
+# it, the machine partly shared (2-core AMD EPYC, AVX2 only, a6381fc,
+# 2026-12-07; docs/BENCHMARKS.md "The suite's time per CPU kind"): launch
+# 757, bench 722, multinode 512, resume 396, storage 320, tune 152, faults
+# 129, fingerprint 91, job_submit 91, train 85, topology 77, loop 62,
+# integration 58; every other file under 56. A file's time moves by tens of
+# seconds with what runs beside it (the later run there), not its rank.
 LONGEST_FIRST = (
     "test_launch.py", "test_bench.py", "test_multinode.py", "test_resume.py", "test_storage.py",
     "test_tune.py", "test_faults.py", "test_fingerprint.py", "test_job_submit.py", "test_train.py",

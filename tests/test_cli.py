@@ -397,7 +397,7 @@ print(json.dumps({"notes": list(accelerator_notes()), "loader": type(tensorflow.
 
 
 def test_ray_s_setup_hook_makes_a_bare_tensorflow_import_quiet_and_keeps_what_it_said_about_gpus() -> None:
-    # The hook Ray runs in every process of our jobs (imdb_dist.launch.connect), before Ray
+    # The hook Ray runs in every process of our jobs (imdb_dist.ray_cluster.connect), before Ray
     # Train's TensorFlow backend imports TensorFlow there.
     env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", _HOOKED_IMPORT], capture_output=True, text=True, timeout=120,

@@ -394,7 +394,7 @@ def test_the_backend_sets_tf_config_as_ray_does() -> None:
 def test_a_cluster_the_launcher_starts_listens_on_loopback_only() -> None:
     script = (
         # As in `imdb-dist launch`: nothing imports ray before the launcher connects.
-        "from imdb_dist.launch import connect; connect(); import json, ray;"
+        "from imdb_dist.ray_cluster import connect; connect(); import json, ray;"
         "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,"
         " 'nodes': [n['NodeManagerAddress'] for n in ray.nodes()]})); ray.shutdown()"
     )
@@ -433,6 +433,15 @@ def test_bad_data_is_refused_before_any_worker_starts_and_writes_nothing(tmp_pat
     from imdb_dist.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
+        launch(cfg)
+    assert not (tmp_path / "storage").exists()
+    # Data that leaves no validation review (4 reviews, 10% held out): refused as the workers would
+    # refuse it, but before the config, vocabulary and shards are written.
+    few = write_aclimdb(tmp_path / "few", {"train": 2})
+    cfg = load_config(None, [*tiny_overrides(few, tmp_path / "unused"), "train.batch_size=2",
+                             "data.validation_fraction=0.1", f"ray.storage_path={tmp_path / 'storage'}",
+                             "ray.name=job"])
+    with pytest.raises(ConfigError, match=r"data\.validation_fraction.*no validation reviews"):
         launch(cfg)
     assert not (tmp_path / "storage").exists()
 

@@ -138,8 +138,9 @@ def test_the_s3_retry_strategy_survives_pickling_as_ray_trains_copies_need() -> 
     port = listener.getsockname()[1]
     location = storage.parse(f"s3://{BUCKET}/x?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1",
                              "run.output_dir", retry_s=0.7)
-    copy = pickle.loads(pickle.dumps(location.filesystem))
+    copy = pickle.loads(pickle.dumps(location.filesystem.with_attempts(5, "the test's budget")))
     assert isinstance(copy, storage.RetryingS3FileSystem) and copy.attempts == 5
+    assert copy.budget == "the test's budget"  # what its retry warning names
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         copy.get_file_info(f"{BUCKET}/x/report.json")
     listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone may not)

@@ -53,7 +53,7 @@ class RayConfig:
     # step's examples.
     num_shards: int = 16
     """TFRecord files each prepared split is written into."""
-    # imdb_dist.launch.check_gpus says why not Ray Train's own wait (it would
+    # imdb_dist.ray_cluster.check_gpus says why not Ray Train's own wait (it would
     # wait forever).
     gpu_wait_s: float = 0.0
     """With `use_gpu` on a cluster lacking GPUs for every worker: 0 exits 2 at once; N asks the cluster's

@@ -63,7 +63,7 @@ def tune(cfg: Config) -> Path:
     load_reviews(base.data, "train")
     from ray import tune as ray_tune
 
-    from imdb_dist.launch import connect
+    from imdb_dist.ray_cluster import connect
 
     # Here, not at the top: the trial module loads TensorFlow, and importing
     # imdb_dist.tune (check_space, before TensorFlow loads) must not.
