@@ -209,14 +209,14 @@ def locate_model(where: str, key: str = "--model") -> Iterator[Path]:
     """
     location = storage.parse(where, key)
     try:
-        with _model_version(location, where, key) as path:
+        with _model_version(location, key) as path:
             yield path
     except OSError as exc:
         raise InputError(f"{key} {location}: cannot read it: {storage.reason(exc)}") from None
 
 
 @contextlib.contextmanager
-def _model_version(location: storage.Location, where: str, key: str) -> Iterator[Path]:
+def _model_version(location: storage.Location, key: str) -> Iterator[Path]:
     if location.local:
         files = {p.relative_to(location.path).as_posix(): 0 for p in Path(location.path).rglob("*") if p.is_file()} \
             if Path(location.path).is_dir() else {}

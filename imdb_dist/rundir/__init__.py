@@ -51,10 +51,10 @@ from imdb_dist.rundir.files import (
     read_metrics,
     read_vocab,
 )
-from imdb_dist.rundir.versions import KEEP_VERSIONS, MODEL_MARKER
+from imdb_dist.rundir.versions import MODEL_MARKER
 
 __all__ = [
-    "CHANGES", "CHECKPOINTS", "CONFIG", "CURVES", "FINGERPRINT", "KEEP_VERSIONS", "MANIFEST", "METRICS", "MODEL",
+    "CHANGES", "CHECKPOINTS", "CONFIG", "CURVES", "FINGERPRINT", "MANIFEST", "METRICS", "MODEL",
     "MODEL_MARKER", "PREPARED", "REPORT", "STEPS", "TENSORBOARD", "VOCAB", "WORKER_GROUPS", "JsonLog", "RunDir",
     "atomic_write", "check_writable", "read_metrics", "read_vocab",
 ]
