@@ -33,8 +33,12 @@ from imdb_dist.rundir import read_metrics
 # Each test trains two or three real processes (and the first of a setting its reference run).
 pytestmark = pytest.mark.timeout(300)
 
-# 2,000 generated reviews per class, 20% held out, global batch 16: 200 steps an epoch.
-STEPS = 200
+# 1,000 generated reviews per class, 20% held out, global batch 16: 100 steps an epoch (the stop is
+# placed by a step point, not by time, so a fast CPU's short epoch cannot outrun it).
+STEPS = 100
+CHECKPOINT_STEPS = 17
+# Every run here: three epochs, deterministic ops, a step point every 5 steps.
+RUN = ("train.epochs=3", "train.deterministic=true", "run.log_every_steps=5")
 
 
 def model_weights(run_dir: Path) -> dict[str, np.ndarray]:
@@ -73,11 +77,11 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_aclimdb(tmp_path_factory.mktemp("resume") / "data", {"train": 2000})
+    return write_aclimdb(tmp_path_factory.mktemp("resume") / "data", {"train": 1000})
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
-    sets = [*tiny_overrides(data, out), "train.epochs=3", "train.deterministic=true", *extra]
+    sets = [*tiny_overrides(data, out), *RUN, *extra]
     return [arg for item in sets for arg in ("--set", item)]
 
 
@@ -135,7 +139,7 @@ def stop_inside_epoch_two(args: list[str], out: Path, signum: int) -> str:
 
     The signal goes as soon as ``steps.jsonl`` shows a step point of epoch 2
     (every 5 steps here): a position in the run, not a delay, so that a fast
-    CPU's short epochs (0.6 s each on an AVX-512 machine) cannot outrun it.
+    CPU's short epochs (0.3 s each on an AVX-512 machine at 100 steps) cannot outrun it.
     On a machine loaded enough to let the rest of the epoch pass before the
     signal lands, the run is started again.
     """
@@ -221,9 +225,10 @@ def test_sigterm_mid_epoch_then_the_same_command_gives_the_uninterrupted_model(
 def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterrupted_model(
     data, tmp_path_factory, execution, replicas
 ):
-    # 7 divides neither the epoch (200) nor the execution (4): checkpoints
-    # land on every 7th optimizer step all the same.
-    extra = (f"train.steps_per_execution={execution}", "run.checkpoint_steps=7")
+    # 17 divides neither the epoch (100) nor the execution (4): checkpoints land on every 17th
+    # optimizer step all the same. Epoch 2's first (step 102) comes before its first step point
+    # (step 105), which is where the kill goes: the run always has a checkpoint inside epoch 2.
+    extra = (f"train.steps_per_execution={execution}", f"run.checkpoint_steps={CHECKPOINT_STEPS}")
     extra += (TWO_REPLICAS,) if replicas > 1 else ()
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), *extra)
     out = tmp_path_factory.mktemp("sigkill") / "run"
@@ -233,7 +238,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_step_checkpoint_to_the_uninterr
     err = _finish(_train(*args))
     resumed = re.search(r"resuming at epoch 2 step (\d+) \(optimizer step (\d+)\)", err)
     assert resumed, err[-2000:]
-    assert 0 < int(resumed[1]) < STEPS and int(resumed[2]) % 7 == 0  # from a mid-epoch step checkpoint
+    assert 0 < int(resumed[1]) < STEPS and int(resumed[2]) % CHECKPOINT_STEPS == 0  # from a mid-epoch step checkpoint
     assert json.loads((out / rundir.REPORT).read_text())["replicas"] == replicas
     assert_same_run(out, reference)
 
@@ -269,7 +274,7 @@ def test_a_stop_during_validation_resumes_to_the_uninterrupted_model(data, tmp_p
     # steps_per_execution=1 is the default: the SIGTERM test's reference serves.
     reference = uninterrupted(data, tmp_path_factory.getbasetemp(), "train.steps_per_execution=1")
     out = tmp_path_factory.mktemp("validation") / "run"
-    sets = [*tiny_overrides(data, out), "train.epochs=3", "train.deterministic=true"]
+    sets = [*tiny_overrides(data, out), *RUN]
     child = _CHILD.format(tests=str(REPO / "tests"), sets=sets, epoch=2)
     stopped = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
