@@ -234,21 +234,20 @@ def test_scaling_threads_runs_each_setting_alone_and_in_pairs() -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)  # three imdb-dist launch processes, each with its own Ray cluster
-def test_scaling_weak_launches_two_workers_and_a_pair_of_jobs(data: Path) -> None:
-    # The pair is two 1-worker jobs at once: the "1" variant's launch, twice.
+@pytest.mark.timeout(600)  # two imdb-dist launch processes at once, each with its own Ray cluster
+def test_scaling_weak_launches_a_pair_of_jobs_and_sums_them(data: Path) -> None:
+    # The pair is two 1-worker jobs at once (the "1" variant's launch, twice): the one variant
+    # that is more than a launch with other settings (those reach the workers: test_launch.py).
     out = bench("bench.scaling", "weak", "--data", str(data), "--batch", "8", "--max-len", "32", "--epochs", "1",
-                "--rounds", "1", "--variants", "pair,2-bf16")
-    assert set(out["median"]) == {"pair", "2-bf16"}
-    assert out["runs"]["2-bf16"][0]["tf_threads"] == ["1"]
-    assert out["runs"]["2-bf16"][0]["embedding_gradient"] == ["dense, in bfloat16"]
-    assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
-    # The pair is two separate jobs, summed: each ran and trained the same model.
+                "--rounds", "1", "--variants", "pair")
+    assert set(out["median"]) == {"pair"} and out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
+    # Two separate jobs, summed: each ran and trained the same model, on one thread per pool.
     pair = out["runs"]["pair"][0]
     assert len(pair["jobs"]) == 2
     assert pair["steady_examples_per_s"] == pytest.approx(sum(job["steady_examples_per_s"] for job in pair["jobs"]))
     assert pair["jobs"][0]["val_accuracy"] == pair["jobs"][1]["val_accuracy"]
-    assert pair["jobs"][0]["tf_threads"] == ["1"] and out["2-bf16_over_pair"] > 0
+    assert pair["jobs"][0]["tf_threads"] == pair["jobs"][1]["tf_threads"] == ["1"]
+    assert pair["wall_s"] == max(job["wall_s"] for job in pair["jobs"])
 
 
 def test_transport_error_compares_a_bfloat16_sum_of_real_gradients_with_float32(data: Path) -> None:
@@ -287,20 +286,19 @@ def test_loop_runs_this_tree_against_a_baseline_revision(data: Path) -> None:
     assert len(worktrees.stdout.splitlines()) == 1  # the baseline's checkout is gone
 
 
-def test_checkpoint_pace_launches_each_variant_and_reads_its_phases(data: Path) -> None:
-    # Two of the three variants: every-N-poll-S is every-N with another ray.report_poll_s (whose
-    # reaching the controller test_launch.py shows).
+def test_checkpoint_pace_launches_a_variant_and_reads_its_phases(data: Path) -> None:
+    # One launch: every-2 alone (the baseline, epoch-ends, is the same launch without step
+    # checkpoints; every-N-poll-S is every-N with another ray.report_poll_s, whose reaching the
+    # controller test_launch.py shows).
     out = bench("bench.checkpoint_pace", "--data", str(data), "--every", "2", "--poll", "2", "--rounds", "1", *sets(),
                 "--set", "ray.num_shards=2", "--variants", "every-2")
-    assert set(out["runs"]) == {"epoch-ends", "every-2"}
-    for name, (run,) in out["runs"].items():
-        # Each run trained its epoch, and Ray Train kept its epoch-end checkpoint and, in the
-        # step-checkpoint variants, one every 2 steps before it (the last step is the epoch's end).
-        steps = run["optimizer_steps"] // run["epochs"]
-        assert steps > 2 and run["examples_per_s_median"] > 0, name
-        every = (steps - 1) // 2 if name != "epoch-ends" else 0
-        assert run["checkpoints"] == run["epochs"] * (1 + every), (name, run)
-    assert out["speed_vs_epoch_ends"]["epoch-ends"] == 1.0
+    (run,) = out["runs"]["every-2"]
+    # The run trained its epoch, and Ray Train kept a checkpoint every 2 steps and the epoch's
+    # end (the last step is the epoch's end).
+    steps = run["optimizer_steps"] // run["epochs"]
+    assert steps > 2 and run["examples_per_s_median"] > 0 and run["checkpoints_s"] > 0
+    assert run["checkpoints"] == run["epochs"] * (1 + (steps - 1) // 2), run
+    assert set(out["runs"]) == {"every-2"} and out["speed_vs_epoch_ends"] is None  # no baseline ran
     assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()
 
 
