@@ -46,8 +46,13 @@ def _unchanged(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in (rundir.CONFIG, rundir.FINGERPRINT, rundir.METRICS)}
 
 
-def test_operational_changes_resume_the_run(data: Path, tmp_path: Path) -> None:
-    out = one_epoch(data, tmp_path / "run")
+def resumable(trained_once: Path, tmp_path: Path) -> Path:
+    """A copy of the one-epoch run, for a test to resume."""
+    return shutil.copytree(trained_once, tmp_path / "run")
+
+
+def test_operational_changes_resume_the_run(data: Path, trained_once: Path, tmp_path: Path) -> None:
+    out = resumable(trained_once, tmp_path)
     moved = shutil.copytree(data, tmp_path / "moved-data")  # the same reviews elsewhere
     run(config(moved, out, "train.epochs=2", "ray.max_failures=5", "ray.num_workers=3", "run.checkpoint_steps=3",
                "train.steps_per_execution=2", "run.log_every_steps=2", "distribution.cpu_devices=2",
@@ -69,7 +74,7 @@ def test_operational_changes_resume_the_run(data: Path, tmp_path: Path) -> None:
 def test_a_model_defining_change_is_refused_naming_the_key_and_writes_nothing(
     data, trained_once, tmp_path, extra, key
 ) -> None:
-    out = shutil.copytree(trained_once, tmp_path / "run")
+    out = resumable(trained_once, tmp_path)
     before = _unchanged(out)
     with pytest.raises(InputError, match=rf"holds a run whose {key} is .*add --change {key}"):
         run(config(data, out, "train.epochs=2", *extra))
@@ -87,16 +92,18 @@ def test_other_reviews_under_the_same_path_are_refused_as_a_change_of_data(data:
     assert _unchanged(out) == before
 
 
-def test_a_change_of_resolved_precision_is_refused(data: Path, tmp_path: Path) -> None:
-    out = one_epoch(data, tmp_path / "run")  # auto: float32 on this CPU
+def test_a_change_of_resolved_precision_is_refused(data: Path, trained_once: Path, tmp_path: Path) -> None:
+    out = resumable(trained_once, tmp_path)  # auto: float32 on this CPU
     with pytest.raises(InputError, match=r"train\.mixed_precision is 'float32', not 'mixed_bfloat16'"):
         run(config(data, out, "train.epochs=2", "train.mixed_precision=mixed_bfloat16"))
     # Naming auto's resolved value explicitly changes nothing.
     run(config(data, out, "train.epochs=2", "train.mixed_precision=float32"))
 
 
-def test_a_named_change_trains_on_and_is_recorded_in_the_report(data: Path, tmp_path: Path) -> None:
-    out = one_epoch(data, tmp_path / "run")
+def test_a_named_change_trains_on_and_is_recorded_in_the_report(
+    data: Path, trained_once: Path, tmp_path: Path
+) -> None:
+    out = resumable(trained_once, tmp_path)
     run(config(data, out, "train.epochs=2", "train.learning_rate=0.0005"), changes=["train.learning_rate"])
     report = json.loads((out / rundir.REPORT).read_text())
     assert report["changes"] == [{"key": "train.learning_rate", "from": 0.01, "to": 0.0005, "epochs_done": 1}]
@@ -106,8 +113,10 @@ def test_a_named_change_trains_on_and_is_recorded_in_the_report(data: Path, tmp_
     assert len(json.loads((out / rundir.REPORT).read_text())["changes"]) == 1
 
 
-def test_more_epochs_extend_a_constant_schedule_but_change_a_cosine_one(data: Path, tmp_path: Path) -> None:
-    constant = one_epoch(data, tmp_path / "constant")
+def test_more_epochs_extend_a_constant_schedule_but_change_a_cosine_one(
+    data: Path, trained_once: Path, tmp_path: Path
+) -> None:
+    constant = resumable(trained_once, tmp_path)
     run(config(data, constant, "train.epochs=2"))
     assert json.loads((constant / rundir.REPORT).read_text())["changes"] == []
     cosine = one_epoch(data, tmp_path / "cosine", "train.lr_schedule=cosine")
