@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import tensorflow as tf
 import tf_keras as keras
 
 from imdb_dist import fingerprint, report, rundir
+from imdb_dist.build import data_plan, restored_model
 from imdb_dist.callbacks import log_every, run_callbacks
-from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config
 from imdb_dist.data import plan, shards
 from imdb_dist.data.pipeline import Encoded, Tokenizer
@@ -33,18 +32,11 @@ from imdb_dist.data.training import (
     validation_blocks,
 )
 from imdb_dist.digest import BatchDigest
-from imdb_dist.distribute import (
-    Worker,
-    dense_embedding_gradient,
-    precision_policy,
-    start_worker,
-)
-from imdb_dist.dropout import key_on_step
+from imdb_dist.distribute import Worker, start_worker
 from imdb_dist.errors import DataError
 from imdb_dist.evaluate import SCORE_BATCH
 from imdb_dist.interrupt import StopRequest
-from imdb_dist.loop import Schedule, TrainingLoop, build_metrics, build_optimizer
-from imdb_dist.model import build_model, compile_model, min_length
+from imdb_dist.loop import Schedule, TrainingLoop
 from imdb_dist.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -234,7 +226,7 @@ def _train(
     steps = global_plan.steps_per_epoch
     share = plan.Share(worker.replicas, worker.num_workers, worker.index)  # this worker's rows of every batch
     with timings.phase("build"):
-        model, state, checkpointer = _build(cfg, worker, tokenizer.vocabulary_size(), steps, checkpoints)
+        model, state, checkpointer = restored_model(cfg, worker, tokenizer.vocabulary_size(), steps, checkpoints)
         digest = BatchDigest(worker.strategy, state.batches_digest)
     schedule = Schedule(
         epochs=cfg.train.epochs,
@@ -281,45 +273,3 @@ def _train(
         digest=digest,
     ).run()
     return model, digest.value
-
-
-def _build(
-    cfg: Config, worker: Worker, vocab: int, steps: int, checkpoints: Path
-) -> tuple[keras.Model, ResumeState, Checkpointer]:
-    """The compiled model under the strategy, restored from the last checkpoint if there is one."""
-    with worker.strategy.scope(), precision_policy(worker.precision):
-        model = build_model(cfg.model, vocab_size=vocab)
-        compile_model(
-            model,
-            cfg.train.learning_rate,
-            decay_steps=steps * cfg.train.epochs if cfg.train.lr_schedule == "cosine" else 0,
-            dense_sparse_gradients=dense_embedding_gradient(
-                cfg.distribution, replicas=worker.replicas, vocab=vocab, dim=cfg.model.embedding_dim,
-                rows=cfg.train.batch_size // worker.replicas * cfg.data.max_len,
-            ),
-            transport=cfg.distribution.embedding_transport,
-        )
-    build_metrics(model, tf.zeros([1, 1], tf.int32))
-    build_optimizer(model)
-    # Masks keyed on (train.seed, optimizer step, row of the global batch): restored with the step counter.
-    key_on_step(model, model.optimizer.iterations, cfg.train.seed)
-    state = ResumeState(model, early_stopping=bool(cfg.train.early_stopping_patience))
-    checkpointer = Checkpointer(checkpoints, model, state, chief=worker.chief)
-    if checkpointer.restore():
-        epoch, step = state.position()
-        done = int(model.optimizer.iterations.numpy())
-        log.info("resuming at epoch %d step %d (optimizer step %d)", epoch + 1, step, done)
-    return model, state, checkpointer
-
-
-def data_plan(cfg: Config, lengths: Any) -> plan.GlobalPlan:
-    """The run's global plan over training examples of these token counts."""
-    bucketed = cfg.data.bucketing and cfg.data.bucket_width < cfg.data.max_len
-    return plan.GlobalPlan(
-        lengths,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.data.seed,
-        max_len=cfg.data.max_len,
-        min_len=min_length(cfg.model),
-        bucket_width=cfg.data.bucket_width if bucketed else None,
-    )
