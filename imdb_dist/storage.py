@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import logging
 import posixpath
+import re
 import urllib.parse
 import uuid
 from collections.abc import Callable
@@ -70,6 +71,13 @@ DEFAULT_RETRY_S = 60.0
 START_RETRY_S = 3.0
 
 log = logging.getLogger(__name__)
+
+# The store's own answers, which the AWS SDK's default strategy does not retry (it retries
+# network errors, throttling and server errors): raised at once, with no "retrying" warning.
+_ANSWERED = re.compile(
+    r"AWS Error (ACCESS_DENIED|NO_SUCH_BUCKET|NO_SUCH_KEY|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH"
+    r"|INVALID_PARAMETER_VALUE|INVALID_PARAMETER_COMBINATION|MISSING_PARAMETER|VALIDATION) "
+)
 _T = TypeVar("_T")
 
 
@@ -283,6 +291,8 @@ def _call(location: Location, what: str, call: Callable[[pafs.FileSystem], _T]) 
     except (FileNotFoundError, PermissionError):
         raise  # the store answered: nothing to retry
     except OSError as exc:
+        if _ANSWERED.search(str(exc)):
+            raise  # the same: the SDK would not retry it either
         log.warning(
             "storage: cannot %s %s: %s; retrying for up to %.3g s (%s)",
             what, location, reason(exc), filesystem.retry_s, filesystem.budget,

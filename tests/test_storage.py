@@ -205,6 +205,19 @@ def test_a_storage_call_that_starts_retrying_says_so_at_once_what_where_and_for_
     assert ended - started >= 0.7
 
 
+def test_a_store_that_answers_no_is_not_said_to_be_retried(s3: str, caplog) -> None:
+    # A bucket that does not exist: the store's answer, which the SDK does not retry. A
+    # "retrying for up to ..." warning would say the call waits when it fails at once.
+    location = storage.parse(f"s3://no-such-bucket/run?endpoint_override={s3}&scheme=http", "run.output_dir",
+                             retry_s=30)
+    caplog.set_level(logging.INFO, logger="imdb_dist.storage")
+    started = time.monotonic()
+    with pytest.raises(OSError, match="NO_SUCH_BUCKET"):
+        storage.write_bytes(location.child("report.json"), b"{}")
+    assert time.monotonic() - started < 10  # not the 30 s of retries
+    assert not _storage_warnings(caplog), [r.getMessage() for r in caplog.records]
+
+
 def test_an_unreachable_store_is_refused_before_a_run_in_seconds_whatever_its_retry_budget(caplog) -> None:
     """A typo in the endpoint at start is no outage: refused in a few seconds, not after run.storage_retry_s."""
     location = storage.parse(f"s3://{BUCKET}/run?endpoint_override=127.0.0.1:{free_port()}&scheme=http",
