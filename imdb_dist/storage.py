@@ -129,9 +129,14 @@ def retry_attempts(retry_s: float) -> int:
     N=12 after 102 s; N=10 survived a 20 s outage).
     """
     attempts = 1
-    while _FIRST_WAIT_S * (2**attempts - 2) < retry_s:
+    while waits_s(attempts) < retry_s:
         attempts += 1
     return attempts
+
+
+def waits_s(attempts: int) -> float:
+    """How long the SDK's default strategy with ``max_attempts=attempts`` waits in all before it gives up."""
+    return _FIRST_WAIT_S * (2**attempts - 2)
 
 
 class RetryingS3FileSystem(pafs.S3FileSystem):
@@ -155,7 +160,7 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     @property
     def retry_s(self) -> float:
         """How long a call keeps retrying a store that stays down (the waits between its attempts)."""
-        return _FIRST_WAIT_S * (2**self.attempts - 2)
+        return waits_s(self.attempts)
 
     def first_try(self) -> pafs.S3FileSystem:
         """The same store without retries: each call fails at its first error (built once, on first use)."""
