@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -65,9 +66,10 @@ def nvidia_driver(version_file: Path = DRIVER_VERSION_FILE, path: str | None = N
     except (OSError, IndexError):
         first = None
     if first is not None:
-        # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar 5 ..."
-        words = first.split("Kernel Module", 1)[-1].split()
-        return f"NVIDIA driver {words[0]}" if words else f"NVIDIA driver ({version_file})"
+        # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar 5 ...", or with the open
+        # modules "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build ..."
+        version = re.search(r"Kernel Module\b.*?\s(\d+(?:\.\d+)+)\b", first)
+        return f"NVIDIA driver {version[1]}" if version else f"NVIDIA driver ({version_file})"
     smi = shutil.which("nvidia-smi", path=path)
     return f"NVIDIA driver tools ({smi})" if smi else None
 
@@ -119,10 +121,11 @@ def check_devices(cfg: Config, *, ray_worker: bool = False) -> bool:
         }[requests[0]]
         raise ConfigError(requests[0], f"{asked} needs a GPU and TensorFlow sees none: {reason}")
     split = f" split into {cfg.distribution.cpu_devices} logical devices" if cfg.distribution.cpu_devices else ""
-    log.info("devices: the CPU%s, no GPU: %s", split, reason)
-    hint = unused_driver_hint()
-    if hint and not cfg.distribution.cpu_devices:  # a CPU rehearsal chose the CPU
-        log.warning("devices: %s", hint)
+    hint = None if cfg.distribution.cpu_devices else unused_driver_hint()  # a CPU rehearsal chose the CPU
+    if hint:
+        log.warning("devices: the CPU, no GPU: %s", hint)  # the reason, with what to do about it
+    else:
+        log.info("devices: the CPU%s, no GPU: %s", split, reason)
     return False
 
 

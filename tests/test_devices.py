@@ -255,6 +255,11 @@ def test_the_driver_is_found_by_its_kernel_module_or_its_tools_on_path(tmp_path)
     version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024\n"
                        "GCC version:  gcc version 12.2.0\n")
     assert nvidia_driver(version, path="") == "NVIDIA driver 550.54.15"
+    version.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
+                       "(dvs-builder@U16-I3-B13-4-1)  Thu Jan 30 23:39:12 UTC 2025\n")  # the open kernel modules
+    assert nvidia_driver(version, path="") == "NVIDIA driver 570.86.15"
+    version.write_text("NVRM version: something else\n")
+    assert nvidia_driver(version, path="") == f"NVIDIA driver ({version})"
     tools = _fake_nvidia_smi(tmp_path / "bin")
     assert nvidia_driver(tmp_path / "absent", path=tools) == f"NVIDIA driver tools ({tools}/nvidia-smi)"
     assert nvidia_driver(tmp_path / "absent", path=str(tmp_path)) is None
@@ -277,9 +282,9 @@ def test_auto_devices_on_a_host_with_a_driver_but_no_cuda_say_in_one_warning_to_
     monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path / "bin") + os.pathsep + os.environ["PATH"])
     assert check_devices(load_config()) is False  # auto still trains, on the CPU
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("devices: this host has an NVIDIA driver"), warnings
+    assert len(warnings) == 1 and warnings[0].startswith("devices: the CPU, no GPU: this host has an NVIDIA driver")
     assert f"install the gpu extra ({GPU_EXTRA})" in warnings[0] and GPU_EXTRA == 'pip install -e ".[gpu]"'
-    assert [r.levelname for r in caplog.records] == ["INFO", "WARNING"]  # the devices line, then the hint
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # the devices line is the hint: said once
     # A CPU rehearsal chose the CPU: no hint; a job that asks for a GPU stops, its reason naming the extra.
     caplog.clear()
     assert check_devices(load_config(overrides=["distribution.cpu_devices=2"])) is False
