@@ -150,3 +150,25 @@ def test_urls_files_added_to_the_data_regroup_the_split_a_resume_needs_change_da
     run(config(grouped, out, "train.epochs=2"), changes=["data.content"])
     report = json.loads((out / rundir.REPORT).read_text())
     assert report["epochs"] == 2 and report["validation_movies"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        (rundir.FINGERPRINT, '{"config": ', "is not valid JSON"),
+        (rundir.FINGERPRINT, '{"colour": "blue"}', "is not a fingerprint imdb-dist wrote"),
+        (rundir.CHANGES, '{"key": "train.learning_rate"\n', "is not valid JSON"),
+    ],
+    ids=["fingerprint-torn", "fingerprint-foreign", "changes-torn"],
+)
+def test_a_run_file_edited_by_hand_is_refused_naming_it_and_nothing_is_written(
+    data: Path, trained_once: Path, tmp_path: Path, name: str, text: str, says: str
+) -> None:
+    # Written whole and renamed into place, these files are never torn by a crash: a resume that
+    # cannot read one is refused (an input error: exit 2 from the CLI), not a traceback.
+    out = resumable(trained_once, tmp_path)
+    (out / name).write_text(text)
+    before = _unchanged(out)
+    with pytest.raises(InputError, match=rf"^{out / name} {says}"):
+        run(config(data, out, "train.epochs=2"))
+    assert _unchanged(out) == before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -141,12 +140,18 @@ class RunDir:
 
     def saved_fingerprint(self) -> Fingerprint | None:
         """The fingerprint the run saved, or None (a new run)."""
-        path = self.work / FINGERPRINT
-        return Fingerprint.from_dict(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else None
+        shown = str(self.location.child(FINGERPRINT))
+        saved = files.read_json(self.work / FINGERPRINT, shown)
+        if saved is None:
+            return None
+        try:
+            return Fingerprint.from_dict(saved)
+        except TypeError as exc:  # other keys than a Fingerprint's
+            raise InputError(f"{shown} is not a fingerprint imdb-dist wrote ({exc})") from None
 
     def changes(self) -> list[dict[str, Any]]:
         """The deliberate changes made to the run so far (``--change``), oldest first."""
-        return files.read_lines(self.work / CHANGES)
+        return files.read_lines(self.work / CHANGES, str(self.location.child(CHANGES)))
 
     def worker_groups(self) -> list[dict[str, Any]]:
         """The Ray worker groups that trained the run so far, oldest first (empty outside Ray)."""
@@ -189,6 +194,7 @@ class RunDir:
         """
         previous = self.saved_fingerprint()
         fingerprint.check(previous, current, changes, self)
+        self.changes()  # read now, so that a damaged record is refused before training, not at the report
         return previous
 
     def take(self, cfg: Config, current: Fingerprint, changes: Sequence[str] = ()) -> str | None:

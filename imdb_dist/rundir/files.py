@@ -90,11 +90,39 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file written whole each time (changes, worker groups); empty if none."""
+def read_lines(path: Path, shown: str | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file written whole each time (changes, worker groups); empty if none.
+
+    ``shown``: how errors name the file (a remote run's location, not its local copy).
+
+    Raises:
+        InputError: the file is not what imdb-dist writes there (edited or damaged by hand).
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(shown or str(path), exc) from None
+
+
+def read_json(path: Path, shown: str | None = None) -> Any:
+    """A JSON file the run wrote whole (atomically), or None when there is none; ``shown`` as for read_lines.
+
+    Raises:
+        InputError: the file is not what imdb-dist writes there (edited or damaged by hand).
+    """
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(shown or str(path), exc) from None
+
+
+def _damaged(shown: str, exc: Exception) -> InputError:
+    # Written whole and renamed into place, so no crash tears it: someone edited it.
+    return InputError(f"{shown} is not valid JSON ({exc}): restore it, or start the run in a new run.output_dir")
 
 
 def append_lines(path: Path, records: list[dict[str, Any]]) -> None:
