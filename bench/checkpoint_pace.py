@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "medians": medians,
         # Speed of each variant against checkpoints at epoch ends only, measured side by side.
-        "speed_vs_epoch_ends": {name: m["examples_per_s_median"] / base for name, m in medians.items()} if base else None,
+        "speed_vs_epoch_ends": {name: m["examples_per_s_median"] / base for name, m in medians.items()} if base is not None else None,
         "runs": runs,
     }, args.output)
     return 0

@@ -207,7 +207,7 @@ def test_a_torn_last_metrics_line_is_dropped_but_earlier_damage_is_not_hidden(tm
     path.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')
     assert read_metrics(path) == [{"epoch": 1, "loss": 0.5}]
     path.write_text('{"epoch": 1, "lo\n{"epoch": 2, "loss": 0.4}\n')
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(InputError, match=rf"^{path} line 1 is not valid JSON"):
         read_metrics(path)
 
 

@@ -75,6 +75,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
     Lines are appended, so a process killed mid-write can leave a torn last
     line: it is dropped (that epoch has no checkpoint yet and will re-run).
+
+    Raises:
+        InputError: an earlier line is damaged (edited by hand: no crash does that).
     """
     if not path.exists():
         return []
@@ -83,9 +86,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             if number < len(lines):
-                raise
+                raise _damaged(f"{path} line {number}", exc) from None
             log.warning("%s: dropping a torn last line (an interrupted write)", path)
     return records
 
