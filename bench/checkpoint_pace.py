@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     known = variants(args.every, args.poll)
-    wanted = list(dict.fromkeys((args.variants or ",".join(known)).split(",")))
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    wanted = harness.chosen(parser, args.variants or ",".join(known), known)
 
     def variant(name: str) -> Any:
         checkpoint_steps, poll = known[name]

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -86,6 +86,14 @@ def add_sets(parser: argparse.ArgumentParser, help: str | None = None) -> None:
 def add_rounds(parser: argparse.ArgumentParser, default: int, help: str | None = None) -> None:
     """``--rounds N``: at least 1."""
     parser.add_argument("--rounds", type=at_least_one, default=default, help=help)
+
+
+def chosen(parser: argparse.ArgumentParser, value: str, known: Iterable[str]) -> list[str]:
+    """The variants ``--variants`` names (comma-separated, each once, in its order), or a usage error naming the unknown."""
+    names, known = list(dict.fromkeys(value.split(","))), list(known)
+    if unknown := [name for name in names if name not in known]:
+        parser.error(f"--variants: unknown variant(s) {', '.join(unknown)}: choose from {', '.join(known)}")
+    return names
 
 
 def at_least_one(value: str) -> int:

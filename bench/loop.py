@@ -22,7 +22,6 @@ says more about the work a run does than wall time. Variants:
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import tempfile
@@ -64,11 +63,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     harness.add_rounds(parser, default=3)
     parser.add_argument("--baseline", required=True, help="git revision to compare with")
-    parser.add_argument("--variants", default="baseline,current,deterministic", type=_variants,
+    parser.add_argument("--variants", default="baseline,current,deterministic",
                         help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--steps-per-execution", type=int, default=8, help="the grouped variant's")
     harness.add_output(parser)
     args = parser.parse_args()
+    args.variants = harness.chosen(parser, args.variants, VARIANTS)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the steady state is the epochs after the first)")
     data = str(Path(args.data).resolve())
@@ -99,13 +99,6 @@ def main() -> None:
             for key, label in (("steady_examples_per_s", ""), ("cpu_s", "cpu_"), ("wall_s", "wall_")):
                 summary[f"{label}{new}_over_{old}"] = summary["median"][new][key] / summary["median"][old][key]
     harness.emit(summary, args.output)
-
-
-def _variants(value: str) -> list[str]:
-    names = value.split(",")
-    if unknown := [name for name in names if name not in VARIANTS]:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {','.join(unknown)}: choose from {','.join(VARIANTS)}")
-    return names
 
 
 if __name__ == "__main__":

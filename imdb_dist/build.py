@@ -1,4 +1,4 @@
-"""What a worker trains: the model built under its strategy and restored, and the run's data plan.
+"""What a worker trains: its inputs, tokenized; the model built under its strategy and restored; the data plan.
 
 The model is compiled for the run's schedule and aggregation route, its
 metrics and optimizer slots are built before the restore (so that the
@@ -15,15 +15,42 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
+from imdb_dist import rundir
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config
-from imdb_dist.data import plan
+from imdb_dist.data import plan, shards
+from imdb_dist.data.pipeline import Encoded, Tokenizer
+from imdb_dist.data.training import TrainingData, prepared_data, tokenize
 from imdb_dist.distribute import Worker, dense_embedding_gradient, precision_policy
 from imdb_dist.dropout import key_on_step
+from imdb_dist.errors import DataError
 from imdb_dist.loop import build_metrics, build_optimizer
 from imdb_dist.model import build_model, compile_model, min_length
 
 log = logging.getLogger(__name__)
+
+
+def prepared_inputs(run_dir: rundir.RunDir, lease: str, *, chief: bool) -> TrainingData:
+    """The shards a launcher prepared in the run directory, under its ``lease``; the chief also gets the logs it continues."""
+    run_dir.attach(lease)
+    run_dir.fetch([rundir.CONFIG, rundir.VOCAB, rundir.MANIFEST])
+    if chief:
+        run_dir.fetch([rundir.METRICS, rundir.STEPS, rundir.CHANGES, rundir.WORKER_GROUPS])
+    manifest = shards.read_manifest(run_dir.work / rundir.PREPARED)
+    if manifest is None:
+        raise DataError(f"{run_dir}/{rundir.PREPARED} holds no prepared data")
+    splits = manifest["splits"]
+    run_dir.fetch(f"{rundir.PREPARED}/{name}" for name in [*splits["train"]["files"], *splits["validation"]["files"]])
+    return prepared_data(run_dir.work / rundir.PREPARED)
+
+
+def tokenized(cfg: Config, run_dir: rundir.RunDir, data: TrainingData, *, chief: bool) -> tuple[Tokenizer, Encoded]:
+    """The run's tokenizer (its saved vocabulary, else fitted and saved by the chief) and the encoded examples."""
+    vocabulary = run_dir.vocabulary()
+    tokenizer, encoded = tokenize(cfg.data, data, vocabulary)
+    if vocabulary is None and chief:
+        run_dir.write_vocabulary(tokenizer.vocabulary)
+    return tokenizer, encoded
 
 
 def restored_model(

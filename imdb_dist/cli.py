@@ -15,14 +15,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from imdb_dist.config import load_config
-from imdb_dist.errors import InputError, RunError
+from imdb_dist.errors import EXIT_BAD_INPUT, ArgumentParser, InputError, RunError
 from imdb_dist.interrupt import Interrupted, stop_on_signals
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
 
-EXIT_BAD_INPUT = 2
 _MODEL_HELP = (
     "a complete run directory (its published model), RUN_DIR/model (its newest complete version) or "
     "RUN_DIR/model/<version>; a local path or a storage URI (s3://...)"
@@ -31,15 +29,9 @@ _MODEL_HELP = (
 _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other bad input; --help still shows the usage.
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="imdb-dist", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="imdb-dist", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     train = commands.add_parser("train", help="train in this process (CPU, one GPU, or all local GPUs)")
     _add_config_args(train)

@@ -29,7 +29,19 @@ log = logging.getLogger(__name__)
 # The kernel module's version file: present wherever the NVIDIA driver is loaded (also in containers
 # that mount the driver without its tools).
 DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
-GPU_EXTRA = 'pip install -e ".[gpu]"'
+
+
+def gpu_extra_command(package: Path | None = None) -> str:
+    """The command that adds the ``gpu`` extra to this installation of ``package`` (imdb_dist's directory).
+
+    A checkout (editable install, or run from the source tree) is reinstalled
+    from its own directory, wherever the user's shell is; an installed
+    package by name.
+    """
+    checkout = (package or Path(__file__).resolve().parent).parent
+    if (checkout / "pyproject.toml").is_file():
+        return f'pip install -e "{checkout}[gpu]"'
+    return 'pip install "imdb-dist[gpu]"'
 
 
 def is_gpu(device: str) -> bool:
@@ -158,20 +170,20 @@ def unused_driver_hint() -> str | None:
         return None
     return (
         f"this host has an {driver} but this TensorFlow has no CUDA libraries, so it trains on the CPU: "
-        f"install the gpu extra ({GPU_EXTRA}) to train on the GPUs"
+        f"install the gpu extra ({gpu_extra_command()}) to train on the GPUs"
     )
 
 
 def no_gpu_reason() -> str:
     """Why TensorFlow lists no GPU: its build or missing CUDA, ``CUDA_VISIBLE_DEVICES``, or what it said loading."""
     if not tf.test.is_built_with_cuda():
-        return f"this TensorFlow is built without CUDA (for NVIDIA GPUs on Linux: {GPU_EXTRA})"
+        return f"this TensorFlow is built without CUDA (for NVIDIA GPUs on Linux: {gpu_extra_command()})"
     hidden = _hidden_by_cuda_visible_devices()
     if hidden is not None:
         return f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU"
     notes = accelerator_notes()
     said = "TensorFlow said: " + "; ".join(dict.fromkeys(notes)) if notes else ""  # each message once
     if nvidia_driver() is not None and not cuda_libraries():
-        missing = f"the CUDA libraries of the gpu extra are not installed ({GPU_EXTRA})"
+        missing = f"the CUDA libraries of the gpu extra are not installed ({gpu_extra_command()})"
         return f"{missing}; {said}" if said else missing
     return said or "TensorFlow lists no GPU device and said nothing about why"

@@ -6,8 +6,11 @@ known reason (a diverged loss): one line, exit 1.  Anything else is a bug
 and exits 1 with its traceback.
 """
 
-
+import argparse
 import re
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
 
 # TensorFlow prefixes op errors with the graph function's name and suffixes the op.
 _TF_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]$")
@@ -42,3 +45,13 @@ class DataError(InputError):
 
 class RunError(Exception):
     """The run stopped for a known reason that retrying will not fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose refusal is one ``error: ...`` line and exit 2, like every other bad input.
+
+    ``--help`` still shows the usage; the error line points at it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")

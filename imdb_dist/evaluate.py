@@ -42,6 +42,6 @@ def metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         "accuracy": float(np.mean(predicted == labels)),
         "auc": float(auc.result()),
         "loss": float(keras.losses.BinaryCrossentropy()(y, p)),
-        "n": int(len(labels)),
+        "n": len(labels),
         "confusion": confusion.tolist(),
     }

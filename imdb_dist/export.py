@@ -183,7 +183,7 @@ def load_model(path: str | os.PathLike) -> ServedModel:
     export = find_export(root)
     try:
         loaded = tf.saved_model.load(str(export))
-    except Exception as exc:  # corrupt protobufs and missing variables raise many types.
+    except Exception as exc:  # noqa: BLE001 - corrupt protobufs and missing variables raise many types.
         raise InputError(f"{export} is not a loadable SavedModel: {str(exc).splitlines()[0]}") from None
     meta_path = export / METADATA
     if SIGNATURE not in loaded.signatures or not meta_path.is_file():

@@ -158,7 +158,7 @@ def same_run(previous: Config, current: Config) -> bool:
     return model_config(previous) == model_config(current) and previous.train.epochs == current.train.epochs
 
 
-def check(previous: Fingerprint | None, current: Fingerprint, changes: Sequence[str], where: object) -> None:
+def check(previous: Fingerprint | None, current: Fingerprint, where: object, changes: Sequence[str] = ()) -> None:
     """Refuse a resume whose fingerprint differs from the run's saved one in a key ``changes`` does not name.
 
     ``previous`` is None for a run that saved none yet (a new run); ``where``: the run directory, for the message.

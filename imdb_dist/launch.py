@@ -273,7 +273,7 @@ def _worker_loop(payload: dict[str, Any]) -> None:
             checkpoint.to_directory(str(local))
             log.info("restoring from the Ray Train checkpoint %s", checkpoint.path)
         callbacks = ray.cloudpickle.loads(payload["callbacks"])
-        train(cfg, launched=_RayWorker(payload, local, restored=checkpoint is not None, callbacks=callbacks))
+        train(cfg, launched=_RayWorker(payload, local, restored=checkpoint is not None), extra_callbacks=callbacks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -285,16 +285,13 @@ class _RayWorker:
         payload: the trainer's loop config (the submission's id, the driver's lease).
         checkpoints: this worker's local copy of the checkpoint, which Ray Train moves.
         restored: whether Ray Train gave the worker a checkpoint to start from.
-        callbacks: the launcher's extra Keras callbacks, unpickled here.
     """
 
-    def __init__(self, payload: dict[str, Any], checkpoints: Path, *, restored: bool,
-                 callbacks: Sequence[keras.callbacks.Callback]) -> None:
+    def __init__(self, payload: dict[str, Any], checkpoints: Path, *, restored: bool) -> None:
         self.lease: str = payload["lease"]
         self.checkpoints = checkpoints
         self._submission: str = payload["submission"]
         self._restored = restored
-        self._callbacks = callbacks
         self._chief = False  # train.run says, once its strategy is built (on_start)
         self._noticed: set[str] = set()
 
@@ -306,9 +303,6 @@ class _RayWorker:
             workers = ray.train.get_context().get_world_size()
             checkpoint = self.checkpoints if self._restored else None
             run_dir.record_worker_group(worker_group(run_dir.worker_groups(), workers, self._submission, checkpoint))
-
-    def callbacks(self) -> Sequence[keras.callbacks.Callback]:
-        return self._callbacks
 
     def checkpoint_now(self) -> bool:
         """Whether a node of this worker group is draining for preemption: then checkpoint at every step point.

@@ -24,6 +24,7 @@ before any checkpoint is written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,18 @@ def per_replica(strategy: tf.distribute.Strategy, block: Any) -> Any:
     return strategy.experimental_distribute_values_from_function(replica_slicer(strategy, block))
 
 
+def traced(fn: Callable[..., Any], **options: Any) -> Any:
+    """``tf.function(fn, **options)`` for a function built for one run (a closure over its model or strategy).
+
+    TensorFlow counts traces per code object, not per function: the sixth run
+    in one process (a sweep's trials, a benchmark's rounds, the tests) warned
+    that the same closure "triggered tf.function retracing", though each run
+    traces its own functions once. A partial has no code object of its own,
+    so each run's function is counted apart.
+    """
+    return tf.function(functools.partial(fn), **options)
+
+
 def make_train_function(
     model: keras.Model, digest: BatchDigest | None = None
 ) -> Callable[[Any, int], dict[str, tf.Tensor]]:
@@ -120,14 +133,15 @@ def make_train_function(
     # One step has no tensor-dependent Python control flow (the model's layers
     # and the optimizer use tf.cond themselves), so it is traced without
     # AutoGraph's source conversion: 0.7 s less of a cold start here.
-    single = tf.function(one_step, reduce_retracing=True, autograph=False)
+    single = traced(one_step, reduce_retracing=True, autograph=False)
 
-    @tf.function(reduce_retracing=True)
-    def several(iterator: Any, steps: tf.Tensor) -> dict[str, tf.Tensor]:
+    def several_steps(iterator: Any, steps: tf.Tensor) -> dict[str, tf.Tensor]:
         logs = one_step(iterator)
         for _ in tf.range(steps - 1):
             logs = one_step(iterator)
         return logs
+
+    several = traced(several_steps, reduce_retracing=True)
 
     def train(iterator: Any, steps: int) -> dict[str, tf.Tensor]:
         return single(iterator) if steps == 1 else several(iterator, tf.constant(steps, tf.int64))
@@ -160,10 +174,11 @@ def make_evaluate_function(model: keras.Model, batches: int) -> Callable[[Any], 
         loss.update_state(model.loss(labels, predictions), sample_weight=weights)
         model.compiled_metrics.update_state(labels, predictions, weights)
 
-    @tf.function(reduce_retracing=True)
-    def run(iterator: Any) -> None:
+    def score_all(iterator: Any) -> None:
         for _ in tf.range(batches):
             strategy.run(score, args=(per_replica(strategy, next(iterator)),))
+
+    run = traced(score_all, reduce_retracing=True)
 
     def evaluate(iterator: Any) -> dict[str, tf.Tensor]:
         model.reset_metrics()
@@ -188,12 +203,15 @@ def build_optimizer(model: keras.Model) -> None:
 
 def _barrier(strategy: tf.distribute.Strategy) -> None:
     """Return once every replica of every worker has called this (one all-reduce of a scalar)."""
+    traced(functools.partial(_meet_all, strategy))()
 
-    def meet() -> tf.Tensor:
-        context = tf.distribute.get_replica_context()
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0))
 
-    tf.function(lambda: strategy.run(meet))()
+def _meet_all(strategy: tf.distribute.Strategy) -> Any:
+    return strategy.run(_meet)
+
+
+def _meet() -> tf.Tensor:
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0))
 
 
 @dataclasses.dataclass

@@ -17,23 +17,20 @@ from typing import Any, Protocol
 import tf_keras as keras
 
 from imdb_dist import fingerprint, report, rundir
-from imdb_dist.build import data_plan, restored_model
+from imdb_dist.build import data_plan, prepared_inputs, restored_model, tokenized
 from imdb_dist.callbacks import log_every, run_callbacks
 from imdb_dist.config import Config
-from imdb_dist.data import plan, shards
+from imdb_dist.data import plan
 from imdb_dist.data.pipeline import Encoded, Tokenizer
 from imdb_dist.data.sources import ReadAhead
 from imdb_dist.data.training import (
     TrainingData,
     check_sizes,
     in_memory_data,
-    prepared_data,
-    tokenize,
     validation_blocks,
 )
 from imdb_dist.digest import BatchDigest
 from imdb_dist.distribute import Worker, start_worker
-from imdb_dist.errors import DataError
 from imdb_dist.evaluate import SCORE_BATCH
 from imdb_dist.interrupt import StopRequest
 from imdb_dist.loop import Schedule, TrainingLoop
@@ -55,9 +52,6 @@ class Launched(Protocol):
 
     def on_start(self, chief: bool, run_dir: rundir.RunDir) -> None:
         """Called once the strategy has said whether this worker is the chief, with the open run directory."""
-
-    def callbacks(self) -> Sequence[keras.callbacks.Callback]:
-        """More Keras callbacks for the training loop (run before checkpointing)."""
 
     def checkpoint_now(self) -> bool:
         """Asked at every step point, on every worker alike (it may be a collective): True checkpoints there."""
@@ -118,7 +112,7 @@ def run(
             run_dir.check_writable()
         if launched is not None:
             with timings.phase("data"):
-                data = _launched_data(run_dir, launched, chief=worker.chief)
+                data = prepared_inputs(run_dir, launched.lease, chief=worker.chief)
             check_sizes(data, cfg.train.batch_size)
             launched.on_start(worker.chief, run_dir)
             checkpoints = launched.checkpoints
@@ -128,7 +122,7 @@ def run(
                 return None if run_dir.remote else run_dir.work
             data, checkpoints = opened, run_dir.work / rundir.CHECKPOINTS
         with timings.phase("tokenize"):
-            tokenizer, encoded = _tokenize(cfg, run_dir, data, worker)
+            tokenizer, encoded = tokenized(cfg, run_dir, data, chief=worker.chief)
 
         def saved(metrics: dict[str, Any]) -> None:
             if worker.chief:
@@ -139,7 +133,7 @@ def run(
         model, batches_digest = _train(
             cfg, worker, run_dir, tokenizer, encoded, data,
             checkpoints=checkpoints,
-            callbacks=[*extra_callbacks, *(launched.callbacks() if launched is not None else ())],
+            callbacks=extra_callbacks,
             after_save=saved,
             checkpoint_now=launched.checkpoint_now if launched is not None else None,
             stop=stop or StopRequest(),
@@ -178,29 +172,6 @@ def _open_run(
     # Every worker restores the latest checkpoint.
     run_dir.fetch(trees=[rundir.CHECKPOINTS])
     return data
-
-
-def _launched_data(run_dir: rundir.RunDir, launched: Launched, *, chief: bool) -> TrainingData:
-    """The prepared shards a launcher left in the run directory; the chief also gets the logs it continues."""
-    run_dir.attach(launched.lease)
-    run_dir.fetch([rundir.CONFIG, rundir.VOCAB, rundir.MANIFEST])
-    if chief:
-        run_dir.fetch([rundir.METRICS, rundir.STEPS, rundir.CHANGES, rundir.WORKER_GROUPS])
-    manifest = shards.read_manifest(run_dir.work / rundir.PREPARED)
-    if manifest is None:
-        raise DataError(f"{run_dir}/{rundir.PREPARED} holds no prepared data")
-    splits = manifest["splits"]
-    run_dir.fetch(f"{rundir.PREPARED}/{name}" for name in [*splits["train"]["files"], *splits["validation"]["files"]])
-    return prepared_data(run_dir.work / rundir.PREPARED)
-
-
-def _tokenize(cfg: Config, run_dir: rundir.RunDir, data: TrainingData, worker: Worker) -> tuple[Tokenizer, Encoded]:
-    """The run's tokenizer (its saved vocabulary, else fitted and saved by the chief) and the encoded examples."""
-    vocabulary = run_dir.vocabulary()
-    tokenizer, encoded = tokenize(cfg.data, data, vocabulary)
-    if vocabulary is None and worker.chief:
-        run_dir.write_vocabulary(tokenizer.vocabulary)
-    return tokenizer, encoded
 
 
 def _train(

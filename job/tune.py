@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imdb_dist.cli import main  # noqa: E402  (after the path is set)
+from imdb_dist.cli import main  # after the path is set
 
 if __name__ == "__main__":
     sys.exit(main(["tune", *sys.argv[1:]]))

@@ -7,6 +7,7 @@ NEGATIVE words, both padded with NEUTRAL filler, so a model can learn them.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -38,6 +39,10 @@ from imdb_dist.logs import native_startup_filtered
 
 # TensorFlow's start-up lines are filtered as the CLI filters them: else every
 # pytest process (the controller and each xdist worker) prints them into the log.
+# Its CUDA lines (cuInit's "error" on a machine without a GPU) are kept only
+# where no log is configured; here they go to the log at DEBUG, as in the CLI.
+_import_log = logging.NullHandler()
+logging.getLogger().addHandler(_import_log)
 with native_startup_filtered():
     import tensorflow as tf
 
@@ -45,6 +50,7 @@ with native_startup_filtered():
     # build a MirroredStrategy with two replicas on a machine with no GPU.
     _cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+logging.getLogger().removeHandler(_import_log)
 
 
 def sigint_as_from_a_shell() -> None:
@@ -127,7 +133,7 @@ def start_imdb_dist(*args: str, preexec_fn=None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=preexec_fn,
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - two signal calls, safe after fork
     )
 
 

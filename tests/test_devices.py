@@ -14,13 +14,19 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
 from conftest import REPO, tiny_overrides, write_aclimdb
 
 from imdb_dist.config import DistributionConfig, load_config
-from imdb_dist.devices import GPU_EXTRA, check_devices, gpu_requests, nvidia_driver
+from imdb_dist.devices import (
+    check_devices,
+    gpu_extra_command,
+    gpu_requests,
+    nvidia_driver,
+)
 from imdb_dist.distribute import (
     collective_for,
     communication_options,
@@ -191,6 +197,7 @@ def test_imdb_dist_train_asking_for_a_gpu_exits_2_quoting_tensorflow_and_writes_
 
 _CHECK_SCRIPT = """
 import sys
+from pathlib import Path
 from imdb_dist.logs import accelerator_notes, import_tensorflow_quietly, setup_logging
 setup_logging()
 import_tensorflow_quietly()
@@ -283,13 +290,23 @@ def test_auto_devices_on_a_host_with_a_driver_but_no_cuda_say_in_one_warning_to_
     assert check_devices(load_config()) is False  # auto still trains, on the CPU
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("devices: the CPU, no GPU: this host has an NVIDIA driver")
-    assert f"install the gpu extra ({GPU_EXTRA})" in warnings[0] and GPU_EXTRA == 'pip install -e ".[gpu]"'
+    # The tests run from the checkout (an editable install): the hint reinstalls it from there, from any directory.
+    assert f"""install the gpu extra (pip install -e "{REPO}[gpu]")""" in warnings[0], warnings[0]
     assert [r.levelname for r in caplog.records] == ["WARNING"]  # the devices line is the hint: said once
     # A CPU rehearsal chose the CPU: no hint; a job that asks for a GPU stops, its reason naming the extra.
     caplog.clear()
     assert check_devices(load_config(overrides=["distribution.cpu_devices=2"])) is False
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     if tf.test.is_built_with_cuda():
-        missing = f"the CUDA libraries of the gpu extra are not installed ({GPU_EXTRA})"
+        missing = f"the CUDA libraries of the gpu extra are not installed ({gpu_extra_command()})"
         with pytest.raises(ConfigError, match=re.escape(missing)):
             check_devices(load_config(overrides=["train.mixed_precision=mixed_float16"]))
+
+
+def test_the_gpu_extra_hint_names_the_install_it_is_for(tmp_path: Path) -> None:
+    # A checkout: reinstall it, editable, from its own directory (a relative ".[gpu]" fails from anywhere else).
+    assert gpu_extra_command(REPO / "imdb_dist") == f'pip install -e "{REPO}[gpu]"'
+    # An installed package (site-packages, a container's image): no pyproject.toml beside it; by name.
+    installed = tmp_path / "site-packages" / "imdb_dist"
+    installed.mkdir(parents=True)
+    assert gpu_extra_command(installed) == 'pip install "imdb-dist[gpu]"'

@@ -21,7 +21,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TINY, installed_script, make_tarball, sigint_as_from_a_shell, write_aclimdb
+from conftest import (
+    TINY,
+    installed_script,
+    make_tarball,
+    sigint_as_from_a_shell,
+    write_aclimdb,
+)
 
 from imdb_dist import rundir
 from imdb_dist.config import OFFICIAL_SHA256, OFFICIAL_URL, DataConfig
@@ -295,7 +301,7 @@ def start_child(mode: str, url: str, sha256: str, cache: Path) -> subprocess.Pop
     # Ctrl-C test's child would never see its KeyboardInterrupt.
     return subprocess.Popen(
         [sys.executable, "-c", _CHILD, mode, url, sha256, str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=sigint_as_from_a_shell,
+        text=True, preexec_fn=sigint_as_from_a_shell,  # noqa: PLW1509 - two signal calls, safe after fork
     )
 
 

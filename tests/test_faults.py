@@ -264,7 +264,7 @@ try:
 except RunError as exc:
     print(exc)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"cannot write the model export in {tmp_path / 'model'}: ")
     assert "File too large" in result.stdout

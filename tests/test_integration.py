@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def imdb_dist(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([installed_script("imdb-dist"), *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+    return subprocess.run([installed_script("imdb-dist"), *args], capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
 
 
 def test_smoke_preset_on_real_data(real_data: Path, tmp_path: Path) -> None:

@@ -317,7 +317,7 @@ def built() -> list[dict[str, Any]]:
     command = _kustomize()
     if command is None:
         pytest.skip("neither kustomize nor kubectl is installed; the structural tests above still ran")
-    result = subprocess.run([*command, str(K8S)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*command, str(K8S)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -406,7 +406,7 @@ def test_rayjob_entrypoint_runs_help(rayjob):
     args = entrypoint_args(rayjob)
     result = subprocess.run(
         [sys.executable, args[1], "--help"],
-        cwd=REPO, env={**os.environ, **_runtime_env(rayjob)}, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env={**os.environ, **_runtime_env(rayjob)}, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: imdb-dist launch")
@@ -425,7 +425,7 @@ def test_job_train_command_runs_help():
     (container,) = JOB["spec"]["template"]["spec"]["containers"]
     result = subprocess.run(
         [sys.executable, "-m", "imdb_dist.cli", container["args"][0], "--help"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: imdb-dist train")
@@ -604,7 +604,7 @@ def _training_containers() -> list[tuple[str, dict[str, Any], dict[str, Any], Co
 
 @pytest.mark.parametrize("pod", TRAINING_PODS)
 def test_run_directory_is_on_the_shared_volume(pod):
-    (name, spec, container, cfg) = [t for t in _training_containers() if t[0] == pod][0]
+    (_name, spec, container, cfg) = next(t for t in _training_containers() if t[0] == pod)
     run_root = cfg.ray.storage_path if cfg.ray.use_gpu else cfg.run.output_dir
     mount = mount_for(container, run_root)
     assert volume(spec, mount["name"])["persistentVolumeClaim"]["claimName"] == STORAGE_CLAIM
@@ -613,7 +613,7 @@ def test_run_directory_is_on_the_shared_volume(pod):
 
 @pytest.mark.parametrize("pod", TRAINING_PODS)
 def test_dataset_is_mounted_read_only_where_data_path_points(pod):
-    (name, spec, container, cfg) = [t for t in _training_containers() if t[0] == pod][0]
+    (_name, spec, container, cfg) = next(t for t in _training_containers() if t[0] == pod)
     mount = mount_for(container, cfg.data.path)
     assert mount["readOnly"] is True
     assert volume(spec, mount["name"])["persistentVolumeClaim"]["claimName"] == STORAGE_CLAIM

@@ -6,6 +6,8 @@ logical CPUs conftest splits this process into: the multi-GPU shape.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +25,20 @@ from imdb_dist.distribute import make_strategy, precision_policy
 from imdb_dist.dropout import key_on_step
 from imdb_dist.errors import RunError
 from imdb_dist.interrupt import Interrupted, StopRequest
-from imdb_dist.loop import Schedule, TrainingLoop, build_metrics, build_optimizer, make_evaluate_function
-from imdb_dist.model import Adam, build_model, compile_model, ensemble_accuracy, min_length
+from imdb_dist.loop import (
+    Schedule,
+    TrainingLoop,
+    build_metrics,
+    build_optimizer,
+    make_evaluate_function,
+)
+from imdb_dist.model import (
+    Adam,
+    build_model,
+    compile_model,
+    ensemble_accuracy,
+    min_length,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -193,7 +207,7 @@ def test_a_notice_checkpoints_at_that_point_and_training_goes_on(tmp_path):
         return len(asked) >= 2
 
     schedule = Schedule(epochs=1, steps_per_epoch=20, log_every=5)
-    model, points, interrupted = _train(
+    model, _points, interrupted = _train(
         tmp_path / "ckpt", schedule, checkpoint_now=notice,
         after_save=lambda logs: saved.append((logs["epoch"], logs.get("step", 0))),
     )
@@ -256,7 +270,7 @@ def test_the_loss_scale_halves_on_overflow_grows_after_finite_steps_and_skipped_
     model, points, _ = _train(tmp_path / "ckpt", schedule, precision="mixed_float16", loss_scale=SCALE)
     assert isinstance(model.optimizer, keras.mixed_precision.LossScaleOptimizer)
     scales = [SCALE["initial_scale"], *points.scales]
-    ratios = [after / before for before, after in zip(scales, scales[1:])]
+    ratios = [after / before for before, after in itertools.pairwise(scales)]
     assert set(ratios) <= {0.5, 1.0, 2.0}, ratios
     first_finite = ratios.index(1.0)
     assert first_finite >= 1 and set(ratios[:first_finite]) == {0.5}  # 2**40 overflows float16 at once
@@ -289,3 +303,14 @@ def test_a_mixed_precision_run_stopped_mid_epoch_resumes_exactly_with_its_loss_s
     for got, want in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(got, want)
     assert float(resumed.optimizer.loss_scale.numpy()) == float(reference.optimizer.loss_scale.numpy())
+
+
+def test_runs_after_runs_in_one_process_trace_without_retracing_warnings(tmp_path, caplog):
+    # A sweep or a benchmark trains many runs in one process; each builds its functions under its own
+    # strategy. TensorFlow counts traces per code object and warns of "retracing" from the sixth on: none here.
+    caplog.set_level(logging.WARNING, logger="tensorflow")
+    schedule = Schedule(epochs=1, steps_per_epoch=2, steps_per_execution=1, log_every=2)
+    for run in range(6):
+        _train(tmp_path / f"ckpt-{run}", schedule)
+    retracing = [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+    assert not retracing, retracing[0]

@@ -28,7 +28,13 @@ from imdb_dist.distribute import (
 )
 from imdb_dist.dropout import FastDropout, key_on_step
 from imdb_dist.errors import ConfigError
-from imdb_dist.model import CUDNN_LSTM_ARGS, build_model, compile_model, members_crossentropy, min_length
+from imdb_dist.model import (
+    CUDNN_LSTM_ARGS,
+    build_model,
+    compile_model,
+    members_crossentropy,
+    min_length,
+)
 
 VOCAB = 50
 CFG = ModelConfig(embedding_dim=8, conv_filters=4, kernel_size=3, pool_size=2, lstm_units=4)
@@ -263,10 +269,9 @@ def test_precision_policy_restores_the_previous_policy(name):
 
 @pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
 def test_precision_policy_restores_the_previous_policy_after_an_exception(name):
-    with pytest.raises(RuntimeError, match="boom"):
-        with precision_policy(name):
-            assert keras.mixed_precision.global_policy().name == name
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), precision_policy(name):
+        assert keras.mixed_precision.global_policy().name == name
+        raise RuntimeError("boom")
     assert keras.mixed_precision.global_policy().name == "float32"
 
 

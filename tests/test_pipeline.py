@@ -10,6 +10,7 @@ tell them apart, so "every example exactly once" is checked by identity.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import random
 
@@ -33,7 +34,6 @@ from imdb_dist.data.pipeline import (
     split_words,
     standardize,
 )
-
 from imdb_dist.data.plan import GlobalPlan, Share, stream
 
 VOCAB_SIZE = 50
@@ -382,7 +382,7 @@ def test_a_bucketed_epoch_holds_every_example_once_in_batches_of_similar_length(
     # One pool holds all 72 reviews: sorted by length and cut, so batches'
     # length ranges do not overlap (they are permuted afterwards).
     spans.sort()
-    assert all(low_max <= high_min for (_, low_max), (high_min, _) in zip(spans, spans[1:]))
+    assert all(low_max <= high_min for (_, low_max), (high_min, _) in itertools.pairwise(spans))
     got = collections.Counter((ids, y) for ids, y, _ in _rows(ds))
     assert got == collections.Counter(zip(_direct(tokenizer, texts, max_len), range(len(texts))))
 

@@ -61,17 +61,15 @@ def add_parser(sub: Any) -> None:
     w.add_argument("--max-len", type=int, default=MAX_LEN)
     harness.add_rounds(w, default=3)
     w.add_argument("--baseline", default="66580ba", help="git revision for the base-* variants")
-    w.add_argument("--variants", default="1,2-sparse,2-dense,base-1,base-2", type=_variants,
+    w.add_argument("--variants", default="1,2-sparse,2-dense,base-1,base-2",
                    help=f"comma-separated, of {','.join(VARIANTS)}")
     harness.add_output(w)
-    w.set_defaults(run=weak)
 
+    def checked(args: argparse.Namespace) -> dict[str, Any]:
+        args.variants = harness.chosen(w, args.variants, VARIANTS)
+        return weak(args)
 
-def _variants(value: str) -> list[str]:
-    names = value.split(",")
-    if unknown := [name for name in names if name not in VARIANTS]:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {','.join(unknown)}: choose from {','.join(VARIANTS)}")
-    return names
+    w.set_defaults(run=checked)
 
 
 def _start(args: argparse.Namespace, tree: Path, out: Path, workers: int, extra: list[str]) -> subprocess.Popen[str]:

@@ -70,12 +70,35 @@ def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def _describe(hint: Any) -> str:
-    """A type hint in words: ``int``, ``a list of 2 int``, ``a list of str``."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {args[0].__name__}" if Ellipsis in args else f"a list of {len(args)} {args[0].__name__}"
-    return getattr(hint, "__name__", str(hint))
+def type_words(hint: Any) -> str:
+    """A field's type as a reader of YAML sees it: ``int``, ``str or null``, ``list of str``, ``[int, int]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return "any"
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{flow(a)}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_words(a) for a in args)
+    if origin is tuple:
+        if Ellipsis in args:
+            return f"list of {type_words(args[0])}"
+        return "[" + ", ".join(type_words(a) for a in args) + "]"
+    if origin is dict:
+        return f"mapping of {type_words(args[0])} to {type_words(args[1])}"
+    return hint.__name__
+
+
+def flow(value: Any) -> str:
+    """``value`` as YAML flow style writes it on one line: ``null``, ``true``, ``[]``, ``{CPU: 1.0}``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{flow(k)}: {flow(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -163,7 +186,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return _coerce(key, option, value)
             except ConfigError:
                 pass
-        kinds = " or ".join(_describe(option) for option in inner)
+        kinds = " or ".join(type_words(option) for option in inner)
         raise ConfigError(key, f"expected {kinds}, got {type(value).__name__} {value!r}")
     if origin is dict:
         if not isinstance(value, dict):

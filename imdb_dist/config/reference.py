@@ -15,13 +15,13 @@ import ast
 import dataclasses
 import inspect
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
 
+from imdb_dist.config.loading import flow, type_words
 from imdb_dist.config.schema import Config
+from imdb_dist.errors import ArgumentParser
 
 # The checkout's docs/: --write is for a working tree, where the package sits beside docs/.
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -104,29 +104,11 @@ def sections() -> list[tuple[str, type]]:
     return [(field.name, hints[field.name]) for field in dataclasses.fields(Config)]
 
 
-def type_words(hint: Any) -> str:
-    """A field's type as a reader of YAML sees it: ``int``, ``str or null``, ``list of str``, ``[int, int]``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return "any"
-    if origin is Literal:
-        return "one of " + ", ".join(f"`{_flow(a)}`" for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else type_words(a) for a in args)
-    if origin is tuple:
-        if Ellipsis in args:
-            return f"list of {type_words(args[0])}"
-        return "[" + ", ".join(type_words(a) for a in args) + "]"
-    if origin is dict:
-        return f"mapping of {type_words(args[0])} to {type_words(args[1])}"
-    return hint.__name__
-
-
 def rows(section: type) -> list[tuple[str, str, str]]:
     """``(field, type, default)`` of every field of ``section``, in order."""
     hints = typing.get_type_hints(section)
     defaults = section()
-    return [(f.name, type_words(hints[f.name]), _flow(getattr(defaults, f.name))) for f in dataclasses.fields(section)]
+    return [(f.name, type_words(hints[f.name]), flow(getattr(defaults, f.name))) for f in dataclasses.fields(section)]
 
 
 def render() -> str:
@@ -146,34 +128,20 @@ def render() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the reference, or with ``--write`` rewrite :data:`DOC`; exit 2 on any other argument."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args in (["-h"], ["--help"]):
-        print(__doc__)
-        return 0
-    if args not in ([], ["--write"]):
-        print(f"error: unexpected arguments {' '.join(args)!r} (usage: {COMMAND.removesuffix(' --write')} "
-              "[--write])", file=sys.stderr)
-        return 2
+    parser = ArgumentParser(prog="python -m imdb_dist.config.reference", description=__doc__.splitlines()[0],
+                            allow_abbrev=False)
+    parser.add_argument("--write", action="store_true", help=f"rewrite {DOC.relative_to(DOC.parents[1])}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     text = render()
-    if not args:
+    if not args.write:
         sys.stdout.write(text)
         return 0
     DOC.write_text(text, encoding="utf-8")
     print(f"wrote {DOC}", file=sys.stderr)
     return 0
-
-
-def _flow(value: Any) -> str:
-    """``value`` as YAML flow style writes it on one line: ``null``, ``true``, ``[]``, ``{CPU: 1.0}``."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_flow(k)}: {_flow(v)}" for k, v in value.items()) + "}"
-    return str(value)
 
 
 if __name__ == "__main__":

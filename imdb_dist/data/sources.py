@@ -387,7 +387,7 @@ def _read_tfds(data_dir: str | None, split: str) -> Reviews:
     try:
         dataset = tfds.load("imdb_reviews", split=split, as_supervised=True, data_dir=data_dir)
         pairs = list(tfds.as_numpy(dataset))
-    except Exception as exc:  # tfds raises many types (network, checksum, missing split).
+    except Exception as exc:  # noqa: BLE001 - tfds raises many types (network, checksum, missing split).
         raise DataError(
             f"cannot load tfds imdb_reviews/{split}: {exc}; offline, point data.path "
             "(or $IMDB_DATA) at an aclImdb directory or .tar.gz"
@@ -404,7 +404,7 @@ def _read_keras(path: str | None, split: str, vocab_size: int) -> Reviews:
         # load_data verifies the archive's sha256 before opening it.
         (x_train, y_train), (x_test, y_test) = imdb.load_data(path=path or "imdb.npz", num_words=vocab_size)
         word_index = imdb.get_word_index()
-    except Exception as exc:  # download and file errors surface as many types.
+    except Exception as exc:  # noqa: BLE001 - download and file errors surface as many types.
         raise DataError(f"cannot load keras.datasets.imdb: {exc}") from None
     sequences, labels = (x_train, y_train) if split == "train" else (x_test, y_test)
     return Reviews(decode_keras(sequences, word_index), np.asarray(labels, dtype=np.int32))

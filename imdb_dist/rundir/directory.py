@@ -52,9 +52,9 @@ class RunDir:
     def __init__(self, location: storage.Location, key: str = "run.output_dir") -> None:
         self.location = location
         self.key = key
-        self._scratch = None if location.local else Path(tempfile.mkdtemp(prefix="imdb-dist-run-"))
-        self.work = location.local_path() if location.local else self._scratch
-        self._remote = None if self._scratch is None else RemoteCopy(location, self._scratch)
+        # A remote run directory is worked on in a scratch copy, which RemoteCopy moves to and from storage.
+        self.work = location.local_path() if location.local else Path(tempfile.mkdtemp(prefix="imdb-dist-run-"))
+        self._remote = None if location.local else RemoteCopy(location, self.work)
         self.lease: Lease | None = None
         self._lease_id: str | None = None  # the launcher's lease, checked before each write (Ray workers)
 
@@ -79,8 +79,8 @@ class RunDir:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+        if self._remote is not None:
+            shutil.rmtree(self.work, ignore_errors=True)  # the scratch copy
 
     def __enter__(self) -> Self:
         return self
@@ -193,7 +193,7 @@ class RunDir:
             InputError: naming the key.
         """
         previous = self.saved_fingerprint()
-        fingerprint.check(previous, current, changes, self)
+        fingerprint.check(previous, current, self, changes)
         self.changes()  # read now, so that a damaged record is refused before training, not at the report
         return previous
 
