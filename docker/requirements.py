@@ -4,6 +4,7 @@ The Dockerfile installs these in a layer of their own before it copies the
 code, so editing the code does not re-download several GB of wheels:
 
     python3 docker/requirements.py pyproject.toml gpu > /tmp/requirements.txt
+    python3 docker/requirements.py --build-system pyproject.toml   # what builds the project's wheel
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ def requirements(pyproject: Path, extras: list[str]) -> list[str]:
     return result
 
 
+def build_requirements(pyproject: Path) -> list[str]:
+    """``[build-system] requires``: what builds the project's wheel."""
+    return list(tomllib.loads(pyproject.read_text(encoding="utf-8"))["build-system"]["requires"])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: requirements.py PYPROJECT [EXTRA ...]")
-    print("\n".join(requirements(Path(sys.argv[1]), sys.argv[2:])))
+    if sys.argv[1:2] == ["--build-system"] and len(sys.argv) == 3:
+        print("\n".join(build_requirements(Path(sys.argv[2]))))
+    elif len(sys.argv) >= 2 and not sys.argv[1].startswith("-"):
+        print("\n".join(requirements(Path(sys.argv[1]), sys.argv[2:])))
+    else:
+        raise SystemExit("usage: requirements.py PYPROJECT [EXTRA ...] | requirements.py --build-system PYPROJECT")

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from imdb_dist.config import load_config
+from imdb_dist.config import OFFICIAL_SHA256, OFFICIAL_URL, load_config
 from imdb_dist.errors import EXIT_BAD_INPUT, ArgumentParser, InputError, RunError
 from imdb_dist.interrupt import Interrupted, stop_on_signals
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", metavar="TEXT", help="reviews to score")
     predict.add_argument("--file", type=Path, help="one review per line ('-' for stdin); blank lines are skipped")
     predict.set_defaults(handler=_predict)
+
+    download = commands.add_parser(
+        "download", help="fetch the dataset archive, verified against its sha256, into a directory; prints its path"
+    )
+    download.add_argument("--to", type=Path, help="the directory (default: the download cache, $IMDB_DIST_CACHE)")
+    download.add_argument("--url", default=OFFICIAL_URL, help="the archive's URL (default: the official aclImdb)")
+    download.add_argument("--sha256", default=OFFICIAL_SHA256, help="its sha256 (default: the official archive's)")
+    download.set_defaults(handler=_download)
     return parser
 
 
@@ -189,6 +197,13 @@ def _predict_inputs(args: argparse.Namespace) -> list[tuple[dict[str, int], str]
     if not keyed:
         raise InputError(f"--file {args.file} holds no reviews")
     return keyed
+
+
+def _download(args: argparse.Namespace) -> int:
+    from imdb_dist.data.download import fetch
+
+    print(fetch(args.url, args.sha256, args.to))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,8 @@ Intel kind with native float16 one unit in the last place apart).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 # float32's unit roundoff: half the distance from 1.0 to the next float32.
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
@@ -56,3 +58,13 @@ def assert_same_epoch_metrics(
                 assert gap <= tolerance * abs(want_row[key]), (got_row["epoch"], key, got_row[key], want_row[key])
             else:
                 assert got_row[key] == want_row[key], (got_row["epoch"], key, got_row[key], want_row[key])
+
+
+def model_weights(run_dir: Path) -> dict[str, Any]:
+    """The exported network's variables (the tokenizer's table left out), by checkpoint key, as numpy arrays."""
+    import tensorflow as tf  # here: the metrics checks above need no TensorFlow
+
+    reader = tf.train.load_checkpoint(str(run_dir / "model" / "1" / "variables" / "variables"))
+    network = [key for key in reader.get_variable_to_shape_map() if key.startswith("network_variables/")]
+    assert network, "the export holds no network variables under the expected key"
+    return {key: reader.get_tensor(key) for key in network}

@@ -221,15 +221,36 @@ def test_builder_installs_dependencies_before_copying_the_code():
     builder = STAGES["builder"]
     text = [ins.keyword + " " + ins.value for ins in builder]
     copy_pyproject = next(i for i, t in enumerate(text) if t.startswith("COPY ") and "pyproject.toml" in t)
-    install_deps = next(i for i, t in enumerate(text) if "docker/requirements.py pyproject.toml gpu" in t)
+    install_deps = next(i for i, t in enumerate(text) if "docker/requirements.py pyproject.toml" in t)
     copy_code = next(i for i, t in enumerate(text) if t.startswith("COPY ") and "imdb_dist" in t)
-    install_project = next(i for i, t in enumerate(text) if re.search(r"pip install .*--no-deps \.(\s|$)", t))
-    assert copy_pyproject < install_deps < copy_code < install_project
+    build_wheel = next(i for i, t in enumerate(text) if re.search(r"pip wheel .*--no-deps .*\.(\s|$)", t))
+    assert copy_pyproject < install_deps < copy_code < build_wheel
     assert "-c docker/constraints-cuda.txt" in text[install_deps]
     assert "-r /tmp/requirements.txt" in text[install_deps]
+    # The wheel is built offline, by the build backend installed with the dependencies.
+    assert "--build-system pyproject.toml" in text[install_deps] and "--no-build-isolation" in text[build_wheel]
     # Nothing but pyproject.toml and the two docker/ helpers may come before the dependency layer.
     early = [src for ins in builder[:install_deps] if ins.keyword == "COPY" for src in copy_sources(ins)[0]]
     assert sorted(early) == ["docker/constraints-cuda.txt", "docker/requirements.py", "pyproject.toml"]
+
+
+def test_the_device_argument_picks_the_gpu_extra_or_none():
+    (install_deps,) = [ins.value for ins in STAGES["builder"] if "docker/requirements.py pyproject.toml" in ins.value]
+    assert ARGS["DEVICE"] == "gpu"  # the default image is the GPU image
+    # gpu -> the gpu extra; cpu -> no extra; anything else stops the build, naming both.
+    assert re.search(r"gpu\) extra=gpu ;;", install_deps) and re.search(r"cpu\) extra= ;;", install_deps)
+    assert "DEVICE is gpu or cpu" in install_deps and "exit 2" in install_deps
+    assert '${extra:+"$extra"}' in install_deps
+
+
+def test_the_proxy_ca_bundle_is_a_build_secret_of_the_downloading_step_only():
+    """pip reaches the index behind a TLS proxy with its CA as a secret mount: in no layer, not in the cache key."""
+    downloading = [ins for ins in INSTRUCTIONS if ins.keyword == "RUN" and "pip install" in ins.value
+                   and "--no-index" not in ins.value]
+    assert len(downloading) == 1
+    assert downloading[0].value.startswith("--mount=type=secret,id=pip-ca ")
+    assert "PIP_CERT=/run/secrets/pip-ca" in downloading[0].value
+    assert not [ins for ins in INSTRUCTIONS if ins.keyword in ("COPY", "ADD") and re.search(r"\.(crt|pem)\b", ins.value)]
 
 
 def test_dockerfile_installs_the_package_the_readme_installs():
@@ -254,14 +275,16 @@ def test_runtime_stage_installs_no_build_tools():
     apt = []
     for ins in FINAL:
         if ins.keyword == "RUN":
-            assert "pip install" not in ins.value, "the runtime stage must take the virtualenv from the builder"
+            # The virtualenv comes from the builder; only the project's own wheel is installed here, offline.
+            for pip in re.findall(r"pip install ([^&;|]*)", ins.value):
+                assert pip.split()[-1] == "/tmp/wheels/*.whl" and {"--no-deps", "--no-index"} <= set(pip.split())
             for command in re.findall(r"apt-get install ([^&;|]*)", ins.value):
                 apt += [w for w in command.split() if not w.startswith("-")]
     assert apt, "expected the runtime stage to install its interpreter with apt-get"
     assert set(apt) <= {"python3", "wget", "ca-certificates"}, apt
     assert not set(apt) & BUILD_TOOLS
     copies_from = [ins.value for ins in FINAL if ins.keyword == "COPY" and ins.value.startswith("--from")]
-    assert copies_from == ["--from=builder /opt/venv /opt/venv"]
+    assert copies_from == ["--from=builder /opt/venv /opt/venv", "--from=builder /wheels /tmp/wheels"]
 
 
 def test_runtime_stage_runs_as_a_numeric_non_root_user():

@@ -191,6 +191,19 @@ def test_a_download_that_does_not_match_the_checksum_is_refused_and_nothing_is_c
     assert held(cache) == []
 
 
+def test_the_download_command_prints_the_verified_file_and_refuses_a_mismatch_in_one_line(server, tmp_path, capsys):
+    from imdb_dist.cli import main
+
+    target = tmp_path / "datasets"
+    assert main(["download", "--to", str(target), "--url", server.url(GOOD), "--sha256", server.sha256]) == 0
+    assert capsys.readouterr().out == f"{target / NAME}\n" and file_sha256(target / NAME) == server.sha256
+    other = tmp_path / "other"
+    assert main(["download", "--to", str(other), "--url", server.url(ALTERED), "--sha256", server.sha256]) == 2
+    out, err = capsys.readouterr()
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert out == "" and "does not match its checksum" in line and held(other) == []
+
+
 def test_a_response_cut_short_of_its_content_length_is_refused_and_nothing_is_cached(server, tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(DataError) as info:

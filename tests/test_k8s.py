@@ -670,6 +670,21 @@ def test_containers_cannot_escalate_privileges(pod):
         assert "add" not in context["capabilities"]
 
 
+@pytest.mark.parametrize("pod", list(pod_specs()))
+def test_containers_have_a_read_only_root_and_write_only_to_their_own_scratch_volumes(pod):
+    """/tmp and the image user's HOME are emptyDirs of the pod; everything else written is a mounted volume.
+
+    tests/test_container.py runs the pods so, in the image: a write anywhere else would fail there.
+    """
+    spec = pod_specs()[pod]
+    home = "/home/" + re.search(r"useradd [^\n]*--create-home [^\n]* (\w+)\n", DOCKERFILE).group(1)
+    for container in spec["containers"]:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        for path in ("/tmp", home):
+            assert "emptyDir" in volume(spec, mounts[path]), (pod, path)
+
+
 def test_manifests_hold_no_secrets():
     secretish = re.compile(r"TOKEN|PASSWORD|SECRET|API_KEY|CREDENTIAL", re.IGNORECASE)
     assert not [o for o in all_objects() if o["kind"] == "Secret"]

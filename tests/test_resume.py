@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO, start_imdb_dist, tiny_overrides, write_aclimdb
-from exactness import assert_same_epoch_metrics
+from exactness import assert_same_epoch_metrics, model_weights
 
 from imdb_dist import rundir
 from imdb_dist.checkpoint import saved_position
@@ -39,14 +39,6 @@ STEPS = 100
 CHECKPOINT_STEPS = 17
 # Every run here: three epochs, deterministic ops, a step point every 5 steps.
 RUN = ("train.epochs=3", "train.deterministic=true", "run.log_every_steps=5")
-
-
-def model_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    """The exported network's variables (the tokenizer's table left out), by checkpoint key."""
-    reader = tf.train.load_checkpoint(str(run_dir / rundir.MODEL / "1" / "variables" / "variables"))
-    network = [key for key in reader.get_variable_to_shape_map() if key.startswith("network_variables/")]
-    assert network, "the export holds no network variables under the expected key"
-    return {key: reader.get_tensor(key) for key in network}
 
 
 def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
