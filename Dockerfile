@@ -74,6 +74,9 @@ FROM ${CUDA_IMAGE} AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Not "UID": bash keeps its own read-only UID variable.
 ARG APP_UID=10001
+# A login shell resets PATH (/etc/profile): KubeRay starts Ray with
+# `/bin/bash -lc -- "... ray start ..."`, so the login profile puts the
+# virtual environment first again.
 # python3: the interpreter the virtual environment links to. wget: KubeRay's
 # default liveness/readiness probes call it. ca-certificates: HTTPS downloads
 # (the tfds data source). Unpinned for the reason given in the builder stage.
@@ -82,7 +85,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 wget ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid "${APP_UID}" imdb \
-    && useradd --uid "${APP_UID}" --gid "${APP_UID}" --create-home --shell /bin/bash imdb
+    && useradd --uid "${APP_UID}" --gid "${APP_UID}" --create-home --shell /bin/bash imdb \
+    && echo "export PATH=\"/opt/venv/bin:\${PATH}\"" > /etc/profile.d/imdb-dist-venv.sh
 COPY --from=builder /opt/venv /opt/venv
 # The project's wheel into the environment, without its dependencies (they
 # are the layer above) or the network; then pip checks what is installed.

@@ -677,7 +677,7 @@ def test_containers_have_a_read_only_root_and_write_only_to_their_own_scratch_vo
     tests/test_container.py runs the pods so, in the image: a write anywhere else would fail there.
     """
     spec = pod_specs()[pod]
-    home = "/home/" + re.search(r"useradd [^\n]*--create-home [^\n]* (\w+)\n", DOCKERFILE).group(1)
+    home = "/home/" + re.search(r"useradd [^\n]*--create-home [^\n]* (\w+)(?: \\)?\n", DOCKERFILE).group(1)
     for container in spec["containers"]:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
