@@ -23,12 +23,30 @@ import dataclasses
 import json
 import os
 import re
+import resource
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 PODMAN = ("podman", "--runtime", "runc")
+
+
+def _ulimits() -> tuple[str, ...]:
+    """The resource limits a container starts with here: this machine's open files, 32768 processes.
+
+    By default rootful podman raises both to ceilings of its own, which this
+    machine's sandbox refuses (runc: "error setting rlimit ... operation not
+    permitted"); the kubelet leaves them to the runtime too. What the job
+    needs, it gets either way.
+    """
+    _, files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, processes = resource.getrlimit(resource.RLIMIT_NPROC)
+    processes = min(processes, 32768) if processes != resource.RLIM_INFINITY else 32768
+    return (f"--ulimit=nofile={files}:{files}", f"--ulimit=nproc={processes}:{processes}")
+
+
+ULIMITS = _ulimits()
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
 _FACTORS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
             "Ti": 2**40}
@@ -93,7 +111,7 @@ def run_args(
     spec = container(pod_spec, container_name)
     pod_security = pod_spec.get("securityContext", {})
     security = {**pod_security, **spec.get("securityContext", {})}
-    run = [*PODMAN, "run", "--detach", "--name", name, "--hostname", name]
+    run = [*PODMAN, "run", "--detach", "--name", name, "--hostname", name, *ULIMITS]
     if network is not None:
         run += ["--network", network]
     uid, gid = security.get("runAsUser"), security.get("runAsGroup")
@@ -153,11 +171,19 @@ def _mount(pod_spec: Mapping[str, Any], mount: Mapping[str, Any], volumes: Volum
             (files / key).chmod(0o644)
         files.chmod(0o755)
         return ["--mount", f"type=bind,source={files},destination={target},readonly"]  # always read-only
-    if "emptyDir" in volume:
-        # A fresh, empty directory for each pod, writable by anyone (the kubelet makes it 0777).
+    if "emptyDir" in volume and volume["emptyDir"].get("medium") == "Memory":
         size = volume["emptyDir"].get("sizeLimit")
         limit = f",tmpfs-size={int(quantity(size))}" if size else ""
         return ["--mount", f"type=tmpfs,destination={target},tmpfs-mode=1777{limit}"]
+    if "emptyDir" in volume:
+        # A fresh, empty directory of the pod's, as the kubelet makes it: mode 0777, the fsGroup's. (A tmpfs
+        # over a directory the image has, such as HOME, keeps that directory's owner and mode here.)
+        scratch = volumes.scratch / f"{pod}-{mount['name']}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        if fs_group is not None:
+            os.chown(scratch, -1, fs_group)
+        scratch.chmod(0o777)
+        return ["--mount", f"type=bind,source={scratch},destination={target}"]
     raise AssertionError(f"volume {volume['name']}: only claims, ConfigMaps and emptyDirs are run here")
 
 

@@ -41,7 +41,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 # integration 58; every other file under 56. A file's time moves by tens of
 # seconds with what runs beside it (the later run there), not its rank.
 LONGEST_FIRST = (
-    "test_launch.py", "test_bench.py", "test_multinode.py", "test_resume.py", "test_storage.py",
+    "test_launch.py", "test_bench.py", "test_multinode.py", "test_storage.py", "test_container.py", "test_resume.py",
     "test_tune.py", "test_faults.py", "test_fingerprint.py", "test_job_submit.py", "test_train.py",
     "test_topology.py", "test_loop.py", "test_integration.py", "test_cli.py", "test_aggregation.py",
     "test_rundir.py",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import itertools
 import json
 import os
 import re
@@ -26,7 +27,6 @@ import secrets
 import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +39,7 @@ import yaml
 from conftest import REPO, installed_script, make_tarball, write_aclimdb
 from exactness import model_weights
 from pods import (
+    ULIMITS,
     Volumes,
     grace_seconds,
     ip_address,
@@ -126,6 +127,9 @@ def network(image: str) -> Iterator[str]:
     podman("network", "rm", "--force", name, check=False)
 
 
+_NUMBERS = itertools.count()
+
+
 class Pods:
     """The containers a test starts (removed at its end), on claims that are host directories."""
 
@@ -146,7 +150,7 @@ class Pods:
         return path
 
     def start(self, pod_spec: dict[str, Any], container_name: str, **how: Any) -> str:
-        name = f"imdb-dist-test-{os.getpid()}-{len(self.names)}"
+        name = f"imdb-dist-test-{os.getpid()}-{next(_NUMBERS)}"
         volumes = Volumes(claims=self.claims, config_maps=config_maps(), scratch=self.root / "config-maps")
         podman(*run_args(pod_spec, container_name, image=self.image, volumes=volumes, name=name, **how)[3:])
         self.names.append(name)
@@ -190,16 +194,18 @@ def _host_path(claim: Path, pod_path: str, mount_path: str = "/mnt/imdb-dist") -
 # --------------------------------------------------------------------------- the image
 
 
+# The first test builds the image: seconds from the layer cache, minutes on a machine's first build.
+@pytest.mark.timeout(840)
 def test_the_cpu_image_has_tensorflow_without_cuda_and_pip_check_passes(image: str) -> None:
-    run = podman("run", "--rm", "--entrypoint", "pip", image, "list", "--format", "json")
+    run = podman("run", "--rm", *ULIMITS, "--entrypoint", "pip", image, "list", "--format", "json")
     installed = {p["name"].lower(): p["version"] for p in json.loads(run.stdout)}
     assert installed["tensorflow"].startswith("2.21.") and installed["imdb-dist"] == "0.1.0"
     assert not [name for name in installed if name.startswith("nvidia-")], "the CPU image holds CUDA wheels"
-    assert podman("run", "--rm", "--entrypoint", "pip", image, "check").stdout.startswith("No broken requirements")
+    assert podman("run", "--rm", *ULIMITS, "--entrypoint", "pip", image, "check").stdout.startswith("No broken requirements")
     # The default command: the CLI's help, as the image's user, not root.
-    helped = podman("run", "--rm", image)
+    helped = podman("run", "--rm", *ULIMITS, image)
     assert helped.stdout.startswith("usage: imdb-dist")
-    assert podman("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() == "10001"
+    assert podman("run", "--rm", *ULIMITS, "--entrypoint", "id", image, "-u").stdout.strip() == "10001"
 
 
 # --------------------------------------------------------------------------- the batch Job
@@ -230,13 +236,13 @@ def test_the_batch_jobs_trainer_runs_to_an_exported_model_that_predict_scores_in
 ) -> None:
     run_dir, log = finished_job
     report = json.loads((run_dir / rundir.REPORT).read_text())
-    assert report["precision"] == "float32" and report["validation"]["accuracy"] > 0.8
+    assert report["precision"] == "float32" and report["validation"]["auc"] > 0.9
     assert (run_dir / rundir.MODEL / "1" / "saved_model.pb").is_file()
     # Written as the pod's user, into the fsGroup-owned volume.
     assert (run_dir / rundir.REPORT).stat().st_uid == JOB["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
-    # Our lines, not TensorFlow's C++ start-up noise, and no line that says "error".
-    assert "devices: the CPU" in log and not re.search(r"^[EW]\d{4} ", log, flags=re.MULTILINE), log[-3000:]
-    assert "error" not in log.lower(), log[-3000:]
+    # Our lines only: no TensorFlow C++ start-up noise, no warning (a write the read-only root refused).
+    assert "devices: the CPU" in log and not re.search(r"^[EWI]\d{4} ", log, flags=re.MULTILINE), log[-3000:]
+    assert not re.search(r"^\S+ \S+ (WARNING|ERROR) ", log, flags=re.MULTILINE), log[-3000:]
     # predict, in the same pod spec (its user, read-only root, mounts), on the exported model.
     pods.claims[CLAIM] = run_dir.parents[0]
     model = "/mnt/imdb-dist/" + run_dir.name
@@ -301,8 +307,14 @@ def test_the_data_loaders_download_step_fetches_and_checks_the_archive_and_refus
     spec = LOADER["spec"]
     name = pods.start(spec, "loader", network=network)
     gateway = SUBNET.rsplit(".", 1)[0] + ".1"  # the host, on the containers' network
+    served = pods.root / "served"
+    served.mkdir()
+    for name_there in (dataset.name, "altered.tar.gz"):
+        shutil.copy(dataset, served / name_there)
+    with (served / "altered.tar.gz").open("ab") as altered:
+        altered.write(b"\0")  # one byte more: another sha256
     server = http.server.ThreadingHTTPServer(
-        (gateway, 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dataset.parent))
+        (gateway, 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -316,8 +328,8 @@ def test_the_data_loaders_download_step_fetches_and_checks_the_archive_and_refus
         assert target.read_bytes() == dataset.read_bytes() and target.stat().st_uid == spec["securityContext"]["runAsUser"]
         # A wrong checksum: one error line, exit 2, nothing new on the volume.
         before = sorted(p.name for p in target.parent.iterdir())
-        refused = podman("exec", name, *step, "--url", url.replace(dataset.name, "copy.tar.gz"), "--sha256",
-                         "0" * 64, check=False)
+        refused = podman("exec", name, *step, "--url", url.replace(dataset.name, "altered.tar.gz"), "--sha256",
+                         sha256, check=False)
         assert refused.returncode == 2
         errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "does not match its checksum" in errors[0], refused.stderr
@@ -373,15 +385,14 @@ def _entrypoint_config() -> str:
 
 
 def _wait_for_nodes(env: dict[str, str], count: int, head: str, pods: Pods) -> None:
-    """Until the head's GCS lists ``count`` live nodes (the workers joined with the token)."""
+    """Until the head lists ``count`` live nodes (the workers joined with the token), asked from outside."""
     deadline = time.monotonic() + 180
-    gcs = env["RAY_ADDRESS"].split("//")[1].split(":")[0] + ":6379"
-    count_alive = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                   "print(sum(n['Alive'] for n in ray.nodes()))")
-    probe = [sys.executable, "-c", count_alive, gcs]
+    probe = [installed_script("ray"), "list", "nodes", "--format", "json", "--filter", "state=ALIVE"]
     while True:
         tried = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120, check=False)
-        if tried.returncode == 0 and tried.stdout.strip().splitlines()[-1:] == [str(count)]:
+        listed = tried.stdout.strip()
+        # Until a node registers it says "No resource in the cluster".
+        if tried.returncode == 0 and listed.startswith("[") and len(json.loads(listed)) == count:
             return
         assert time.monotonic() < deadline, (tried.stdout + tried.stderr)[-2000:] + pods.logs(head)[-2000:]
         time.sleep(2)
