@@ -63,7 +63,16 @@ CA_BUNDLE = Path(os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"
 SUBNET = "10.213.78.0/24"
 # The GPU-only keys of the manifests' configs, and what a CPU takes instead.
 CPU_INSTEAD_OF_GPU = ["train.mixed_precision=float32"]
-RAY_CPU_REHEARSAL = [*CPU_INSTEAD_OF_GPU, "ray.use_gpu=false", "ray.resources_per_worker={CPU: 1}", "train.epochs=1"]
+# Where to find the data and where to write are the pod's (the manifest's config says); everything else
+# the GPU job's CPU rehearsal changes is its rehearsal on CPUs.
+_MACHINE_KEYS = {"data.source", "data.path", "ray.storage_path", "ray.name"}
+
+
+def rehearsal_settings(job: Path, rehearsal: Path) -> list[str]:
+    """``--set`` items that turn ``job`` into its CPU ``rehearsal`` (job/configs/ray-gpu-rehearsal.yaml), paths aside."""
+    want, have = (yaml.safe_load(p.read_text(encoding="utf-8")) for p in (rehearsal, job))
+    return [f"{section}.{key}={json.dumps(value)}" for section, keys in want.items() for key, value in keys.items()
+            if value != have.get(section, {}).get(key) and f"{section}.{key}" not in _MACHINE_KEYS]
 
 
 def _load(name: str) -> list[dict[str, Any]]:
@@ -352,6 +361,9 @@ def test_the_rayjobs_head_and_workers_run_its_entrypoint_submitted_from_outside_
     pods: Pods, network: str
 ) -> None:
     claim = pods.claim()
+    # The entrypoint's config with the settings of its CPU rehearsal: two workers of two replicas each, float32.
+    rehearsal = rehearsal_settings(REPO / _entrypoint_config(), REPO / "job" / "configs" / "ray-gpu-rehearsal.yaml")
+    assert "distribution.cpu_devices=2" in rehearsal and "ray.use_gpu=false" in rehearsal, rehearsal
     cluster = RAYJOB["spec"]["rayClusterSpec"]
     head_group, (worker_group,) = cluster["headGroupSpec"], cluster["workerGroupSpecs"]
     # KubeRay with authOptions.mode token: one generated token, in every Ray container's env.
@@ -368,7 +380,7 @@ def test_the_rayjobs_head_and_workers_run_its_entrypoint_submitted_from_outside_
     runtime_env = yaml.safe_load(RAYJOB["spec"]["runtimeEnvYAML"])
     submitted = subprocess.run(
         [installed_script("ray"), "job", "submit", "--runtime-env-json", json.dumps(runtime_env), "--",
-         *shlex.split(RAYJOB["spec"]["entrypoint"]), *[f"--set={key}" for key in RAY_CPU_REHEARSAL]],
+         *shlex.split(RAYJOB["spec"]["entrypoint"]), *[f"--set={item}" for item in rehearsal]],
         env=env, capture_output=True, text=True, timeout=500, check=False,
     )
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
@@ -376,6 +388,8 @@ def test_the_rayjobs_head_and_workers_run_its_entrypoint_submitted_from_outside_
     run_dir = _host_path(claim, f"{config['storage_path']}/{config['name']}")
     report = json.loads((run_dir / rundir.REPORT).read_text())
     assert report["workers"] == worker_group["replicas"] == config["num_workers"]
+    assert report["replicas"] == 2 * report["workers"] and report["strategy"] == "CpuReplicasMultiWorkerStrategy"
+    assert report["precision"] == "float32" and report["optimizer_steps"] > 0
     assert (run_dir / rundir.MODEL / "1" / "saved_model.pb").is_file()
 
 

@@ -27,7 +27,6 @@ import tf_keras as keras
 from conftest import (
     KEPT,
     REPO,
-    TINY,
     installed_script,
     tensorflow_startup_lines,
     tiny_overrides,
@@ -275,20 +274,8 @@ def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model(unin
                               steps_per_epoch=STEPS_PER_EPOCH, replicas=4, split_epochs=[2])
 
 
-def test_the_gpu_rehearsal_config_runs_two_workers_of_two_replicas_each(cluster, tmp_path: Path) -> None:
-    # ray-gpu-rehearsal.yaml as shipped (its global batch of 1,024 included),
-    # with a tiny model on generated reviews: 1,260 to train, one step an epoch.
-    data = write_aclimdb(tmp_path / "data", {"train": 700})
-    tiny_model = [item for item in TINY if not item.startswith("train.batch_size=")]
-    cfg = load_config(
-        REPO / "job" / "configs" / "ray-gpu-rehearsal.yaml",
-        ["data.source=aclimdb", f"data.path={data}", *tiny_model, f"ray.storage_path={tmp_path / 'storage'}"],
-    )
-    run_dir = launch(cfg).local_path()
-    report = json.loads((run_dir / rundir.REPORT).read_text())
-    assert (report["workers"], report["replicas"]) == (2, 4)
-    assert report["strategy"] == "CpuReplicasMultiWorkerStrategy"
-    assert report["optimizer_steps"] == 1 and report["precision"] == "float32"
+# The GPU job's CPU rehearsal (job/configs/ray-gpu-rehearsal.yaml: two workers of two replicas each) runs in
+# tests/test_container.py: the RayJob's entrypoint with the rehearsal's settings, on the manifest's Ray pods.
 
 
 def test_without_retries_a_failed_worker_fails_the_run_and_the_resubmitted_job_resumes_it(
