@@ -131,6 +131,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def network(image: str) -> Iterator[str]:
     name = f"imdb-dist-test-{os.getpid()}"
+    # A network an interrupted earlier run left behind would hold the subnet: its containers go with it.
+    for stale in podman("network", "ls", "--format", "{{.Name}}").stdout.split():
+        if stale.startswith("imdb-dist-test-"):
+            podman("network", "rm", "--force", stale, check=False)
     podman("network", "create", "--subnet", SUBNET, name)
     yield name
     podman("network", "rm", "--force", name, check=False)
