@@ -115,9 +115,9 @@ def image() -> str:
     if reason:
         pytest.skip(reason)
     secret = ["--secret", f"id=pip-ca,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
-    build = podman("build", "--format", "docker", "--build-arg", "DEVICE=cpu", "--build-arg",
-                   f"CUDA_IMAGE={BASE_IMAGE}", *secret, "--tag", IMAGE, str(REPO), timeout=1500)
-    assert "pip check" not in build.stderr or "No broken requirements" in build.stdout + build.stderr
+    # The Dockerfile's last install step runs pip check: a broken environment fails the build here.
+    podman("build", "--format", "docker", "--build-arg", "DEVICE=cpu", "--build-arg",
+           f"CUDA_IMAGE={BASE_IMAGE}", *secret, "--tag", IMAGE, str(REPO), timeout=1500)
     return IMAGE
 
 

@@ -29,6 +29,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pods import quantity
 
 from imdb_dist.config import Config, load_config, to_dict
 
@@ -161,14 +162,6 @@ def image_uid() -> int:
 
 def image_workdir() -> str:
     return re.findall(r"^WORKDIR (\S+)$", DOCKERFILE, flags=re.MULTILINE)[-1]
-
-
-def quantity(text: str | int) -> int:
-    """A Kubernetes quantity in bytes (or units): 8Gi, 512Mi, 8000000000, 8."""
-    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(text))
-    assert match, f"unsupported quantity {text!r}"
-    scale = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    return int(match.group(1)) * scale[match.group(2)]
 
 
 def mount_for(container: dict[str, Any], path: str) -> dict[str, Any]:
