@@ -18,8 +18,8 @@ import tf_keras as keras
 from imdb_dist import rundir
 from imdb_dist.checkpoint import Checkpointer, ResumeState
 from imdb_dist.config import Config
-from imdb_dist.data import plan, shards
-from imdb_dist.data.pipeline import Encoded, Tokenizer
+from imdb_dist.data import plan, shards, store
+from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.training import TrainingData, prepared_data, tokenize
 from imdb_dist.distribute import Worker, dense_embedding_gradient, precision_policy
 from imdb_dist.dropout import key_on_step
@@ -31,26 +31,34 @@ log = logging.getLogger(__name__)
 
 
 def prepared_inputs(run_dir: rundir.RunDir, lease: str, *, chief: bool) -> TrainingData:
-    """The shards a launcher prepared in the run directory, under its ``lease``; the chief also gets the logs it continues."""
+    """The token store a launcher prepared in the run directory, under its ``lease``; the chief also gets the logs it continues.
+
+    The store is read in place (a remote one by ranged reads): only the
+    manifest, the vocabulary and the store's lengths and labels are fetched whole.
+    """
     run_dir.attach(lease)
     run_dir.fetch([rundir.CONFIG, rundir.VOCAB, rundir.MANIFEST])
     if chief:
         run_dir.fetch([rundir.METRICS, rundir.STEPS, rundir.CHANGES, rundir.WORKER_GROUPS])
-    manifest = shards.read_manifest(run_dir.work / rundir.PREPARED)
-    if manifest is None:
-        raise DataError(f"{run_dir}/{rundir.PREPARED} holds no prepared data")
-    splits = manifest["splits"]
-    run_dir.fetch(f"{rundir.PREPARED}/{name}" for name in [*splits["train"]["files"], *splits["validation"]["files"]])
-    return prepared_data(run_dir.work / rundir.PREPARED)
-
-
-def tokenized(cfg: Config, run_dir: rundir.RunDir, data: TrainingData, *, chief: bool) -> tuple[Tokenizer, Encoded]:
-    """The run's tokenizer (its saved vocabulary, else fitted and saved by the chief) and the encoded examples."""
+    directory = run_dir.work / rundir.PREPARED
+    manifest = shards.read_manifest(directory)
     vocabulary = run_dir.vocabulary()
-    tokenizer, encoded = tokenize(cfg.data, data, vocabulary)
+    if manifest is None or vocabulary is None:
+        raise DataError(f"{run_dir}/{rundir.PREPARED} holds no prepared data")
+    text = [f"{rundir.PREPARED}/{name}" for name in manifest["splits"]["validation"]["files"]]
+    files = store.files_at(run_dir.location.child(rundir.PREPARED), directory)
+    return prepared_data(directory, files, vocabulary, fetch_text=lambda: run_dir.fetch(text))
+
+
+def tokenized(
+    cfg: Config, run_dir: rundir.RunDir, data: TrainingData, *, chief: bool
+) -> tuple[Tokenizer, plan.Examples]:
+    """The run's tokenizer (its saved vocabulary, else fitted and saved by the chief) and the examples as token ids."""
+    vocabulary = run_dir.vocabulary()
+    tokenizer, examples = tokenize(cfg.data, data, vocabulary)
     if vocabulary is None and chief:
         run_dir.write_vocabulary(tokenizer.vocabulary)
-    return tokenizer, encoded
+    return tokenizer, examples
 
 
 def restored_model(

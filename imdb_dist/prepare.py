@@ -1,22 +1,32 @@
-"""The driver's one-time preparation of a multi-worker run: decide, lease, vocabulary and TFRecord shards.
+"""The driver's one-time preparation of a multi-worker run: decide, lease, vocabulary and token store.
 
 :func:`imdb_dist.launch.launch` calls :func:`prepare` once, before it starts
 the workers: it reads and checks the data (bad data needs no cluster and
 writes nothing), takes the run directory's lease, and writes what every
-worker reads (config, fingerprint, vocabulary, shards) into the run
-directory (:class:`imdb_dist.rundir.RunDir`). A resume reuses the shards.
+worker reads (config, fingerprint, vocabulary, the token store of every
+review's ids: :mod:`imdb_dist.data.store`) into the run directory
+(:class:`imdb_dist.rundir.RunDir`). Tokenizing runs as a Ray Data job
+across the cluster, or in this process for a small corpus
+(``ray.prepare``). A resume reuses the store, once it is checked.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from imdb_dist import fingerprint, rundir
 from imdb_dist.config import Config, to_dict
 from imdb_dist.data.sources import load_training_splits, movies
 
 log = logging.getLogger(__name__)
+
+# ray.prepare auto: training reviews from which Ray Data tokenizes, across the cluster.
+# Below, one process is sooner: Ray Data's tasks start processes that import TensorFlow
+# (about 7 s), where one process tokenizes IMDB's 22,500 in about 3 s (docs/BENCHMARKS.md).
+RAY_DATA_FROM = 200_000
 
 
 def prepare(
@@ -40,7 +50,7 @@ def prepare(
         DataError: the source is missing or malformed (nothing is written then).
         InputError: another live run holds the directory, or it is not a run.
     """
-    from imdb_dist.data import pipeline, shards
+    from imdb_dist.data import preparation, shards
     from imdb_dist.data.training import check_sizes, in_memory_data
 
     # A local directory is checked before its first look (a file there would fail the look); a
@@ -58,10 +68,14 @@ def prepare(
     target = run_dir.work / rundir.PREPARED
     saved = run_dir.saved_fingerprint()
     # Prepared shards are written after the fingerprint, under the lease: all three, or prepare again.
-    prepared = shards.read_manifest(target) is not None and run_dir.vocabulary() is not None and saved is not None
+    manifest = shards.read_manifest(target)
+    vocabulary = run_dir.vocabulary()
+    # A run prepared before the token store (text shards only) is prepared again, from its source.
+    prepared = manifest is not None and "store" in manifest and vocabulary is not None and saved is not None
     if prepared:
-        assert saved is not None
+        assert saved is not None and manifest is not None and vocabulary is not None
         log.info("reusing the prepared data in %s", run_dir.location.child(rundir.PREPARED))
+        check_store(run_dir, manifest, vocabulary)
         # The prepared shards are the data this run trains on, wherever data.path points now.
         current = _fingerprint(cfg, saved.data)
         train = val = None
@@ -76,14 +90,45 @@ def prepare(
     if lease is None:
         return None
     if train is not None and val is not None:
-        # Fitted once, here, so every replica shares the same token ids.
-        run_dir.write_vocabulary(pipeline.fit_tokenizer(train.texts, cfg.data.vocab_size).vocabulary)
+        engine = _engine(cfg, len(train))
+
+        def tokenized(directory: Path) -> dict[str, Any]:
+            # Counted and encoded once, here, so every replica shares the same token ids.
+            vocabulary, section = preparation.write_store(
+                directory, {"train": train, "validation": val}, engine,
+                vocab_size=cfg.data.vocab_size, max_len=cfg.data.max_len,
+            )
+            run_dir.write_vocabulary(vocabulary)
+            return {"store": section}
+
         meta = {"data": to_dict(cfg)["data"], "validation_movies": movies(val)}
-        shards.write_prepared(target, {"train": train, "validation": val}, cfg.ray.num_shards, meta=meta)
+        # The validation text beside the store: the export, scored at the end, reads raw reviews.
+        shards.write_prepared(target, {"validation": val}, cfg.ray.num_shards, meta=meta, more=tokenized)
         log.info("prepared %d training and %d validation reviews in %s", len(train), len(val), run_dir)
     # The shards before the manifest (rundir's upload order): a manifest only ever names files that are there.
     run_dir.sync()
     return lease
+
+
+def _engine(cfg: Config, reviews: int) -> Any:
+    """Ray Data across the cluster, or this process (``ray.prepare``; ``auto``: by the training split's size)."""
+    from imdb_dist.data import preparation
+
+    choice = cfg.ray.prepare
+    if choice == "auto":
+        choice = "ray_data" if reviews >= RAY_DATA_FROM else "local"
+    if choice == "local":
+        return preparation.LocalEngine()
+    return preparation.RayDataEngine(cfg.ray.prepare_workers or None)
+
+
+def check_store(run_dir: rundir.RunDir, manifest: dict[str, Any], vocabulary: list[str]) -> None:
+    """Refuse a prepared token store that is incomplete, cut short or of another vocabulary (DataError), before training."""
+    from imdb_dist.data import store
+
+    files = store.files_at(run_dir.location.child(rundir.PREPARED), run_dir.work / rundir.PREPARED)
+    for split in ("train", "validation"):
+        store.open_split(files, manifest.get("store"), split, vocabulary).close()
 
 
 def _fingerprint(cfg: Config, digest: str) -> fingerprint.Fingerprint:

@@ -401,3 +401,8 @@ def reason(exc: BaseException) -> str:
     """The first line of a storage error: pyarrow's messages run to several."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_input_file(location: Location) -> Any:
+    """A remote file for random reads (``read_at``): one ranged request each, retried within the budget."""
+    return _call(location, "open", lambda filesystem: filesystem.open_input_file(location.path))

@@ -21,7 +21,7 @@ from imdb_dist.build import data_plan, prepared_inputs, restored_model, tokenize
 from imdb_dist.callbacks import log_every, run_callbacks
 from imdb_dist.config import Config
 from imdb_dist.data import plan
-from imdb_dist.data.pipeline import Encoded, Tokenizer
+from imdb_dist.data.pipeline import Tokenizer
 from imdb_dist.data.sources import ReadAhead
 from imdb_dist.data.training import (
     TrainingData,
@@ -43,7 +43,7 @@ class Launched(Protocol):
     """A worker a launcher started (``imdb_dist.launch``: Ray Train), and the launcher's four hooks into its job.
 
     The launcher has checked and prepared the run directory (config,
-    vocabulary, TFRecord shards) and holds its lease; deciding again in the
+    vocabulary, token store) and holds its lease; deciding again in the
     workers would race with one another.
     """
 
@@ -79,7 +79,7 @@ def run(
     Args:
         cfg: the job.
         launched: this process is a worker a launcher started on a run
-            directory it prepared (read the examples from its shards), with its hooks.
+            directory it prepared (read its rows of the token store), with its hooks.
         extra_callbacks: more Keras callbacks for the training loop (run before checkpointing).
         stop: a signal-driven stop request (``imdb_dist.interrupt``): when it
             is set during training, checkpoint after the current step and raise
@@ -122,7 +122,7 @@ def run(
                 return None if run_dir.remote else run_dir.work
             data, checkpoints = opened, run_dir.work / rundir.CHECKPOINTS
         with timings.phase("tokenize"):
-            tokenizer, encoded = tokenized(cfg, run_dir, data, chief=worker.chief)
+            tokenizer, examples = tokenized(cfg, run_dir, data, chief=worker.chief)
 
         def saved(metrics: dict[str, Any]) -> None:
             if worker.chief:
@@ -131,7 +131,7 @@ def run(
                 launched.after_checkpoint(metrics)
 
         model, batches_digest = _train(
-            cfg, worker, run_dir, tokenizer, encoded, data,
+            cfg, worker, run_dir, tokenizer, examples, data,
             checkpoints=checkpoints,
             callbacks=extra_callbacks,
             after_save=saved,
@@ -179,7 +179,7 @@ def _train(
     worker: Worker,
     run_dir: rundir.RunDir,
     tokenizer: Tokenizer,
-    encoded: Encoded,
+    examples: plan.Examples,
     data: TrainingData,
     *,
     checkpoints: Path,
@@ -193,7 +193,7 @@ def _train(
 
     Returns the model and the batch digest of the steps that trained it (:mod:`imdb_dist.digest`).
     """
-    global_plan = data_plan(cfg, encoded.lengths)
+    global_plan = data_plan(cfg, examples.lengths)
     steps = global_plan.steps_per_epoch
     share = plan.Share(worker.replicas, worker.num_workers, worker.index)  # this worker's rows of every batch
     with timings.phase("build"):
@@ -230,7 +230,7 @@ def _train(
     TrainingLoop(
         model,
         schedule=schedule,
-        batches=lambda epoch, step: plan.stream(encoded, global_plan, share, epochs=cfg.train.epochs,
+        batches=lambda epoch, step: plan.stream(examples, global_plan, share, epochs=cfg.train.epochs,
                                                 start=(epoch, step)),
         validation=validation,
         validation_batches=validation_batches,

@@ -49,10 +49,15 @@ class RayConfig:
     """Worker-group restarts from the last checkpoint before giving up; -1: forever."""
     checkpoints_to_keep: int = 2
     """Ray Train checkpoints kept in storage."""
-    # Every worker reads all of them, in parallel; the global plan picks each
-    # step's examples.
+    # Only the chief reads them, at the end; the training data is the token store.
     num_shards: int = 16
-    """TFRecord files each prepared split is written into."""
+    """TFRecord files the validation reviews' text is written into (the export is scored on it at the end)."""
+    # imdb_dist.prepare.RAY_DATA_FROM says where auto switches, and why.
+    prepare: Literal["auto", "ray_data", "local"] = "auto"
+    """Who tokenizes the corpus into the token store before training: `ray_data` (a Ray Data job across the
+    cluster's CPUs), `local` (the driver, one process), `auto` (Ray Data from 200,000 training reviews)."""
+    prepare_workers: int = 0
+    """With Ray Data: tasks tokenizing at once; 0: as many as the cluster's free CPUs."""
     # imdb_dist.ray_cluster.check_gpus says why not Ray Train's own wait (it would
     # wait forever).
     gpu_wait_s: float = 0.0
@@ -78,6 +83,7 @@ class RayConfig:
         check_range("ray.resize_interval_s", self.resize_interval_s, 0.0, 86_400.0)
         check_range("ray.max_failures", self.max_failures, -1, 100_000)
         check_range("ray.checkpoints_to_keep", self.checkpoints_to_keep, 1, 100_000)
+        check_range("ray.prepare_workers", self.prepare_workers, 0, 100_000)
         check_range("ray.num_shards", self.num_shards, 1, 100_000)
         check_range("ray.gpu_wait_s", self.gpu_wait_s, 0.0, 86_400.0)
         check_range("ray.report_poll_s", self.report_poll_s, 0.05, 60.0)

@@ -1,4 +1,8 @@
-"""Prepared data for multi-worker runs: TFRecord shards of raw reviews and a manifest.
+"""Prepared data for multi-worker runs: the manifest, and TFRecord shards of raw reviews.
+
+The training job's token ids are in the token store (:mod:`imdb_dist.data.store`);
+the validation reviews' text is kept here too, for scoring the export (which
+reads raw text) at the end.
 
 The launcher reads the source once, carves the validation split, and writes
 each split as ``num_shards`` TFRecord files of ``(text, label)`` examples,
@@ -14,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +36,26 @@ _FEATURES = {
 }
 
 
-def write_prepared(directory: Path, splits: dict[str, Reviews], num_shards: int, meta: dict[str, Any]) -> None:
+def write_prepared(
+    directory: Path,
+    splits: dict[str, Reviews],
+    num_shards: int,
+    meta: dict[str, Any],
+    more: Callable[[Path], dict[str, Any]] | None = None,
+) -> None:
     """Write every split as TFRecord shards, then the manifest, atomically as a whole.
 
     The files are written into a hidden sibling directory that is renamed
     into place last, so a crash never leaves a directory that looks prepared.
+    ``more`` writes other files into that directory first (the token store)
+    and returns what the manifest says of them.
     """
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     manifest: dict[str, Any] = {"meta": meta, "splits": {}}
+    if more is not None:
+        manifest.update(more(staging))
     for split, reviews in splits.items():
         files = _write_split(staging, split, reviews, min(num_shards, max(len(reviews), 1)))
         manifest["splits"][split] = {"examples": len(reviews), "files": files}
