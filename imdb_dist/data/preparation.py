@@ -195,17 +195,18 @@ class RayDataEngine:
             tables.append(pa.table(columns))
         return ray.data.from_arrow(tables)
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self, reviews: int) -> dict[str, Any]:
         import ray.data
 
         options: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": 1}
         if self.workers:
-            options["compute"] = ray.data.TaskPoolStrategy(size=self.workers)
+            blocks = -(-reviews // BLOCK)  # no more tasks at once than there are blocks
+            options["compute"] = ray.data.TaskPoolStrategy(size=max(1, min(self.workers, blocks)))
         return options
 
     def counts(self, texts: Sequence[str]) -> pa.Table:
         with _quiet_in_order():
-            counted = self._dataset(texts).map_batches(_count_task, **self._options())
+            counted = self._dataset(texts).map_batches(_count_task, **self._options(len(texts)))
             merged: list[pa.Table] = []
             for table in counted.iter_batches(batch_format="pyarrow", batch_size=None):
                 merged.append(table)
@@ -219,7 +220,7 @@ class RayDataEngine:
         with _quiet_in_order():
             encoded = self._dataset(reviews.texts, reviews.labels).map_batches(
                 _encode_task, fn_kwargs={"vocabulary": vocabulary, "vocab_size": vocab_size, "max_len": max_len},
-                **self._options(),
+                **self._options(len(reviews)),
             )
             for table in encoded.iter_batches(batch_format="pyarrow", batch_size=None):
                 ids = table["ids"].combine_chunks()
