@@ -33,7 +33,7 @@ BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def _client(endpoint: str) -> Any:
+def s3_client(endpoint: str) -> Any:
     """An S3 client of the moto server at ``endpoint`` (``host:port``)."""
     import boto3
 
@@ -42,14 +42,14 @@ def _client(endpoint: str) -> Any:
                         aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
 
-def _start_s3() -> tuple[subprocess.Popen, str]:
+def start_s3() -> tuple[subprocess.Popen, str]:
     """A moto S3 server on loopback with one empty bucket; its ``host:port``."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    client = _client(f"127.0.0.1:{port}")
+    client = s3_client(f"127.0.0.1:{port}")
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -65,7 +65,7 @@ def _start_s3() -> tuple[subprocess.Popen, str]:
 def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, Any]:
     """One run into a fresh bucket prefix; the per-sync upload records and what they add up to."""
     config, data = str(Path(config).resolve()), str(Path(data).resolve())  # the run starts in a scratch directory
-    server, endpoint = _start_s3()
+    server, endpoint = start_s3()
     try:
         target = f"s3://{BUCKET}/run?endpoint_override={endpoint}&scheme=http"
         # The bench's own settings last: they win over --set.
@@ -73,7 +73,7 @@ def measure(config: str, data: str, epochs: int, extra: list[str]) -> dict[str, 
                 "run.checkpoint_steps=0"]
         with tempfile.TemporaryDirectory(prefix="imdb-dist-bench-uploads-") as scratch:
             wall = harness.run_job("train", config, sets, cwd=Path(scratch), env=CREDENTIALS).wall_s
-        report = json.loads(_client(endpoint).get_object(Bucket=BUCKET, Key="run/report.json")["Body"].read())
+        report = json.loads(s3_client(endpoint).get_object(Bucket=BUCKET, Key="run/report.json")["Body"].read())
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -182,3 +182,25 @@ def test_a_resume_whose_store_was_cut_short_is_refused_before_the_cluster_is_joi
     with rundir.RunDir.open(str(tmp_path / "run")) as run_dir, pytest.raises(DataError, match="truncated"):
         prepare(cfg, run_dir, before_writing=lambda: joined.append(True))
     assert not joined
+
+
+def test_a_run_prepared_before_the_store_is_prepared_again_with_the_same_vocabulary(tmp_path: Path) -> None:
+    """A run directory from before the token store (text shards, no store in the manifest) resumes."""
+    import json
+
+    data = write_aclimdb(tmp_path / "data", {"train": 40})
+    cfg = load_config(None, tiny_overrides(data, tmp_path / "run"))
+    with rundir.RunDir.open(str(tmp_path / "run")) as run_dir:
+        assert prepare(cfg, run_dir) is not None
+        vocabulary = run_dir.vocabulary()
+    prepared = tmp_path / "run" / rundir.PREPARED
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    del manifest["store"]
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    for path in prepared.glob("*.npy"):
+        path.unlink()
+    with rundir.RunDir.open(str(tmp_path / "run")) as run_dir:
+        assert prepare(cfg, run_dir) is not None
+        assert run_dir.vocabulary() == vocabulary
+    assert json.loads((prepared / "manifest.json").read_text())["store"]["format"] == store.FORMAT
+    assert len(list(prepared.glob("*.npy"))) == 6

@@ -5,9 +5,11 @@ Training (:func:`split_examples`, :func:`fit_vocabulary`, :func:`encode_words`):
     (text, label) ─► batch ─► standardize, split, count (parallel) ─► words (once), word counts
     word counts ─► vocabulary;  words ─► look up the last max_len words ─► one ragged id matrix
 
-Every worker tokenizes every training example once (:class:`Encoded`, row
-``i`` is example ``i``); :mod:`imdb_dist.data.plan` then decides which rows
-each step trains on and streams them, pre-padded.
+In one process every training example is tokenized once, in memory
+(:class:`Encoded`, row ``i`` is example ``i``); a Ray run's launcher
+tokenizes once for all its workers into the token store
+(:mod:`imdb_dist.data.preparation`). :mod:`imdb_dist.data.plan` then decides
+which rows each step trains on and streams them, pre-padded.
 
 Evaluation (:func:`batch_examples`): in order, every review padded to
 ``max_len``, the input the exported model serves.

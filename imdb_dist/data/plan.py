@@ -28,12 +28,12 @@ tuning thread, docs/BENCHMARKS.md); a resume enters the stream at its
 ``(epoch, step)``. The training step splits each block among the local
 replicas in the graph (:func:`replica_rows`).
 
-Every worker holds every training example (:class:`imdb_dist.data.pipeline.Encoded`:
-about 40 MB of token ids for IMDB's 22,500 reviews at max_len 400). A
-dataset too large for that plugs a random-access reader in at the same
-seam: anything with the examples' ``lengths`` and a ``gather(indices)`` of
-token rows and labels (the way grain / ArrayRecord serve global indices)
-can back :func:`stream` unchanged.
+What backs the stream is anything with the examples' ``lengths`` and a
+``gather(indices)`` of token rows and labels (:class:`Examples`): in one
+process, every review tokenized in memory
+(:class:`imdb_dist.data.pipeline.Encoded`); in a Ray worker, the token store
+(:class:`imdb_dist.data.store.TokenStore`), which reads only the rows asked
+for, so a worker fetches and holds its share of each batch, never the corpus.
 """
 
 from __future__ import annotations

@@ -4,12 +4,9 @@ The training job's token ids are in the token store (:mod:`imdb_dist.data.store`
 the validation reviews' text is kept here too, for scoring the export (which
 reads raw text) at the end.
 
-The launcher reads the source once, carves the validation split, and writes
-each split as ``num_shards`` TFRecord files of ``(text, label)`` examples,
-round-robin. Every worker reads every file, in parallel, and gets the
-examples back in the split's order (:func:`examples`): the global plan
-(:mod:`imdb_dist.data.plan`) indexes them by that order, so a Ray run and
-an in-process run of the same config train the same examples at each step.
+The validation split is written as ``num_shards`` TFRecord files of
+``(text, label)`` examples, round-robin, and read back in the split's order
+(:func:`examples`), all files in parallel.
 """
 
 from __future__ import annotations

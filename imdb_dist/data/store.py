@@ -193,19 +193,19 @@ def local_files(directory: Path) -> Files:
 class TokenStore:
     """One split's reviews by global index, read by rows: the plan's random access (:class:`imdb_dist.data.plan.Examples`).
 
-    Holds the lengths, labels and offsets (about 11 bytes a review); the ids
-    stay in storage until a batch asks for them. Thread-safe: tf.data reads
+    Holds the lengths, labels and offsets (13 bytes a review); the ids stay
+    in storage until a batch asks for them. Thread-safe: tf.data reads
     several batches at once.
     """
 
     def __init__(self, files: Files, entry: dict[str, Any], store: dict[str, Any], split: str) -> None:
         self.split = split
         self._ids = np.dtype(store["id_dtype"]).newbyteorder("<")
-        self.lengths = _load_array(files, entry, "lengths", np.dtype(store["length_dtype"])).astype(np.int64)
-        self.labels = _load_array(files, entry, "labels", np.dtype(np.uint8)).astype(np.int32)
+        self.lengths = _load_array(files, entry, "lengths", np.dtype(store["length_dtype"])).astype(np.int32)
+        self.labels = _load_array(files, entry, "labels", np.dtype(np.uint8))
         self._name = entry["files"]["tokens"]["name"]
-        self._data_start = _check_tokens(files, entry, self._ids, int(self.lengths.sum()))
-        self._offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._data_start = _check_tokens(files, entry, self._ids, int(self.lengths.sum(dtype=np.int64)))
+        self._offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
         self._files = files
         self._file = files.open(self._name)
         self._pool = concurrent.futures.ThreadPoolExecutor(_REMOTE_READERS) if files.remote else None
@@ -253,7 +253,7 @@ class TokenStore:
 
         def read(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             values, lengths = self.rows(rows)
-            return values, lengths, self.labels[rows]
+            return values, lengths.astype(np.int64), self.labels[rows].astype(np.int32)
 
         values, lengths, labels = tf.numpy_function(read, [index], [tf.int64, tf.int64, tf.int32], stateful=False)
         values.set_shape([None])
