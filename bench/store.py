@@ -11,7 +11,8 @@ to the first step point; each worker's start to it; each worker's peak RSS;
 the chief's ``data`` and ``tokenize`` phases; the steady state's
 examples/s (the last epoch's, from ``metrics.jsonl``).
 
-``large``: a corpus ``--scale`` times IMDB's 25,000 reviews, generated in
+``large``: a corpus ``--scale`` times IMDB's 25,000 reviews (several scales:
+preparation at each, reads at the largest), generated in
 memory, never written anywhere but the scratch directory's token stores:
 each review's length (in words) drawn from the real reviews' lengths, its
 words drawn from the real reviews' words by their frequency. Then:
@@ -25,8 +26,15 @@ words drawn from the real reviews' words by their frequency. Then:
   requests it fetched from the store, its batches/s. The model is left
   out: a whole epoch of training at 100x is hours on this machine's CPUs.
 
+``s3``: the real reviews' store (``ray-local.yaml``'s data settings), read
+for a whole epoch by worker 0 of 2 (the bucketed plan) from a local
+directory and from a loopback S3 server (moto's), as fresh processes,
+alternating: batches/s, bytes, requests. Against the training step rate
+of ``imdb``, it says whether the input stays ahead of the step on ``s3://``.
+
     python -m bench.store imdb --data ../shared/data/imdb/aclImdb_train.tar.gz --baseline e46efea --rounds 3
-    python -m bench.store large --data ../shared/data/imdb/aclImdb_train.tar.gz --scale 100
+    python -m bench.store large --data ../shared/data/imdb/aclImdb_train.tar.gz --scale 1,10,100
+    python -m bench.store s3 --data ../shared/data/imdb/aclImdb_train.tar.gz --rounds 3
 """
 
 from __future__ import annotations
@@ -226,12 +234,17 @@ def large(args: argparse.Namespace) -> dict[str, Any]:
 
     import_tensorflow_quietly()
     cfg = load_config(CONFIG, [])
+    scales = sorted({int(scale) for scale in args.scale.split(",")})
+    preparations: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-store-large-") as scratch_name:
-        scratch = Path(scratch_name)
-        reviews, corpus = generate(args.data, args.scale, seed=1)
-        prepared = prepare_all(reviews, scratch, args.cpus, cfg.data.vocab_size, cfg.data.max_len)
-        del reviews
-        directory = scratch / "local"  # with the manifest entry and vocabulary the readers need
+        for scale in scales:
+            scratch = Path(scratch_name) / f"x{scale}"
+            scratch.mkdir()
+            reviews, corpus = generate(args.data, scale, seed=1)
+            preparations[f"x{scale}"] = {"corpus": corpus, **prepare_all(reviews, scratch, args.cpus,
+                                                                          cfg.data.vocab_size, cfg.data.max_len)}
+            del reviews
+        directory = scratch / "local"  # the largest; with the manifest entry and vocabulary the readers need
         reads: dict[str, Any] = {}
         for bucketing in (False, True):
             for workers in (1, 2):
@@ -242,7 +255,7 @@ def large(args: argparse.Namespace) -> dict[str, Any]:
                                         *(["--bucketing"] if bucketing else [])])
                     reads[name] = harness.summary_of(done)
                     harness.progress(f"{name}: {json.dumps(reads[name])}")
-    return {"corpus": corpus, "preparation": prepared, "reads": reads}
+    return {"preparation": preparations, "reads_at": f"x{scales[-1]}", "reads": reads}
 
 
 def remote_reads(args: argparse.Namespace) -> dict[str, Any]:
@@ -296,7 +309,8 @@ def main() -> None:
     harness.add_output(first)
     second = commands.add_parser("large", help="preparation and reads on a generated corpus --scale x IMDB")
     harness.add_data(second)
-    second.add_argument("--scale", type=harness.at_least_one, default=100)
+    second.add_argument("--scale", default="100", help="times IMDB's reviews; comma-separated for several "
+                        "(preparation at each, reads at the largest)")
     second.add_argument("--cpus", type=harness.at_least_one, default=2, help="the local Ray cluster's CPUs")
     harness.add_output(second)
     reader = commands.add_parser("read", help="(internal) one worker's epoch of reads")
