@@ -92,6 +92,7 @@ def launch_once(tree: Path, data: str, epochs: int, scratch: Path) -> dict[str, 
 
 
 def imdb(args: argparse.Namespace) -> dict[str, Any]:
+    args.data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory(prefix="bench-store-") as scratch, contextlib.ExitStack() as stack:
         trees = {"store": REPO}
         if args.baseline:
@@ -302,7 +303,7 @@ def main() -> None:
     parser = harness.parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     first = commands.add_parser("imdb", help="a Ray job at IMDB size, this tree against --baseline")
-    harness.add_data(first)
+    harness.add_data(first, help="aclImdb directory or .tar.gz (made absolute: the runs start in their trees)")
     first.add_argument("--baseline", help="git revision of today's data path (every worker tokenizing)")
     first.add_argument("--epochs", type=harness.at_least_one, default=2)
     harness.add_rounds(first, 3)

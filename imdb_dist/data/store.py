@@ -36,6 +36,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,6 +158,7 @@ class Files:
     read: Callable[[str], bytes]
     open: Callable[[str], Any]  # a pyarrow RandomAccessFile
     remote: bool = False
+    local: Callable[[str], str] | None = None  # a file's local path, read with pread
 
 
 def remote_files(location: storage.Location) -> Files:
@@ -187,7 +189,8 @@ def local_files(directory: Path) -> Files:
         return path.stat().st_size if path.is_file() else None
 
     return Files(str(directory), size, lambda name: (directory / name).read_bytes(),
-                 lambda name: filesystem.open_input_file(str(directory / name)))
+                 lambda name: filesystem.open_input_file(str(directory / name)),
+                 local=lambda name: str(directory / name))
 
 
 class TokenStore:
@@ -207,7 +210,8 @@ class TokenStore:
         self._data_start = _check_tokens(files, entry, self._ids, int(self.lengths.sum(dtype=np.int64)))
         self._offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
         self._files = files
-        self._file = files.open(self._name)
+        self._fd = os.open(files.local(self._name), os.O_RDONLY) if files.local is not None else None
+        self._file = files.open(self._name) if self._fd is None else None
         self._pool = concurrent.futures.ThreadPoolExecutor(_REMOTE_READERS) if files.remote else None
         self._lock = threading.Lock()
         self.fetched_bytes = 0
@@ -230,22 +234,28 @@ class TokenStore:
         run_ends = ends[np.concatenate([breaks - 1, [len(order) - 1]])]
         item = self._ids.itemsize
         spans = [(int(a) * item + self._data_start, int(b - a) * item) for a, b in zip(run_starts, run_ends)]
-        if self._pool is not None and len(spans) > 1:
-            chunks = list(self._pool.map(lambda span: self._file.read_at(span[1], span[0]), spans))
+        if self._fd is not None:  # a local file: one pread per run, no copy through pyarrow
+            data = b"".join(os.pread(self._fd, size, offset) for offset, size in spans)
         else:
-            chunks = [self._file.read_at(size, offset) for offset, size in spans]
-        data = b"".join(chunk.to_pybytes() if hasattr(chunk, "to_pybytes") else bytes(chunk) for chunk in chunks)
+            if self._pool is not None and len(spans) > 1:
+                chunks = list(self._pool.map(lambda span: self._file.read_at(span[1], span[0]), spans))
+            else:
+                chunks = [self._file.read_at(size, offset) for offset, size in spans]
+            data = b"".join(chunk.to_pybytes() for chunk in chunks)
         with self._lock:
             self.fetched_bytes += len(data)
             self.requests += len(spans)
         values = np.frombuffer(data, dtype=self._ids).astype(np.int64)
         if len(values) != int(lengths.sum()):
             raise DataError(f"{self._files.where}/{self._name} ended early: the token store is truncated")
-        # Back from offset order to the order asked for.
+        # Back from offset order to the order asked for: row k's ids start where its sorted place's do.
         sorted_lengths = lengths[order]
-        pieces = np.split(values, np.cumsum(sorted_lengths)[:-1])
-        restored = [pieces[k] for k in np.argsort(order, kind="stable")]
-        return np.concatenate(restored) if restored else values, lengths
+        sorted_starts = np.cumsum(sorted_lengths) - sorted_lengths
+        place = np.empty_like(order)
+        place[order] = np.arange(len(order))
+        starts_asked = sorted_starts[place]
+        within = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return values[np.repeat(starts_asked, lengths) + within], lengths
 
     def gather(self, index: Any) -> tuple[Any, Any]:
         """Token rows (ragged int64) and int32 labels of the reviews at ``index`` (a tensor, in a tf.data map)."""
@@ -264,7 +274,10 @@ class TokenStore:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._file is not None:
+            self._file.close()
 
 
 def _parse_header(data: bytes, where: str) -> tuple[np.dtype, int, int]:
