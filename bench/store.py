@@ -196,6 +196,14 @@ def prepare_all(reviews: Any, scratch: Path, cpus: int, vocab_size: int, max_len
     return {"engines": results, "same_bytes": same, "store_bytes": sizes, "store_mb": sum(sizes.values()) / 1e6}
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM): getrusage's ru_maxrss keeps the forking parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def read_epoch(args: argparse.Namespace) -> dict[str, Any]:
     """(In a fresh process) worker ``--worker`` of ``--workers``: its input stream over one epoch of the store."""
     from imdb_dist.logs import import_tensorflow_quietly
@@ -210,7 +218,7 @@ def read_epoch(args: argparse.Namespace) -> dict[str, Any]:
     directory = Path(args.store)
     section = json.loads((directory / "section.json").read_text())
     vocabulary = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_mb = _peak_rss_mb()
     files = store.remote_files(storage.parse(args.uri, "--uri")) if args.uri else store.local_files(directory)
     examples = store.open_split(files, section, "train", vocabulary)
     global_plan = plan.GlobalPlan(examples.lengths, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
@@ -224,8 +232,8 @@ def read_epoch(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - started
     return {
         "batches": batches, "batches_per_s": batches / wall, "fetched_bytes": examples.fetched_bytes,
-        "requests": examples.requests, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_mb_before_the_store": baseline_kb / 1024,
+        "requests": examples.requests, "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb_before_the_store": baseline_mb,
     }
 
 
