@@ -209,10 +209,9 @@ def read_epoch(args: argparse.Namespace) -> dict[str, Any]:
     from imdb_dist.logs import import_tensorflow_quietly
 
     import_tensorflow_quietly()
+    from imdb_dist import storage
     from imdb_dist.config import load_config
     from imdb_dist.data import plan, store
-
-    from imdb_dist import storage
 
     cfg = load_config(CONFIG, [])
     directory = Path(args.store)

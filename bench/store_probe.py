@@ -18,13 +18,13 @@ import time
 
 SUBMITTED = time.time()
 
-import argparse  # noqa: E402 - the submit time is taken before any import
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import os
+import resource
+from pathlib import Path
 
-import tf_keras as keras  # noqa: E402
+import tf_keras as keras
 
 
 class Probe(keras.callbacks.Callback):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import REAL_DATA, tiny_overrides, write_aclimdb
 
 from imdb_dist import rundir
@@ -53,7 +52,7 @@ def test_the_store_holds_the_ids_todays_tokenizer_gives_each_review_cut_to_its_l
     stored = opened(local_store)
     assert np.array_equal(stored.lengths, encoded.lengths) and stored.lengths.max() == MAX_LEN
     assert np.array_equal(stored.labels, train.labels)
-    values, lengths = stored.rows(np.arange(len(train)))
+    values, _ = stored.rows(np.arange(len(train)))
     assert np.array_equal(values, encoded.tokens.flat_values.numpy())
     assert section["id_dtype"] == "uint16" and section["length_dtype"] == "uint16"
     assert section["splits"]["train"]["files"]["tokens"]["bytes"] == 128 + 2 * int(encoded.lengths.sum())
@@ -120,7 +119,7 @@ def test_each_of_two_workers_fetches_only_its_rows_and_trains_todays_batches(spl
 def test_validation_blocks_from_the_store_are_the_blocks_from_the_text(splits, local_store) -> None:
     from imdb_dist.data.training import in_memory_data, stored_blocks, validation_blocks
 
-    directory, vocabulary, _ = local_store
+    _, vocabulary, _ = local_store
     tokenizer = pipeline.Tokenizer(vocabulary, VOCAB)
     data = in_memory_data(load_config(None, []).data, (splits["train"], splits["validation"]))
     val = opened(local_store, "validation")
