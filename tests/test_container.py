@@ -100,9 +100,9 @@ def config_maps() -> dict[str, dict[str, str]]:
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "the container tests run podman as root"
-    for tool in ("podman", "runc"):
+    for tool in ("podman", "runc", "iptables"):  # iptables: podman's network backend runs it
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install podman runc mmdebstrap)"
+            return f"{tool} is not installed (apt-get install podman runc mmdebstrap iptables)"
     if podman("image", "exists", BASE_IMAGE, check=False).returncode != 0:
         return f"no base image {BASE_IMAGE}: make it with docker/debian-base.sh"
     return None
