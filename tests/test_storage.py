@@ -31,7 +31,7 @@ from test_launch import FailOnce, RecordEpochs, events, exported_weights
 
 from imdb_dist import rundir, storage
 from imdb_dist.config import load_config
-from imdb_dist.errors import InputError
+from imdb_dist.errors import DataError, InputError
 from imdb_dist.launch import launch
 from imdb_dist.rundir import read_metrics
 
@@ -641,3 +641,28 @@ def check_the_s3_run(
     )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(scored.stdout)["accuracy"] == pytest.approx(report["validation"]["accuracy"])
+
+
+def test_a_token_store_on_s3_is_read_by_ranged_requests_row_for_row_as_the_local_one(s3: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    from imdb_dist.data import preparation, store
+    from imdb_dist.data.sources import Reviews
+
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(50)]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(300)]
+    reviews = Reviews(texts, rng.integers(0, 2, 300).astype(np.int32))
+    vocabulary, section = preparation.write_store(tmp_path, {"train": reviews}, preparation.LocalEngine(),
+                                                  vocab_size=40, max_len=20)
+    root = storage.parse(uri(s3, "store"), "test")
+    for path in tmp_path.iterdir():
+        storage.write_bytes(root.child(path.name), path.read_bytes())
+    local = store.open_split(store.local_files(tmp_path), section, "train", vocabulary)
+    remote = store.open_split(store.remote_files(root), section, "train", vocabulary)
+    index = np.array([299, 5, 6, 7, 100, 0])
+    assert [a.tolist() for a in remote.rows(index)] == [a.tolist() for a in local.rows(index)]
+    assert remote.requests == 4 and remote.fetched_bytes == local.fetched_bytes
+    storage.write_bytes(root.child("train.tokens.npy"), (tmp_path / "train.tokens.npy").read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        store.open_split(store.remote_files(root), section, "train", vocabulary)

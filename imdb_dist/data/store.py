@@ -241,7 +241,7 @@ class TokenStore:
                 chunks = list(self._pool.map(lambda span: self._file.read_at(span[1], span[0]), spans))
             else:
                 chunks = [self._file.read_at(size, offset) for offset, size in spans]
-            data = b"".join(chunk.to_pybytes() for chunk in chunks)
+            data = b"".join(chunks)  # read_at gives bytes or a pyarrow Buffer: both are bytes-like
         with self._lock:
             self.fetched_bytes += len(data)
             self.requests += len(spans)
