@@ -174,6 +174,19 @@ def uninterrupted(cluster, tmp_path_factory) -> Callable[..., tuple[Path, Path]]
     return get
 
 
+def test_a_launch_that_tokenizes_as_a_ray_data_job_trains_what_one_process_prepares(uninterrupted, tmp_path) -> None:
+    """ray.prepare ray_data: the store, vocabulary and batches of the driver's own preparation (auto, at this size)."""
+    _, prepared_here = uninterrupted(1)
+    run = launch(ray_config(tmp_path, "model.members=1", *UNINTERRUPTED, "ray.prepare=ray_data")).local_path()
+    stores = sorted(path.name for path in (prepared_here / rundir.PREPARED).glob("*.npy"))
+    assert len(stores) == 6
+    for name in stores:
+        assert (run / rundir.PREPARED / name).read_bytes() == (prepared_here / rundir.PREPARED / name).read_bytes()
+    assert (run / rundir.VOCAB).read_text() == (prepared_here / rundir.VOCAB).read_text()
+    reports = [json.loads((where / rundir.REPORT).read_text()) for where in (run, prepared_here)]
+    assert reports[0]["batches_digest"] == reports[1]["batches_digest"] is not None
+
+
 @pytest.mark.parametrize("members", [1, 2], ids=["one-network-2x2-bfloat16-transport", "ensemble-of-2"])
 def test_two_workers_train_in_sync_and_only_the_chief_writes(uninterrupted, members: int) -> None:
     # One network at 2x2: the fault test's reference; an ensemble: the elastic-range test's run too.
