@@ -24,8 +24,8 @@ from imdb_dist.data.sources import load_training_splits, movies
 log = logging.getLogger(__name__)
 
 # ray.prepare auto: training reviews from which Ray Data tokenizes, across the cluster.
-# Below, one process is sooner: Ray Data's tasks start processes that import TensorFlow
-# (about 7 s), where one process tokenizes IMDB's 22,500 in about 3 s (docs/BENCHMARKS.md).
+# Below, one process is sooner: Ray Data's tasks first start processes that import
+# TensorFlow (docs/BENCHMARKS.md, "Preparation at 1×, 10× and 100× IMDB").
 RAY_DATA_FROM = 200_000
 
 

@@ -203,3 +203,17 @@ def test_a_run_prepared_before_the_store_is_prepared_again_with_the_same_vocabul
         assert run_dir.vocabulary() == vocabulary
     assert json.loads((prepared / "manifest.json").read_text())["store"]["format"] == store.FORMAT
     assert len(list(prepared.glob("*.npy"))) == 6
+
+
+def test_a_preparation_refused_midway_leaves_nothing_in_the_run_directory(tmp_path: Path) -> None:
+    from imdb_dist.data import shards
+
+    def refused(directory: Path) -> dict:
+        store.SplitWriter(directory, "train", vocab_size=100, max_len=3).append(
+            np.arange(2, 8), np.array([2, 4]), np.array([0, 1]))  # a review longer than max_len
+        return {}
+
+    val = Reviews(["a b"], np.array([1], np.int32))
+    with pytest.raises(DataError, match="more than data.max_len"):
+        shards.write_prepared(tmp_path / "data", {"validation": val}, 1, meta={}, more=refused)
+    assert list(tmp_path.iterdir()) == []

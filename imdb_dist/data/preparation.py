@@ -42,7 +42,7 @@ BLOCK = 4096
 # Blocks of counts merged at once on the driver (bounds its memory on a large corpus).
 _MERGE_EVERY = 64
 
-Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids one after another, ids per review, labels
+EncodedBlock = tuple[np.ndarray, np.ndarray, np.ndarray]  # ids one after another, ids per review, labels
 
 
 class Engine(Protocol):
@@ -53,7 +53,7 @@ class Engine(Protocol):
     def counts(self, texts: Sequence[str]) -> pa.Table:
         """Columns ``token`` (binary, distinct) and ``count`` (int64): every word of ``texts`` and how often it occurs."""
 
-    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[Encoded]:
+    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[EncodedBlock]:
         """Every review's last ``max_len`` ids, block by block in the reviews' order."""
 
 
@@ -161,7 +161,7 @@ class LocalEngine:
                 merged = [merge_counts(merged)]
         return merge_counts(merged)
 
-    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[Encoded]:
+    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[EncodedBlock]:
         for part in _blocks(len(reviews)):
             values, lengths = encode_block(list(reviews.texts[part]), vocabulary, vocab_size=vocab_size, max_len=max_len)
             yield values, lengths, reviews.labels[part]
@@ -214,7 +214,7 @@ class RayDataEngine:
                     merged = [merge_counts(merged)]
             return merge_counts(merged)
 
-    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[Encoded]:
+    def encode(self, reviews: Reviews, vocabulary: list[str], *, vocab_size: int, max_len: int) -> Iterator[EncodedBlock]:
         if not len(reviews):
             return
         with _quiet_in_order():

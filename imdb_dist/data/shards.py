@@ -50,13 +50,17 @@ def write_prepared(
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    manifest: dict[str, Any] = {"meta": meta, "splits": {}}
-    if more is not None:
-        manifest.update(more(staging))
-    for split, reviews in splits.items():
-        files = _write_split(staging, split, reviews, min(num_shards, max(len(reviews), 1)))
-        manifest["splits"][split] = {"examples": len(reviews), "files": files}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        manifest: dict[str, Any] = {"meta": meta, "splits": {}}
+        if more is not None:
+            manifest.update(more(staging))
+        for split, reviews in splits.items():
+            files = _write_split(staging, split, reviews, min(num_shards, max(len(reviews), 1)))
+            manifest["splits"][split] = {"examples": len(reviews), "files": files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a refused or interrupted preparation leaves nothing
+        raise
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(staging, directory)
 

@@ -303,7 +303,7 @@ def _check_tokens(files: Files, entry: dict[str, Any], dtype: np.dtype, total: i
         raise DataError(f"{where} is missing: the token store is incomplete; prepare the run again")
     with files.open(name) as handle:
         head = handle.read_at(min(size, 4096), 0)
-    found, count, start = _parse_header(bytes(head.to_pybytes() if hasattr(head, "to_pybytes") else head), where)
+    found, count, start = _parse_header(bytes(head), where)  # bytes, or a pyarrow Buffer
     if found.newbyteorder("<") != dtype.newbyteorder("<") or count != total:
         raise DataError(f"{where} holds {count} {found} ids where the lengths say {total} {dtype}")
     expected = start + total * dtype.itemsize
