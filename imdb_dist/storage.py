@@ -404,5 +404,15 @@ def reason(exc: BaseException) -> str:
 
 
 def open_input_file(location: Location) -> Any:
-    """A remote file for random reads (``read_at``): one ranged request each, retried within the budget."""
-    return _call(location, "open", lambda filesystem: filesystem.open_input_file(location.path))
+    """A remote file for random reads (``read_at``): one ranged request each, retried within the budget.
+
+    The file belongs to the retrying filesystem whatever :func:`_call`'s
+    first try did: a worker reads rows all through training, and a read in
+    an outage must retry like every other call (only the look-up that opens
+    it is tried once first, to warn; a file is opened once per worker, so
+    its second HEAD request costs nothing).
+    """
+    info = _call(location, "open", lambda filesystem: filesystem.get_file_info(location.path))
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{location}: no such file")
+    return _remote(location).open_input_file(location.path)

@@ -91,6 +91,22 @@ def test_rows_come_back_in_the_order_asked_and_adjacent_rows_are_one_read(local_
     tokens, labels = stored.gather(tf.constant(index))
     assert tokens.to_list() == [list(everything[offsets[i]:offsets[i + 1]]) for i in index]
     assert labels.numpy().tolist() == stored.labels[index].tolist()
+    # A row named twice (a window of batches across an epoch's end) is fetched once.
+    before = stored.fetched_bytes, stored.requests
+    values, _ = stored.rows(np.array([12, 3000, 12]))
+    assert np.array_equal(values, np.concatenate([everything[offsets[i]:offsets[i + 1]] for i in (12, 3000, 12)]))
+    assert (stored.fetched_bytes - before[0], stored.requests - before[1]) == (
+        2 * int(stored.lengths[[12, 3000]].sum()), 2)
+
+
+def test_ranges_closer_than_the_hole_limit_are_one_read_and_no_read_passes_the_range_limit() -> None:
+    starts, ends = np.array([0, 10, 30, 100, 400, 420]), np.array([10, 20, 40, 300, 410, 700])
+    assert store.coalesce(starts, ends, 0, 1000) == [(0, 20), (30, 10), (100, 200), (400, 10), (420, 280)]
+    assert store.coalesce(starts, ends, 10, 1000) == [(0, 40), (100, 200), (400, 300)]
+    assert store.coalesce(starts, ends, 99, 1000) == [(0, 300), (400, 300)]  # 300-400 is a gap of 100
+    assert store.coalesce(starts, ends, 100, 1000) == [(0, 700)]
+    # 250 bytes at most a read; a range longer than that (100-300 is 200, 420-700 is 280) is read whole.
+    assert store.coalesce(starts, ends, 1000, 250) == [(0, 40), (100, 200), (400, 10), (420, 280)]
 
 
 def test_each_of_two_workers_fetches_only_its_rows_and_trains_todays_batches(splits, local_store) -> None:

@@ -56,6 +56,10 @@ PLAN_VERSION = 2
 _POOL_TOKENS = 16384 * 400
 # Batches gathered in parallel, and ready batches kept, ahead of the step.
 _BATCHES_IN_FLIGHT = 4
+# Rows a worker reads at once, ahead of the step: a window of its next batches, so a remote store
+# coalesces rows that lie close into few requests (imdb_dist.data.store.TokenStore.rows). Counted in
+# a worker's rows, not in batches, so one worker of two reads half the windows one worker alone reads.
+_WINDOW_ROWS = 2048
 
 
 class Examples(Protocol):
@@ -194,9 +198,15 @@ def stream(
     every row pre-padded to its global batch's width.
     """
     index, widths = worker_batches(plan, share, epochs=epochs, start=start)
+    rows = index.shape[1]
 
-    def gather(rows: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        tokens, labels = examples.gather(rows)
+    def gather(window: tf.Tensor, window_widths: tf.Tensor) -> tuple[tf.RaggedTensor, tf.Tensor, tf.Tensor]:
+        # One read for the window's batches; each batch then pads to its own width.
+        tokens, labels = examples.gather(tf.reshape(window, [-1]))
+        return (tf.RaggedTensor.from_uniform_row_length(tokens, rows), tf.reshape(labels, [-1, rows]),
+                window_widths)
+
+    def pad(tokens: tf.RaggedTensor, labels: tf.Tensor, width: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         dense = tokens.to_tensor(default_value=0, shape=[None, None])
         dense = tf.pad(dense, [[0, 0], [0, width - tf.shape(dense)[1]]])
         return pre_pad(dense), labels
@@ -205,8 +215,11 @@ def stream(
     # and a few batches in flight keep any device fed; nothing to tune.
     options = tf.data.Options()
     options.autotune.enabled = False
-    dataset = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), widths))
-    return dataset.map(gather, num_parallel_calls=_BATCHES_IN_FLIGHT).prefetch(_BATCHES_IN_FLIGHT).with_options(options)
+    window = max(1, _WINDOW_ROWS // rows)
+    dataset = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), widths)).batch(window)
+    # The next window is read while this one's batches are stepped through.
+    dataset = dataset.map(gather, num_parallel_calls=2).prefetch(1).unbatch()
+    return dataset.map(pad, num_parallel_calls=_BATCHES_IN_FLIGHT).prefetch(_BATCHES_IN_FLIGHT).with_options(options)
 
 
 def padded_blocks(batches: tf.data.Dataset, batch_size: int, share: Share) -> tf.data.Dataset:

@@ -11,8 +11,10 @@ Each review is stored as the model sees it: its last ``max_len`` ids
 from ``sum(lengths[:i])`` on, so one review is one byte range of
 ``<split>.tokens.npy``: a worker computes the offsets from the lengths it
 holds anyway (the plan needs them) and reads only its own rows, with a
-``pread`` on a local or NFS run directory and one ranged GET per run of
-adjacent rows on ``s3://`` (:class:`TokenStore`). The files are NumPy's
+``pread`` per run of adjacent rows on a local or NFS run directory, and
+on ``s3://`` one ranged GET per run of rows less than 8 KiB apart (pyarrow's
+coalescing rule, :func:`coalesce`; the stream reads a window of batches at
+once, :func:`imdb_dist.data.plan.stream`) (:class:`TokenStore`). The files are NumPy's
 ``.npy`` format (NEP 1): self-describing, ``np.load(..., mmap_mode="r")``
 opens them, and a truncated file is caught by its size against its header.
 
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imdb_dist import storage
@@ -193,6 +196,26 @@ def local_files(directory: Path) -> Files:
                  local=lambda name: str(directory / name))
 
 
+def coalesce(starts: np.ndarray, ends: np.ndarray, hole_bytes: int, range_bytes: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` reads covering the sorted byte ranges ``[starts, ends)``.
+
+    A range joins the read before it when the gap between them is at most
+    ``hole_bytes`` and the read stays within ``range_bytes`` (a range longer
+    than that is read whole): pyarrow's ``CacheOptions`` rule for its own
+    coalesced reads.
+    """
+    spans: list[tuple[int, int]] = []
+    begin, end = int(starts[0]), int(ends[0])
+    for start, stop in zip(starts[1:].tolist(), ends[1:].tolist()):
+        if start - end <= hole_bytes and stop - begin <= range_bytes:
+            end = stop
+        else:
+            spans.append((begin, end - begin))
+            begin, end = start, stop
+    spans.append((begin, end - begin))
+    return spans
+
+
 class TokenStore:
     """One split's reviews by global index, read by rows: the plan's random access (:class:`imdb_dist.data.plan.Examples`).
 
@@ -213,6 +236,11 @@ class TokenStore:
         self._fd = os.open(files.local(self._name), os.O_RDONLY) if files.local is not None else None
         self._file = files.open(self._name) if self._fd is None else None
         self._pool = concurrent.futures.ThreadPoolExecutor(_REMOTE_READERS) if files.remote else None
+        # A request's round trip costs more than reading a small gap: a remote store reads across gaps up
+        # to pyarrow's own default (CacheOptions: 8 KiB holes, 32 MiB requests); a local pread is cheap.
+        defaults = pa.CacheOptions()
+        self.hole_bytes = defaults.hole_size_limit if files.remote else 0
+        self.range_bytes = defaults.range_size_limit
         self._lock = threading.Lock()
         self.fetched_bytes = 0
         self.requests = 0
@@ -221,41 +249,43 @@ class TokenStore:
         return len(self.lengths)
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ids of the reviews at ``index`` one after another (int64), and their lengths; adjacent rows in one read."""
+        """The ids of the reviews at ``index`` one after another (int64), and their lengths.
+
+        Each review asked for is fetched once, however often ``index`` names
+        it (a window of batches can span two epochs). Rows that touch are one
+        read; on a remote store, so are rows with less than ``hole_bytes``
+        between them (:func:`coalesce`).
+        """
         index = np.asarray(index, dtype=np.int64)
         lengths = self.lengths[index]
         if not len(index):
             return np.zeros(0, np.int64), lengths
-        order = np.argsort(index, kind="stable")
-        starts, ends = self._offsets[index[order]], self._offsets[index[order] + 1]
-        # Runs of rows that touch (the next starts where this one ends) are one read.
-        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
-        run_starts = starts[np.concatenate([[0], breaks])]
-        run_ends = ends[np.concatenate([breaks - 1, [len(order) - 1]])]
+        unique, inverse = np.unique(index, return_inverse=True)
         item = self._ids.itemsize
-        spans = [(int(a) * item + self._data_start, int(b - a) * item) for a, b in zip(run_starts, run_ends)]
-        if self._fd is not None:  # a local file: one pread per run, no copy through pyarrow
-            data = b"".join(os.pread(self._fd, size, offset) for offset, size in spans)
+        starts = self._offsets[unique] * item + self._data_start
+        ends = self._offsets[unique + 1] * item + self._data_start
+        spans = coalesce(starts, ends, self.hole_bytes, self.range_bytes)
+        if self._fd is not None:  # a local file: one pread per span, no copy through pyarrow
+            chunks = [os.pread(self._fd, size, offset) for offset, size in spans]
+        elif self._pool is not None and len(spans) > 1:
+            chunks = list(self._pool.map(lambda span: self._file.read_at(span[1], span[0]), spans))
         else:
-            if self._pool is not None and len(spans) > 1:
-                chunks = list(self._pool.map(lambda span: self._file.read_at(span[1], span[0]), spans))
-            else:
-                chunks = [self._file.read_at(size, offset) for offset, size in spans]
-            data = b"".join(chunks)  # read_at gives bytes or a pyarrow Buffer: both are bytes-like
+            chunks = [self._file.read_at(size, offset) for offset, size in spans]
+        data = b"".join(chunks)  # read_at gives bytes or a pyarrow Buffer: both are bytes-like
         with self._lock:
             self.fetched_bytes += len(data)
             self.requests += len(spans)
-        values = np.frombuffer(data, dtype=self._ids).astype(np.int64)
-        if len(values) != int(lengths.sum()):
+        if len(data) != sum(size for _, size in spans):
             raise DataError(f"{self._files.where}/{self._name} ended early: the token store is truncated")
-        # Back from offset order to the order asked for: row k's ids start where its sorted place's do.
-        sorted_lengths = lengths[order]
-        sorted_starts = np.cumsum(sorted_lengths) - sorted_lengths
-        place = np.empty_like(order)
-        place[order] = np.arange(len(order))
-        starts_asked = sorted_starts[place]
-        within = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        return values[np.repeat(starts_asked, lengths) + within], lengths
+        values = np.frombuffer(data, dtype=self._ids)
+        # Where each unique row's ids start in ``values``: its offset within its span, plus the span's place.
+        span_offsets = np.array([offset for offset, _ in spans], dtype=np.int64)
+        span_places = np.concatenate([[0], np.cumsum([size for _, size in spans])[:-1]]).astype(np.int64)
+        span_of = np.searchsorted(span_offsets, starts, side="right") - 1
+        unique_starts = (starts - span_offsets[span_of] + span_places[span_of]) // item
+        # Row k asked for: its ids are lengths[k] values from its unique row's start.
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return values[np.repeat(unique_starts[inverse], lengths) + within].astype(np.int64), lengths
 
     def gather(self, index: Any) -> tuple[Any, Any]:
         """Token rows (ragged int64) and int32 labels of the reviews at ``index`` (a tensor, in a tf.data map)."""
