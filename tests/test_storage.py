@@ -688,8 +688,8 @@ def test_a_token_store_on_s3_reads_its_rows_through_an_outage_within_the_retry_b
     import threading
 
     import numpy as np
-
     from forwarder import Forwarder
+
     from imdb_dist.data import preparation, store
     from imdb_dist.data.sources import Reviews
 
