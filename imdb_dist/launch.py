@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imdb_dist import rundir, storage
+from imdb_dist import rundir, storage, tracking
 from imdb_dist.config import Config, config_from_dict, to_dict
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.logs import import_tensorflow_quietly, setup_logging
@@ -77,7 +77,11 @@ def run_location(cfg: Config) -> storage.Location:
 
 
 def launch(
-    cfg: Config, *, worker_callbacks: Sequence[keras.callbacks.Callback] = (), changes: Sequence[str] = ()
+    cfg: Config,
+    *,
+    worker_callbacks: Sequence[keras.callbacks.Callback] = (),
+    changes: Sequence[str] = (),
+    tracked_under: str | None = None,
 ) -> storage.Location:
     """Prepare the data, run the Ray Train job to the end, and return the run directory.
 
@@ -90,6 +94,8 @@ def launch(
             loop (pickled to the workers).
         changes: model-defining keys this command means to change in a run
             it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
+        tracked_under: the MLflow run (a sweep's trial) the job's MLflow run
+            nests under (:mod:`imdb_dist.tracking`).
 
     Raises:
         InputError: bad config, data or storage, a cluster without the GPUs
@@ -103,6 +109,7 @@ def launch(
     # The run directory as the user named it: what the report and the workers' config say.
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(location)))
     _check_replicas(cfg)
+    tracking.check(cfg.tracking)  # before anything is read or written
 
     def join_cluster() -> None:
         # After the data is read and checked (bad data needs no cluster), before the first write.
@@ -112,7 +119,9 @@ def launch(
     with rundir.RunDir(location, "ray.storage_path") as run_dir:
         lease = prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
         if lease is None:  # already complete (logged)
+            tracking.catch_up(cfg, run_dir, None)
             return location
+        tracking.open_run(cfg, run_dir, parent=tracked_under)
         _fit(cfg, run_dir, lease, list(worker_callbacks))
     return location
 

@@ -8,6 +8,7 @@ Side effects on the run directory happen on the chief only.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import tf_keras as keras
 
-from imdb_dist import fingerprint, report, rundir
+from imdb_dist import fingerprint, report, rundir, tracking
 from imdb_dist.build import data_plan, prepared_inputs, restored_model, tokenized
 from imdb_dist.callbacks import log_every, run_callbacks
 from imdb_dist.config import Config
@@ -32,7 +33,7 @@ from imdb_dist.data.training import (
 from imdb_dist.digest import BatchDigest
 from imdb_dist.distribute import Worker, start_worker
 from imdb_dist.evaluate import SCORE_BATCH
-from imdb_dist.interrupt import StopRequest
+from imdb_dist.interrupt import Interrupted, StopRequest
 from imdb_dist.loop import Schedule, TrainingLoop
 from imdb_dist.timings import Timings
 
@@ -69,6 +70,7 @@ def run(
     startup_s: float | None = None,
     reading: ReadAhead | None = None,
     changes: Sequence[str] = (),
+    tracked_under: str | None = None,
 ) -> Path | None:
     """Train, export and evaluate as ``cfg`` says; return the run directory (None when it is remote).
 
@@ -93,6 +95,8 @@ def run(
             the configured source here.
         changes: model-defining keys this command means to change in a run
             it resumes (``--change``; :mod:`imdb_dist.fingerprint`).
+        tracked_under: the MLflow run (a sweep's trial) this run's MLflow
+            run nests under, with ``tracking`` on (:mod:`imdb_dist.tracking`).
 
     Raises:
         InputError: bad config, data or output directory (nothing is written),
@@ -105,6 +109,8 @@ def run(
     timings = Timings()
     if startup_s is not None:
         timings.add("start-up", startup_s)  # interpreter, imports, config
+    if launched is None:
+        tracking.check(cfg.tracking)  # a launcher checked it before starting the workers
     with rundir.RunDir.open(cfg.run.output_dir, retry_s=cfg.run.storage_retry_s) as run_dir:
         with timings.phase("strategy"):
             worker = start_worker(cfg, ray_worker=launched is not None)
@@ -117,31 +123,49 @@ def run(
             launched.on_start(worker.chief, run_dir)
             checkpoints = launched.checkpoints
         else:
-            opened = _open_run(cfg, run_dir, worker, timings, reading, changes)
+            opened = _open_run(cfg, run_dir, worker, timings, reading, changes, tracked_under)
             if opened is None:  # already complete
+                if worker.chief:
+                    tracking.catch_up(cfg, run_dir, None)
                 return None if run_dir.remote else run_dir.work
             data, checkpoints = opened, run_dir.work / rundir.CHECKPOINTS
         with timings.phase("tokenize"):
             tokenizer, examples = tokenized(cfg, run_dir, data, chief=worker.chief)
+        global_plan = data_plan(cfg, examples.lengths)
+        tracker = None
+        if worker.chief and cfg.tracking.enabled:
+            tracker = tracking.Tracker(cfg, run_dir, global_plan.steps_per_epoch, tags=tracking.machine_tags(worker))
 
         def saved(metrics: dict[str, Any]) -> None:
             if worker.chief:
                 run_dir.sync()  # the checkpoint (if ours to move) and the logs so far
             if launched is not None:
                 launched.after_checkpoint(metrics)
+            if tracker is not None:
+                tracker.mirror()  # what the checkpoint made durable (the Ray checkpoint too: reported above)
 
-        model, batches_digest = _train(
-            cfg, worker, run_dir, tokenizer, examples, data,
-            checkpoints=checkpoints,
-            callbacks=extra_callbacks,
-            after_save=saved,
-            checkpoint_now=launched.checkpoint_now if launched is not None else None,
-            stop=stop or StopRequest(),
-            timings=timings,
-        )
-        if worker.chief:
-            report.finish(cfg, worker, run_dir, tokenizer, model, data, timings, time.perf_counter() - started,
-                          batches_digest=batches_digest)
+        try:
+            model, batches_digest = _train(
+                cfg, worker, run_dir, tokenizer, examples, data, global_plan,
+                checkpoints=checkpoints,
+                callbacks=extra_callbacks,
+                after_save=saved,
+                checkpoint_now=launched.checkpoint_now if launched is not None else None,
+                stop=stop or StopRequest(),
+                timings=timings,
+            )
+            if worker.chief:
+                report.finish(cfg, worker, run_dir, tokenizer, model, data, timings, time.perf_counter() - started,
+                              batches_digest=batches_digest)
+        except BaseException as exc:
+            if tracker is not None:
+                # A stop to resume later, or a failure: what the last checkpoint made durable is queued;
+                # a short wait (a pod's grace period is short), the next attempt sends the rest.
+                tracker.close("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED", wait_s=5.0)
+            raise
+        if tracker is not None:
+            version = json.loads((run_dir.work / rundir.REPORT).read_text())["model_version"]
+            tracker.finish(run_dir.work / rundir.MODEL / str(version))
         return None if run_dir.remote else run_dir.work
 
 
@@ -152,6 +176,7 @@ def _open_run(
     timings: Timings,
     reading: ReadAhead | None,
     changes: Sequence[str],
+    tracked_under: str | None,
 ) -> TrainingData | None:
     """Decide new, resume or complete; read and check the data; the chief takes the lease and (re)opens the run.
 
@@ -169,6 +194,8 @@ def _open_run(
     run_dir.check_fingerprint(current, changes)
     if worker.chief and run_dir.take(cfg, current, changes) is None:
         return None
+    if worker.chief:
+        tracking.open_run(cfg, run_dir, parent=tracked_under)
     # Every worker restores the latest checkpoint.
     run_dir.fetch(trees=[rundir.CHECKPOINTS])
     return data
@@ -181,6 +208,7 @@ def _train(
     tokenizer: Tokenizer,
     examples: plan.Examples,
     data: TrainingData,
+    global_plan: plan.GlobalPlan,
     *,
     checkpoints: Path,
     callbacks: Sequence[keras.callbacks.Callback],
@@ -193,7 +221,6 @@ def _train(
 
     Returns the model and the batch digest of the steps that trained it (:mod:`imdb_dist.digest`).
     """
-    global_plan = data_plan(cfg, examples.lengths)
     steps = global_plan.steps_per_epoch
     share = plan.Share(worker.replicas, worker.num_workers, worker.index)  # this worker's rows of every batch
     with timings.phase("build"):

@@ -288,8 +288,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run(load_config(None, tiny_overrides(data, root / "run")))
 
 
-def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None = None, **train) -> Path:
-    """A tiny-model sweep config: the TINY settings, generated data, this tune (and ray) section."""
+def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None = None,
+                 tracking: dict | None = None, **train) -> Path:
+    """A tiny-model sweep config: the TINY settings, generated data, this tune (and ray, tracking) section."""
     raw: dict = {}
     for item in [*TINY, "data.source=aclimdb", "data.validation_fraction=0.2", f"data.path={data}",
                  f"run.output_dir={out}", "train.epochs=2"]:
@@ -300,5 +301,19 @@ def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None
     raw["tune"] = tune
     if ray:
         raw["ray"] = ray
+    if tracking:
+        raw["tracking"] = tracking
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real ``mlflow server`` on loopback (tests/mlflow_server.py), one per test module."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

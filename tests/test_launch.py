@@ -253,7 +253,9 @@ def test_the_controller_logs_each_checkpoint_it_keeps_one_poll_of_ray_report_pol
 
 
 @pytest.mark.timeout(600)  # a run, two faults, Ray noticing each, two restarted worker groups
-def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model(uninterrupted, tmp_path: Path) -> None:
+def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model_in_one_mlflow_run(
+    uninterrupted, mlflow_server, tmp_path: Path
+) -> None:
     # Two faults in one 2x2 run, the second in the group restarted after the first: the chief
     # raises at epoch 2 step 3 (an error in the training function), then rank 1 is SIGKILLed at
     # epoch 2 step 8 (a lost process; at 2x1 with an S3 outage besides: tests/test_storage.py).
@@ -264,7 +266,8 @@ def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model(unin
     log = tmp_path / "events.txt"
     faults = [FailOnce(str(tmp_path / "raised-once"), rank=0, epoch=2, step=3),
               FailOnce(str(tmp_path / "killed-once"), rank=1, epoch=2, step=8, kill=True)]
-    cfg = ray_config(tmp_path / "failed", "model.members=1", *TWO_BY_TWO, *UNINTERRUPTED)
+    cfg = ray_config(tmp_path / "failed", "model.members=1", *TWO_BY_TWO, *UNINTERRUPTED,
+                     f"tracking.uri={mlflow_server.uri}", "tracking.experiment=ray")
     run_dir = launch(cfg, worker_callbacks=[*faults, RecordEpochs(str(log))]).local_path()
     assert (tmp_path / "raised-once").exists() and (tmp_path / "killed-once").exists(), "a fault was never injected"
     for rank in (0, 1):
@@ -285,6 +288,19 @@ def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model(unin
     assert reports[0]["embedding_gradient"] == "dense, in bfloat16"
     assert_same_epoch_metrics(read_metrics(run_dir / rundir.METRICS), read_metrics(reference / rundir.METRICS),
                               steps_per_epoch=STEPS_PER_EPOCH, replicas=4, split_epochs=[2])
+    # Three worker groups, one MLflow run (tests/test_tracking.py): the chiefs of the restarted groups
+    # attached to it and sent only what lay beyond it; the groups are its `workers` metric and tags.
+    from test_tracking import expected_history, logged_history, the_run
+
+    client = mlflow_server.client()
+    run = the_run(client, "ray")
+    history = logged_history(client, run.info.run_id)
+    assert run.info.status == "FINISHED" and history == expected_history(run_dir)
+    assert [s for s, _ in history["step_loss"]] == [r["step"] for r in read_metrics(reference / rundir.STEPS)]
+    assert [run.data.tags[f"worker_group.{k}"].split(", ")[1] for k in (1, 2, 3)] == [
+        "start", "restarted after a failure", "restarted after a failure"]
+    assert run.data.tags["replicas"] == "4" and run.data.tags["workers"] == "2"
+    assert "model/saved_model.pb" in {item.path for item in client.list_artifacts(run.info.run_id, rundir.MODEL)}
 
 
 # The GPU job's CPU rehearsal (job/configs/ray-gpu-rehearsal.yaml: two workers of two replicas each) runs in

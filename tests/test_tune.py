@@ -173,14 +173,17 @@ def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_pat
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean(data, tmp_path) -> None:
+def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean_in_nested_mlflow_runs(
+    data, mlflow_server, tmp_path
+) -> None:
     out = tmp_path / "sweep"
-    # One trial (several are the sweep above's), trained on each of two folds.
+    # Two trials, each trained on each of two folds.
     config = sweep_config(tmp_path / "tune.yaml", data, out,
-                          {"space": {LR: {"grid": [0.03]}}, "trials": 1, "folds": 2}, epochs=1)
+                          {"space": {LR: {"grid": [0.03, 0.003]}}, "trials": 1, "folds": 2},
+                          tracking={"uri": mlflow_server.uri, "experiment": "sweep"}, epochs=1)
     _finish(_tune(config))
     rows = _results(out)
-    assert len(rows) == 1
+    assert len(rows) == 2
     for row in rows:
         assert row["status"] == "completed"
         folds = [json.loads((Path(row["run_dir"]) / f"fold{k}" / rundir.REPORT).read_text()) for k in range(2)]
@@ -189,3 +192,23 @@ def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean(data, tmp_p
         mean = sum(f["validation"]["accuracy"] for f in folds) / 2
         assert float(row["cv_val_accuracy"]) == pytest.approx(mean, abs=1e-6)
     assert load_config(out / "best.yaml").data.folds == 0, "best.yaml trains on the usual split"
+    # MLflow: the sweep's run; under it each trial's, with its sampled value and its fold-averaged score;
+    # under each trial its two folds' training runs; the best trial tagged on both.
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    parents = {run.info.run_id: run.data.tags.get("mlflow.parentRunId") for run in runs}
+    (sweep,) = [run for run in runs if parents[run.info.run_id] is None]
+    trials = [run for run in runs if parents[run.info.run_id] == sweep.info.run_id]
+    assert len(runs) == 1 + 2 + 4 and len(trials) == 2
+    best = max(rows, key=lambda row: float(row["cv_val_accuracy"]))
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["imdb_dist.best_trial"] == best["trial_id"]
+    assert sweep.data.metrics["best_cv_val_accuracy"] == pytest.approx(float(best["cv_val_accuracy"]))
+    for trial in trials:
+        row = next(row for row in rows if row["trial_id"] == trial.data.tags["imdb_dist.trial_id"])
+        assert json.loads(trial.data.params[LR]) == float(row[LR])
+        scores = client.get_metric_history(trial.info.run_id, "cv_val_accuracy")
+        assert [m.step for m in scores] == [0, 1]
+        assert scores[-1].value == pytest.approx(float(row["cv_val_accuracy"]), abs=1e-6)
+        assert (trial.data.tags.get("imdb_dist.best_trial") == "true") == (row is best)
+        folds = [run for run in runs if parents[run.info.run_id] == trial.info.run_id]
+        assert len(folds) == 2 and all(run.info.status == "FINISHED" for run in folds)

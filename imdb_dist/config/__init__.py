@@ -39,6 +39,7 @@ from imdb_dist.config.loading import (
     with_values,
 )
 from imdb_dist.config.schema import Config
+from imdb_dist.config.tracking import TrackingConfig
 
 __all__ = [
     "METRIC_MODES",
@@ -56,6 +57,7 @@ __all__ = [
     "Schedule",
     "Source",
     "Strategy",
+    "TrackingConfig",
     "TrainConfig",
     "Transport",
     "TuneConfig",

@@ -12,6 +12,7 @@ from imdb_dist.config.job import (
     RunConfig,
     TrainConfig,
 )
+from imdb_dist.config.tracking import TrackingConfig
 from imdb_dist.errors import ConfigError
 
 
@@ -26,6 +27,7 @@ class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         # The first conv + pool must see at least one window of real length.

@@ -43,6 +43,7 @@ from imdb_dist.rundir.files import (
     REPORT,
     STEPS,
     TENSORBOARD,
+    TRACKING,
     VOCAB,
     WORKER_GROUPS,
     JsonLog,
@@ -55,6 +56,6 @@ from imdb_dist.rundir.versions import MODEL_MARKER
 
 __all__ = [
     "CHANGES", "CHECKPOINTS", "CONFIG", "CURVES", "FINGERPRINT", "MANIFEST", "METRICS", "MODEL",
-    "MODEL_MARKER", "PREPARED", "REPORT", "STEPS", "TENSORBOARD", "VOCAB", "WORKER_GROUPS", "JsonLog", "RunDir",
+    "MODEL_MARKER", "PREPARED", "REPORT", "STEPS", "TENSORBOARD", "TRACKING", "VOCAB", "WORKER_GROUPS", "JsonLog", "RunDir",
     "atomic_write", "check_writable", "read_metrics", "read_vocab",
 ]

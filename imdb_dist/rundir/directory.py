@@ -25,6 +25,7 @@ from imdb_dist.rundir.files import (
     OPENING,
     REPORT,
     STEPS,
+    TRACKING,
     VOCAB,
     WORKER_GROUPS,
     JsonLog,
@@ -116,7 +117,7 @@ class RunDir:
 
     def fetch_state(self) -> None:
         """The files that decide new, resume or complete, and that a resume continues (remote runs)."""
-        self.fetch([CONFIG, REPORT, VOCAB, MANIFEST, METRICS, STEPS, WORKER_GROUPS, FINGERPRINT, CHANGES])
+        self.fetch([CONFIG, REPORT, VOCAB, MANIFEST, METRICS, STEPS, WORKER_GROUPS, FINGERPRINT, CHANGES, TRACKING])
 
     def prior_config(self) -> Config | None:
         """The config a previous run saved here, or None for a new run.
@@ -156,6 +157,10 @@ class RunDir:
     def worker_groups(self) -> list[dict[str, Any]]:
         """The Ray worker groups that trained the run so far, oldest first (empty outside Ray)."""
         return files.read_worker_groups(self.work)
+
+    def tracked_run(self) -> dict[str, Any] | None:
+        """The job's MLflow run (``tracking.json``: its id and the redacted URI), or None before one is opened."""
+        return files.read_json(self.work / TRACKING, str(self.location.child(TRACKING)))
 
     def vocabulary(self) -> list[str] | None:
         """The run's saved vocabulary, or None before it is fitted."""
@@ -309,6 +314,11 @@ class RunDir:
         """
         files.append_lines(self.work / WORKER_GROUPS, [entry])
         self._upload_now([WORKER_GROUPS])
+
+    def record_tracked_run(self, entry: dict[str, Any]) -> None:
+        """Keep the job's MLflow run, uploaded now: an attempt that starts before the first checkpoint needs it."""
+        files.write_json(self.work / TRACKING, entry)
+        self._upload_now([TRACKING])
 
     def write_report(self, report: dict[str, Any]) -> None:
         """Write ``report.json``, which marks the run complete once :meth:`publish` has uploaded it."""

@@ -36,6 +36,8 @@ FINGERPRINT = "fingerprint.json"
 CHANGES = "changes.jsonl"
 # Ray runs: one line per worker group that trained the run (size, cause, where it started).
 WORKER_GROUPS = "worker_groups.jsonl"
+# The job's MLflow run (imdb_dist.tracking): every attempt of the job logs into it.
+TRACKING = "tracking.json"
 
 # What a run being opened holds before its config.yaml: the lease, and the
 # hidden files the lease and the config are staged in (atomic_write,

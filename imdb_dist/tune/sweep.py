@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from imdb_dist import rundir, storage
+from imdb_dist import rundir, storage, tracking
 from imdb_dist.config import (
     Config,
     TuneConfig,
@@ -26,6 +26,7 @@ from imdb_dist.config import (
 )
 from imdb_dist.errors import ConfigError, InputError, RunError
 from imdb_dist.interrupt import Interrupted
+from imdb_dist.tune import mlflow_runs
 from imdb_dist.tune.results import (
     BEST,
     RESULTS,
@@ -55,6 +56,7 @@ def tune(cfg: Config) -> Path:
     out = Path(cfg.run.output_dir).resolve()
     rundir.check_writable(out)
     _check_same_sweep(cfg, out)
+    tracking.check(cfg.tracking)
     base = _trial_base(cfg)
     # Read the data once here: a missing or malformed source is one error line
     # and exit 2 now, not the same failure in every trial.
@@ -75,7 +77,10 @@ def tune(cfg: Config) -> Path:
         functools.partial(run_trial, base=to_dict(base), folds=cfg.tune.folds, metric=cfg.tune.metric, out=str(out)),
         _trial_resources(cfg),
     )
-    grid = _tuner(cfg, trainable, out).fit()
+    tuner = _tuner(cfg, trainable, out)
+    # After the sweep's config is saved (a directory holding anything else is no sweep); the trials read its id.
+    mlflow_runs.open_sweep(cfg, out)
+    grid = tuner.fit()
     # The saved experiment state, not the returned grid, says whether the
     # sweep ended: after Ctrl-C Tune returns, and the trials it cut short are
     # saved as pending (to resume), while the grid counts them as terminated.
@@ -135,6 +140,7 @@ def _write_findings(grid: Any, cfg: Config, base: Config, out: Path) -> None:
     best_cfg = with_values(base, {**best["values"], "run.output_dir": str(out / "best")})
     rundir.atomic_write(out / BEST, best_yaml(best_cfg, best, metric))
     plot_trials(rows, cfg, out / TRIALS_PLOT)
+    mlflow_runs.close_sweep(cfg, out, best, metric, [out / RESULTS, out / BEST, out / TRIALS_PLOT])
     log.info(
         "tune: %d trials (%d finished); best %s %.4f with %s; config in %s",
         len(rows),

@@ -19,6 +19,7 @@ import tf_keras as keras
 from imdb_dist import rundir
 from imdb_dist.config import Config, config_from_dict, with_values
 from imdb_dist.rundir import read_metrics
+from imdb_dist.tune import mlflow_runs
 from imdb_dist.tune.results import TRIALS
 
 
@@ -54,17 +55,23 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], folds: int, metri
     from imdb_dist.distribute import size_thread_pools
 
     cfg = with_values(config_from_dict(base), values)
-    trial_dir = Path(out) / TRIALS / ray_tune.get_context().get_trial_id()
+    trial_id = ray_tune.get_context().get_trial_id()
+    trial_dir = Path(out) / TRIALS / trial_id
     if cfg.ray.num_workers == 1:
         size_thread_pools(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    # The trial's MLflow run nests under the sweep's (imdb_dist.tune.mlflow_runs); None with tracking off.
+    parent = mlflow_runs.sweep_run(cfg, Path(out))
     if not folds:
-        _train_once(_located(cfg, trial_dir), _ReportEpochs())
+        _train_once(_located(cfg, trial_dir), _ReportEpochs(), parent)
         return
+    trial_run = mlflow_runs.open_trial(cfg, trial_dir, parent, trial_id, values) if parent is not None else None
     scores = []
     for fold in range(folds):
         fold_cfg = _located(with_values(cfg, {"data.folds": folds, "data.fold": fold}), trial_dir / f"fold{fold}")
-        report = _train_once(fold_cfg, None)
+        report = _train_once(fold_cfg, None, trial_run)
         scores.append(report["validation"]["accuracy" if metric == "val_accuracy" else "loss"])
+        if trial_run is not None:
+            mlflow_runs.log_fold(cfg, trial_run, fold, metric, scores[-1], statistics.fmean(scores))
         ray_tune.report(
             {"fold": fold, "epoch": report["epochs"], metric: scores[-1], f"cv_{metric}": statistics.fmean(scores)}
         )
@@ -77,7 +84,7 @@ def _located(cfg: Config, directory: Path) -> Config:
     )
 
 
-def _train_once(cfg: Config, callback: keras.callbacks.Callback | None) -> dict[str, Any]:
+def _train_once(cfg: Config, callback: keras.callbacks.Callback | None, parent: str | None) -> dict[str, Any]:
     """Train ``cfg``, resuming its run directory if a restored sweep left one; returns its report.
 
     Epochs an earlier attempt finished are handed to ``callback`` first, so a
@@ -91,12 +98,12 @@ def _train_once(cfg: Config, callback: keras.callbacks.Callback | None) -> dict[
     if cfg.ray.num_workers > 1:
         from imdb_dist.launch import launch
 
-        launch(cfg)
+        launch(cfg, tracked_under=parent)
         if callback is not None:  # the Train run's epochs, handed on once it ends
             for record in read_metrics(metrics)[done:]:
                 callback.on_epoch_end(record["epoch"] - 1, record)
     else:
         from imdb_dist.train import run
 
-        run(cfg, extra_callbacks=[callback] if callback is not None else [])
+        run(cfg, extra_callbacks=[callback] if callback is not None else [], tracked_under=parent)
     return json.loads((Path(cfg.run.output_dir) / rundir.REPORT).read_text())
