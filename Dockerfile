@@ -49,7 +49,8 @@ WORKDIR /src
 # 1. Dependencies only, from pyproject.toml: this multi-GB layer is rebuilt
 #    when the dependencies change, not when the code does. setuptools (the
 #    build backend pyproject.toml names) goes into /opt/build, so that the
-#    wheel is built without the network.
+#    wheel is built without the network. Every image has the tracking extra
+#    (the MLflow client): a cluster's job logs to MLflow with tracking.uri alone.
 COPY pyproject.toml ./
 COPY docker/requirements.py docker/constraints-cuda.txt ./docker/
 RUN --mount=type=secret,id=pip-ca \
@@ -59,7 +60,7 @@ RUN --mount=type=secret,id=pip-ca \
         *) echo "error: DEVICE is gpu or cpu, not '${DEVICE}'" >&2; exit 2 ;; \
     esac \
     && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
-    && python3 docker/requirements.py pyproject.toml ${extra:+"$extra"} > /tmp/requirements.txt \
+    && python3 docker/requirements.py pyproject.toml tracking ${extra:+"$extra"} > /tmp/requirements.txt \
     && pip install --no-cache-dir -c docker/constraints-cuda.txt -r /tmp/requirements.txt \
     && python3 docker/requirements.py --build-system pyproject.toml > /tmp/build-requirements.txt \
     && /opt/build/bin/pip install --no-cache-dir -r /tmp/build-requirements.txt

@@ -100,8 +100,14 @@ def redact(location: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def check_no_credentials(location: str, key: str) -> None:
+_STORAGE_CREDENTIALS = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance or pod role, "
+                        "GOOGLE_APPLICATION_CREDENTIALS, ...")
+
+
+def check_no_credentials(location: str, key: str, environment: str = _STORAGE_CREDENTIALS) -> None:
     """Refuse a URI that carries credentials (userinfo, or a secret query key).
+
+    ``environment``: where the credentials come from instead, for the message.
 
     Raises:
         InputError: naming ``key`` and the URI redacted; the secret itself is never printed.
@@ -114,8 +120,7 @@ def check_no_credentials(location: str, key: str) -> None:
     if found:
         raise InputError(
             f"{key} {redact(location)} carries credentials ({', '.join(found)}): URIs are stored in configs and "
-            "reports and printed in logs, so credentials come from the environment (AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, an instance or pod role, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+            f"reports and printed in logs, so credentials come from the environment ({environment})"
         )
 
 

@@ -41,8 +41,6 @@ import platform
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +86,15 @@ def client(cfg: TrackingConfig) -> Any:
     # seconds, and the sender's own loop retries while training goes on. A user's own setting wins.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    return client_class(cfg)(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+
+
+def client_class(cfg: TrackingConfig) -> Any:
+    """``mlflow.MlflowClient``.
+
+    Raises:
+        ConfigError: the ``mlflow`` package (the ``tracking`` extra) is not installed.
+    """
     try:
         from mlflow import MlflowClient
     except ImportError:
@@ -96,7 +103,7 @@ def client(cfg: TrackingConfig) -> Any:
         ) from None
     for name in ("alembic", "mlflow"):  # a SQLite store's migrations and MLflow's notices: not our lines
         logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+    return MlflowClient
 
 
 def check(cfg: TrackingConfig) -> None:
@@ -108,16 +115,20 @@ def check(cfg: TrackingConfig) -> None:
     if not cfg.enabled:
         return
     shown = storage.redact(cfg.uri)
-    mlflow = client(cfg)
+    client_class(cfg)  # the extra is installed
     if cfg.uri.lower().startswith(("http://", "https://")):
+        import requests  # MLflow's own HTTP client: the same proxies and CA bundle (REQUESTS_CA_BUNDLE)
+
         # MLflow's /health answers without credentials: an unreachable server fails here, in seconds.
+        # TLS as MLflow's client does it: its CA file, or its insecure switch.
+        verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or (
+            os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true")
         try:
-            with urllib.request.urlopen(cfg.uri.rstrip("/") + "/health", timeout=_CHECK_TIMEOUT_S) as answer:
-                answer.read()
-        except (urllib.error.URLError, OSError) as exc:
+            requests.get(cfg.uri.rstrip("/") + "/health", timeout=_CHECK_TIMEOUT_S, verify=verify).raise_for_status()
+        except requests.RequestException as exc:
             raise InputError(f"tracking.uri {shown}: no MLflow server answers there ({reason(exc)})") from None
     try:
-        experiment_id(mlflow, cfg.experiment)
+        experiment_id(client(cfg), cfg.experiment)  # a SQLite store is opened (created) here
     except Exception as exc:  # noqa: BLE001 - MlflowException, or the store's own (SQLAlchemy's, requests')
         raise InputError(f"tracking.uri {shown}: the tracker refused: {reason(exc)}") from None
 
@@ -230,7 +241,7 @@ class Tracker:
                              "MLflow run")
         self.cfg, self.run_dir, self.steps_per_epoch = cfg.tracking, run_dir, steps_per_epoch
         self.run_id: str = kept["run_id"]
-        self._mlflow = client(cfg.tracking)
+        self._mlflow: Any = None  # opened by the thread: a SQLite store on a slow disk must not hold training
         self._marks: dict[str, int] | None = None  # the server's last step per metric family, read on attach
         self._latest: tuple[list[dict], list[dict], list[dict]] | None = None
         self._lock = threading.Lock()
@@ -310,6 +321,8 @@ class Tracker:
     def _attach(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        if self._mlflow is None:
+            self._mlflow = client(self.cfg)
         self._mlflow.update_run(self.run_id, status="RUNNING")
         if tags:
             self._mlflow.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -309,8 +309,8 @@ def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """A real ``mlflow server`` on loopback (tests/mlflow_server.py), one per test module."""
-    from mlflow_server import MlflowServer
+    """A real ``mlflow server`` on loopback (bench/tracking.py's MlflowServer), one per test module."""
+    from bench.tracking import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     try:

@@ -241,6 +241,8 @@ def test_the_device_argument_picks_the_gpu_extra_or_none():
     assert re.search(r"gpu\) extra=gpu ;;", install_deps) and re.search(r"cpu\) extra= ;;", install_deps)
     assert "DEVICE is gpu or cpu" in install_deps and "exit 2" in install_deps
     assert '${extra:+"$extra"}' in install_deps
+    # Every image can log to MLflow (tracking.uri): the tracking extra, whatever the device.
+    assert "requirements.py pyproject.toml tracking " in install_deps
 
 
 def test_the_proxy_ca_bundle_is_a_build_secret_of_the_downloading_step_only():

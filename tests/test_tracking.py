@@ -1,4 +1,4 @@
-"""Experiment tracking against a real MLflow server on loopback (tests/mlflow_server.py): one MLflow run per job.
+"""Experiment tracking against a real MLflow server on loopback (bench/tracking.py's MlflowServer): one MLflow run per job.
 
 What a run logs and reads back; a SIGKILLed and resumed run is one MLflow run
 whose history is the uninterrupted run's, step for step; a server stopped
@@ -223,7 +223,7 @@ def _errors(proc: subprocess.CompletedProcess) -> list[str]:
 def test_a_tracker_that_cannot_be_used_is_one_error_line_and_exit_2_before_anything_is_written(
     mlflow_server, tmp_path: Path
 ) -> None:
-    from mlflow_server import free_port
+    from bench.machine import free_port
 
     data = write_aclimdb(tmp_path / "data", {"train": 100})
     out = tmp_path / "run"
@@ -252,3 +252,39 @@ def test_a_tracker_that_cannot_be_used_is_one_error_line_and_exit_2_before_anyth
     assert refused.returncode == 2 and len(_errors(refused)) == 1, refused.stderr[-3000:]
     assert "pip install 'imdb-dist[tracking]'" in _errors(refused)[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("tracking.uri=file:///tmp/mlruns", "must start with http://, https://, sqlite:///"),
+        ("tracking.uri=https://u:secret@mlflow.example.com", "MLFLOW_TRACKING_TOKEN"),
+        ("tracking.tags={mlflow.user: me}", "not mlflow.*"),
+        ("tracking.experiment=", "1 to 250 printable characters"),
+        ("tracking.flush_timeout_s=-1", "out of range"),
+    ],
+)
+def test_a_bad_tracking_section_is_refused_naming_its_key(setting: str, message: str) -> None:
+    from imdb_dist.errors import InputError as Refused
+
+    with pytest.raises(Refused, match=message) as refused:
+        load_config(None, [setting])
+    assert "secret" not in str(refused.value)
+    assert load_config(None, []).tracking.enabled is False  # off unless a URI is given
+
+
+def test_a_sqlite_uri_tracks_a_run_with_no_server_and_one_it_cannot_create_is_refused(tmp_path: Path) -> None:
+    data = write_aclimdb(tmp_path / "data", {"train": 100})
+    (tmp_path / "a-file").write_text("not a directory")
+    refused = _cli(*train_args(data, tmp_path / "refused", f"sqlite:///{tmp_path}/a-file/mlflow.db", "local"))
+    assert refused.returncode == 2 and len(_errors(refused)) == 1, refused.stderr[-3000:]
+    assert "tracking.uri" in _errors(refused)[0] and not (tmp_path / "refused").exists()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "run"
+    finish(start_imdb_dist(*train_args(data, out, uri, "local")))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = the_run(client, "local")
+    assert run.info.status == "FINISHED" and logged_history(client, run.info.run_id) == expected_history(out)
+    assert client.search_model_versions("name='local'")[0].run_id == run.info.run_id

@@ -7,13 +7,19 @@ import math
 from imdb_dist.errors import ConfigError
 
 
-def no_credentials(key: str, location: str) -> None:
-    """Refuse a URI with credentials in it before it can be stored anywhere (:mod:`imdb_dist.storage`)."""
+def no_credentials(key: str, location: str, environment: str | None = None) -> None:
+    """Refuse a URI with credentials in it before it can be stored anywhere (:mod:`imdb_dist.storage`).
+
+    ``environment``: where its client takes credentials from instead (default: the storage clients').
+    """
     # Imported on first use: importing the config (every imdb-dist command
     # does) then does not load pyarrow with the storage module.
     from imdb_dist.storage import check_no_credentials
 
-    check_no_credentials(location, key)
+    if environment is None:
+        check_no_credentials(location, key)
+    else:
+        check_no_credentials(location, key, environment)
 
 
 def check_range(

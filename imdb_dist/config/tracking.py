@@ -37,7 +37,8 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if self.uri:
-            no_credentials("tracking.uri", self.uri)
+            no_credentials("tracking.uri", self.uri,
+                           "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
             if not self.uri.lower().startswith(_SCHEMES):
                 raise ConfigError("tracking.uri", f"{self.uri!r} must start with {', '.join(_SCHEMES)}")
         if not _NAME.fullmatch(self.experiment):
