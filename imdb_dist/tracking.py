@@ -86,6 +86,8 @@ def client(cfg: TrackingConfig) -> Any:
     # seconds, and the sender's own loop retries while training goes on. A user's own setting wins.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints its own "View run" line when a run ends; the finished run's link is our line.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return client_class(cfg)(tracking_uri=cfg.uri, registry_uri=cfg.uri)
 
 
@@ -242,6 +244,7 @@ class Tracker:
         self.cfg, self.run_dir, self.steps_per_epoch = cfg.tracking, run_dir, steps_per_epoch
         self.run_id: str = kept["run_id"]
         self._mlflow: Any = None  # opened by the thread: a SQLite store on a slow disk must not hold training
+        self._experiment_id = ""
         self._marks: dict[str, int] | None = None  # the server's last step per metric family, read on attach
         self._latest: tuple[list[dict], list[dict], list[dict]] | None = None
         self._lock = threading.Lock()
@@ -271,6 +274,11 @@ class Tracker:
         self._put("artifacts", lambda: self._artifacts(model_version))
         self._put("status", lambda: self._mlflow.set_terminated(self.run_id, "FINISHED"))
         self.close()
+        if not self._thread.is_alive() and self._down_since is None:
+            where = storage.redact(self.cfg.uri)
+            link = (f"{where.rstrip('/')}/#/experiments/{self._experiment_id}/runs/{self.run_id}"
+                    if where.lower().startswith(("http://", "https://")) else where)
+            log.info("tracking: MLflow run %s is complete: %s", self.run_id, link)
 
     def close(self, status: str | None = None, wait_s: float | None = None) -> None:
         """Send what is queued (``status``, e.g. ``FAILED`` or ``KILLED``, last), waiting at most ``wait_s``."""
@@ -324,6 +332,7 @@ class Tracker:
         if self._mlflow is None:
             self._mlflow = client(self.cfg)
         self._mlflow.update_run(self.run_id, status="RUNNING")
+        self._experiment_id = self._mlflow.get_run(self.run_id).info.experiment_id
         if tags:
             self._mlflow.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         # How far the run got: the last step of each family (an attempt never sends beyond a checkpoint).
