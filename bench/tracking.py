@@ -47,6 +47,8 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MlflowServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # running already
         self.root.mkdir(parents=True, exist_ok=True)
         beside = Path(sys.executable).parent / "mlflow"
         self.proc = subprocess.Popen(

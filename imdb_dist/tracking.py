@@ -1,34 +1,17 @@
-"""Experiment tracking in MLflow: one MLflow run per job, whatever resumes, restarts or resizes it.
-
-Who does what:
+"""Experiment tracking in MLflow: one MLflow run per job, whatever resumes, restarts or resizes it (docs/tracking.md).
 
 - The command that starts a job (``imdb-dist train``, the Ray launcher, a
-  sweep) checks the tracker first (:func:`check`): a server that does not
-  answer or refuses is one ``error:`` line, exit 2, before anything is
-  written. Once it holds the run directory it creates the MLflow run, if the
-  job is new, and keeps its id in the run directory (``tracking.json``,
-  :func:`open_run`): every later attempt (a resume, a Ray restart after a
-  lost worker, an elastic resize, a resubmit) attaches to that same run.
-- The chief (:class:`Tracker`) mirrors the run directory's own logs into it:
-  after every checkpoint, the step points (``steps.jsonl``, as ``step_*``
-  metrics), the epoch lines (``metrics.jsonl``) at their global step, and
-  each Ray worker group (a ``workers`` metric and a tag); at the end the
-  report, the curves, the logs and the exported model as artifacts, and a
-  version of the registered model where the server has a registry.
+  sweep's trial) checks the tracker before anything is written
+  (:func:`check`), then opens the job's MLflow run once and keeps its id in
+  the run directory (:func:`open_run`, ``tracking.json``): every later
+  attempt attaches to it.
+- The chief (:class:`Tracker`) mirrors the run directory's own logs into it
+  after every checkpoint, and the results and model at the end, from one
+  background thread that retries a tracker that is down while training goes on.
 
-**No step is logged twice.** The chief sends only what a checkpoint has made
-durable: the logs up to the checkpoint's step, which no resume drops. An
-attempt that attaches first asks the server how far the run got (each
-metric family's last step) and sends only what lies beyond. So the lost
-steps of an attempt that died after its last checkpoint never reach the
-server, and the run's metric history is the run directory's, step for step.
-
-**The tracker never costs a run.** Everything after :func:`check` is sent by
-one background thread: training only hands it the records at a checkpoint.
-A later outage is retried with backoff while training goes on; the end of
-the run waits at most ``tracking.flush_timeout_s`` for it, then warns and
-leaves with the run's own files intact, and a resubmit of the finished job
-catches the tracker up (:func:`catch_up`).
+**No step is logged twice**: the chief sends only what a checkpoint made
+durable (no resume drops it), and an attaching attempt sends only what lies
+beyond the last step the server holds of each metric family.
 """
 
 from __future__ import annotations
@@ -247,10 +230,12 @@ class Tracker:
         self._experiment_id = ""
         self._marks: dict[str, int] | None = None  # the server's last step per metric family, read on attach
         self._latest: tuple[list[dict], list[dict], list[dict]] | None = None
+        self._behind: tuple[list[dict], list[dict], list[dict]] | None = None  # mirror(one_behind=True)
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
         self._closing = threading.Event()
         self._deadline = float("inf")
+        self._wait_s = 0.0
         self._down_since: float | None = None
         self.sent = 0  # sends that went through (tests and the closing warning)
         self._thread = threading.Thread(target=self._run, name="tracking", daemon=True)
@@ -259,10 +244,18 @@ class Tracker:
 
     # -- what the training side calls (cheap: the thread does the talking) -----------------------
 
-    def mirror(self) -> None:
-        """After a checkpoint: everything the run directory's logs hold is durable; send what the server lacks."""
-        snapshot = (self.run_dir.log(STEPS).records(), self.run_dir.log(METRICS).records(),
-                    self.run_dir.worker_groups())
+    def mirror(self, *, one_behind: bool = False) -> None:
+        """After a checkpoint: send the server what the run directory's logs held at a durable checkpoint.
+
+        ``one_behind`` (Ray): ``ray.train.report`` returns once Ray Train has
+        collected the previous report (its queue holds one), not this one, so
+        the records as of the previous checkpoint are sent; the end sends the rest.
+        """
+        current = (self.run_dir.log(STEPS).records(), self.run_dir.log(METRICS).records(),
+                   self.run_dir.worker_groups())
+        snapshot, self._behind = (self._behind, current) if one_behind else (current, None)
+        if snapshot is None:
+            return
         with self._lock:
             pending, self._latest = self._latest is not None, snapshot
         if not pending:  # one queued flush sends the latest snapshot, however many checkpoints an outage spans
@@ -285,10 +278,14 @@ class Tracker:
         if status is not None:
             self._put("status", lambda: self._mlflow.set_terminated(self.run_id, status))
         wait = self.cfg.flush_timeout_s if wait_s is None else min(wait_s, self.cfg.flush_timeout_s)
+        # The wait is for a tracker that does not answer: each send that goes through starts it again,
+        # so a large model's upload to a slow but working server is not cut short.
+        self._wait_s = wait
         self._deadline = time.monotonic() + wait
         self._queue.put(None)
         self._closing.set()
-        self._thread.join(timeout=wait + 1.0)
+        while self._thread.is_alive() and time.monotonic() < self._deadline:
+            self._thread.join(timeout=0.1)
         if self._thread.is_alive() or self._down_since is not None:
             log.warning(
                 "tracking: the MLflow server at %s did not take the run's last records within "
@@ -308,6 +305,8 @@ class Tracker:
                 try:
                     send()
                     self.sent += 1
+                    if self._closing.is_set():
+                        self._deadline = time.monotonic() + self._wait_s
                     if self._down_since is not None:
                         log.info("tracking: the MLflow server answers again after %.0f s; sending what waited",
                                  time.monotonic() - self._down_since)
@@ -321,10 +320,13 @@ class Tracker:
                         self._down_since = time.monotonic()
                         log.warning("tracking: cannot send the %s to %s (%s); retrying in the background, "
                                     "training goes on", what, storage.redact(self.cfg.uri), reason(exc))
-                    if self._closing.is_set() and time.monotonic() + backoff > self._deadline:
-                        return
-                    time.sleep(backoff)
-                    backoff = min(2 * backoff, _MAX_BACKOFF_S)
+                    if self._closing.is_set():  # the run's end waits: try every second until its deadline
+                        if time.monotonic() >= self._deadline:
+                            return
+                        time.sleep(1.0)
+                    else:
+                        self._closing.wait(backoff)  # woken at once when the run ends
+                        backoff = min(2 * backoff, _MAX_BACKOFF_S)
 
     def _attach(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -142,7 +142,9 @@ def run(
             if launched is not None:
                 launched.after_checkpoint(metrics)
             if tracker is not None:
-                tracker.mirror()  # what the checkpoint made durable (the Ray checkpoint too: reported above)
+                # Durable now: a local checkpoint once written; a Ray one once Ray Train collected it, which
+                # only the next report shows (imdb_dist.tracking.Tracker.mirror).
+                tracker.mirror(one_behind=launched is not None)
 
         try:
             model, batches_digest = _train(

@@ -307,9 +307,13 @@ def sweep_config(path: Path, data: Path, out: Path, tune: dict, ray: dict | None
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    """A real ``mlflow server`` on loopback (bench/tracking.py's MlflowServer), one per test module."""
+    """A real ``mlflow server`` on loopback (bench/tracking.py's MlflowServer), one per test process.
+
+    Shared by the tracking, launch and tune tests (each names experiments of its own): a server's
+    start is seconds of CPU.
+    """
     from bench.tracking import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()

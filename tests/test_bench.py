@@ -309,3 +309,15 @@ def test_digest_times_the_step_with_and_without_the_batch_digest() -> None:
     assert all(ms > 0 for ms in out["median_step_ms"].values()) and out["rows_sum_alone_ms"] > 0
     assert out["digest_cpu_share"] == pytest.approx(
         out["median_step_cpu_ms"]["digest"] / out["median_step_cpu_ms"]["no_digest"] - 1)
+
+
+def test_tracking_runs_the_job_with_and_without_mlflow_side_by_side(data: Path) -> None:
+    # One round of each: the tracked run logged every step point to the benchmark's own server.
+    out = bench("bench.tracking", "--data", str(data), "--every", "2", "--rounds", "1", *sets(),
+                "--set", "train.epochs=2")
+    (off,), (on,) = out["runs"]["off"], out["runs"]["on"]
+    assert "logged_step_points" not in off
+    assert on["logged_step_points"] == on["step_points"] == off["step_points"] > 0
+    assert on["mlflow_status"] == "FINISHED" and on["optimizer_steps"] == off["optimizer_steps"]
+    assert out["on_vs_off"]["wall_s"] == pytest.approx(on["wall_s"] / off["wall_s"])
+    assert out["cpu"]["model"] and out["cpu"]["cpus"] == os.cpu_count()

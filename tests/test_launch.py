@@ -301,6 +301,10 @@ def test_workers_that_fail_twice_mid_epoch_end_with_the_uninterrupted_model_in_o
         "start", "restarted after a failure", "restarted after a failure"]
     assert run.data.tags["replicas"] == "4" and run.data.tags["workers"] == "2"
     assert "model/saved_model.pb" in {item.path for item in client.list_artifacts(run.info.run_id, rundir.MODEL)}
+    # Resubmitted, the finished job trains nothing and its MLflow run stays the one, unchanged.
+    assert launch(cfg).local_path() == run_dir
+    assert logged_history(client, the_run(client, "ray").info.run_id) == history
+    assert len(client.search_model_versions("name='ray'")) == 1
 
 
 # The GPU job's CPU rehearsal (job/configs/ray-gpu-rehearsal.yaml: two workers of two replicas each) runs in

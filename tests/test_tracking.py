@@ -76,42 +76,6 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return err
 
 
-def test_a_run_logs_its_config_curves_and_model_into_one_mlflow_run_and_a_resubmit_adds_nothing(
-    mlflow_server, tmp_path: Path
-) -> None:
-    data = write_aclimdb(tmp_path / "data", {"train": 100})
-    out = tmp_path / "run"
-    args = train_args(data, out, mlflow_server.uri, "logged", "run.checkpoint_steps=3", "tracking.tags={team: nlp}")
-    err = finish(start_imdb_dist(*args))
-    client = mlflow_server.client()
-    run = the_run(client, "logged")
-    run_id = run.info.run_id
-    assert json.loads((out / rundir.TRACKING).read_text())["run_id"] == run_id
-    assert f"tracking: MLflow run {run_id} in experiment 'logged' at {mlflow_server.uri}" in err
-    assert run.info.status == "FINISHED"
-    # The resolved config, key for key, as params; the job's tags, the fingerprint and the machine as tags.
-    assert run.data.params == config_params(load_config(out / rundir.CONFIG))
-    tags = run.data.tags
-    assert tags["team"] == "nlp" and tags["imdb_dist.run_dir"] == str(out)
-    fingerprint = json.loads((out / rundir.FINGERPRINT).read_text())
-    assert tags["fingerprint.data"] == fingerprint["data"]
-    assert tags["replicas"] == "1" and tags["machine.gpus"] == "none" and tags["machine.cpu"]
-    # Every step point and epoch line, at its global step, once.
-    history = logged_history(client, run_id)
-    assert history == expected_history(out)
-    assert [step for step, _ in history["val_accuracy"]] == [10, 20]  # 10 steps an epoch
-    # The results and the model as artifacts, and the model a version of the registered model.
-    artifacts = {item.path for item in client.list_artifacts(run_id)}
-    assert {rundir.REPORT, rundir.CURVES, rundir.CONFIG, rundir.METRICS, rundir.STEPS, rundir.MODEL} <= artifacts
-    assert "model/saved_model.pb" in {item.path for item in client.list_artifacts(run_id, rundir.MODEL)}
-    (version,) = client.search_model_versions("name='logged'")
-    assert version.run_id == run_id and version.source.endswith("/model")
-    # The same command again: the job is complete, its MLflow run unchanged, no second run or version.
-    finish(start_imdb_dist(*args))
-    assert logged_history(client, the_run(client, "logged").info.run_id) == history
-    assert len(client.search_model_versions("name='logged'")) == 1
-
-
 def _train_until_killed_in_epoch_two(args: list[str], out: Path) -> None:
     proc = start_imdb_dist(*args)
     deadline = time.monotonic() + 200
@@ -131,7 +95,7 @@ def _points(out: Path) -> list[dict]:
         return []
 
 
-def test_a_sigkilled_and_resumed_run_is_one_mlflow_run_whose_history_is_the_uninterrupted_runs(
+def test_a_run_logs_its_config_curves_and_model_and_killed_and_resumed_is_one_run_of_the_same_history(
     mlflow_server, tmp_path: Path
 ) -> None:
     # 100 steps an epoch, a checkpoint every 7 and a point every 5: the kill lands in epoch 2, after
@@ -139,14 +103,38 @@ def test_a_sigkilled_and_resumed_run_is_one_mlflow_run_whose_history_is_the_unin
     data = write_aclimdb(tmp_path / "data", {"train": 1000})
     run = ("train.epochs=3", "train.deterministic=true", "run.log_every_steps=5", "run.checkpoint_steps=7")
     reference = tmp_path / "uninterrupted"
-    finish(start_imdb_dist(*train_args(data, reference, mlflow_server.uri, "uninterrupted", *run)))
+    err = finish(start_imdb_dist(*train_args(data, reference, mlflow_server.uri, "uninterrupted", *run,
+                                             "tracking.tags={team: nlp}")))
+    client = mlflow_server.client()
+    logged = the_run(client, "uninterrupted")
+    run_id = logged.info.run_id
+    assert json.loads((reference / rundir.TRACKING).read_text())["run_id"] == run_id
+    assert f"tracking: MLflow run {run_id} in experiment 'uninterrupted' at {mlflow_server.uri}" in err
+    assert f"tracking: MLflow run {run_id} is complete: {mlflow_server.uri}/#/experiments/" in err
+    assert logged.info.status == "FINISHED"
+    # The resolved config, key for key, as params; the job's tags, the fingerprint and the machine as tags.
+    assert logged.data.params == config_params(load_config(reference / rundir.CONFIG))
+    tags = logged.data.tags
+    assert tags["team"] == "nlp" and tags["imdb_dist.run_dir"] == str(reference)
+    assert tags["fingerprint.data"] == json.loads((reference / rundir.FINGERPRINT).read_text())["data"]
+    assert tags["replicas"] == "1" and tags["machine.gpus"] == "none" and tags["machine.cpu"]
+    # Every step point and epoch line, at its global step, once.
+    want = logged_history(client, run_id)
+    assert want == expected_history(reference)
+    assert [step for step, _ in want["val_accuracy"]] == [100, 200, 300]
+    # The results and the model as artifacts, and the model a version of the registered model.
+    artifacts = {item.path for item in client.list_artifacts(run_id)}
+    assert {rundir.REPORT, rundir.CURVES, rundir.CONFIG, rundir.METRICS, rundir.STEPS, rundir.MODEL} <= artifacts
+    assert "model/saved_model.pb" in {item.path for item in client.list_artifacts(run_id, rundir.MODEL)}
+    (version,) = client.search_model_versions("name='uninterrupted'")
+    assert version.run_id == run_id and version.source.endswith("/model")
+
+    # The same run SIGKILLed in epoch 2 and run again: one MLflow run, step for step the uninterrupted one's.
     out = tmp_path / "resumed"
     args = train_args(data, out, mlflow_server.uri, "resumed", *run)
     _train_until_killed_in_epoch_two(args, out)
     finish(start_imdb_dist(*args))
-    client = mlflow_server.client()
     got = logged_history(client, the_run(client, "resumed").info.run_id)
-    want = logged_history(client, the_run(client, "uninterrupted").info.run_id)
     assert the_run(client, "resumed").info.status == "FINISHED"
     assert got == expected_history(out)  # the run directory's own logs, no step twice
     assert got.keys() == want.keys()
@@ -161,7 +149,7 @@ def test_a_tracker_down_mid_run_costs_the_run_nothing_and_the_run_catches_it_up(
 ) -> None:
     data = write_aclimdb(tmp_path / "data", {"train": 1000})
     client = mlflow_server.client()
-    # 1. The server is killed once the run has opened its MLflow run, and started again 8 s later:
+    # 1. The server is killed once the run has opened its MLflow run, and started again 6 s later:
     #    training goes on meanwhile, and what waited is sent once the server answers.
     out = tmp_path / "outage"
     args = train_args(data, out, mlflow_server.uri, "outage", "train.epochs=3", "run.checkpoint_steps=10",
@@ -169,9 +157,11 @@ def test_a_tracker_down_mid_run_costs_the_run_nothing_and_the_run_catches_it_up(
     proc = start_imdb_dist(*args)
     _wait_for(lambda: (out / rundir.TRACKING).exists(), proc)
     mlflow_server.stop()
-    time.sleep(8)
-    trained_during_outage = len(_points(out))
-    mlflow_server.start()
+    try:
+        time.sleep(6)
+        trained_during_outage = len(_points(out))
+    finally:
+        mlflow_server.start()  # the server is this test process's, shared with the tests after this one
     err = finish(proc)
     assert trained_during_outage > 1, "training waited for the tracker"
     assert "tracking: cannot send" in err and "retrying in the background, training goes on" in err
@@ -179,23 +169,26 @@ def test_a_tracker_down_mid_run_costs_the_run_nothing_and_the_run_catches_it_up(
     run = the_run(client, "outage")
     assert run.info.status == "FINISHED"
     assert logged_history(client, run.info.run_id) == expected_history(out)
-    # 2. The server is gone for good: the run ends well after tracking.flush_timeout_s, with one
-    #    warning and its own files complete; the same command later, the server back, catches it up.
+    # 2. The server is out of reach for good (its link cut, through a forwarder: the server itself goes
+    #    on for the catch-up): the run ends soon after tracking.flush_timeout_s, with one warning and its
+    #    own files complete; the same command later, the link back, catches the MLflow run up.
+    from forwarder import Forwarder
+
     out = tmp_path / "gone"
-    args = train_args(data, out, mlflow_server.uri, "gone", "train.epochs=2", "tracking.flush_timeout_s=2")
-    proc = start_imdb_dist(*args)
-    _wait_for(lambda: (out / rundir.TRACKING).exists(), proc)
-    mlflow_server.stop()
-    try:
+    with Forwarder("127.0.0.1", mlflow_server.port) as link:
+        args = train_args(data, out, f"http://127.0.0.1:{link.port}", "gone", "train.epochs=2",
+                          "tracking.flush_timeout_s=2")
+        proc = start_imdb_dist(*args)
+        _wait_for(lambda: (out / rundir.TRACKING).exists(), proc)
+        link.stop()
         err = finish(proc)
-    finally:
-        mlflow_server.start()
-    behind = [line for line in err.splitlines() if "did not take the run's last records" in line]
-    assert len(behind) == 1 and "resubmitting the job catches it up" in behind[0], err[-3000:]
-    assert (out / rundir.REPORT).exists() and (out / rundir.MODEL / "1" / "saved_model.pb").exists()
-    run = the_run(client, "gone")
-    assert run.info.status == "RUNNING" and logged_history(client, run.info.run_id) != expected_history(out)
-    finish(start_imdb_dist(*args))
+        behind = [line for line in err.splitlines() if "did not take the run's last records" in line]
+        assert len(behind) == 1 and "resubmitting the job catches it up" in behind[0], err[-3000:]
+        assert (out / rundir.REPORT).exists() and (out / rundir.MODEL / "1" / "saved_model.pb").exists()
+        run = the_run(client, "gone")
+        assert run.info.status == "RUNNING" and logged_history(client, run.info.run_id) != expected_history(out)
+        link.start()
+        finish(start_imdb_dist(*args))
     run = the_run(client, "gone")
     assert run.info.status == "FINISHED"
     assert logged_history(client, run.info.run_id) == expected_history(out)

@@ -129,11 +129,14 @@ def _results(out: Path) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)  # a sweep on a local Ray cluster, interrupted, then resumed
-def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_path) -> None:
+def test_a_sweep_writes_results_best_config_and_curves_and_resumes_into_the_same_mlflow_runs(
+    data, mlflow_server, tmp_path
+) -> None:
     out = tmp_path / "sweep"
     grid = [0.01, 0.03]
     config = sweep_config(tmp_path / "tune.yaml", data, out,
-                          {"space": {LR: {"grid": grid}}, "trials": 1, "early_stop": False})
+                          {"space": {LR: {"grid": grid}}, "trials": 1, "early_stop": False},
+                          tracking={"uri": mlflow_server.uri, "experiment": "resumed-sweep"})
     # Interrupted once the first epoch of a trial is logged: Tune saves its state on SIGINT.
     proc = _tune(config)
     deadline = time.monotonic() + 300
@@ -162,6 +165,22 @@ def test_a_sweep_writes_results_best_config_and_curves_and_resumes(data, tmp_pat
     assert best.train.learning_rate == float(best_row[LR])
     assert best.tune.space == {}
     assert (out / "trials.png").read_bytes()[:4] == b"\x89PNG"
+    # MLflow (tests/test_tracking.py): the sweep's run, and each trial's training run nested under it, one
+    # run each across the interruption, its history its run directory's, its value a param; the best tagged.
+    from test_tracking import expected_history, logged_history
+
+    client = mlflow_server.client()
+    runs = client.search_runs([client.get_experiment_by_name("resumed-sweep").experiment_id])
+    (sweep,) = [run for run in runs if "imdb_dist.sweep" in run.data.tags]
+    trials = {run.data.tags["imdb_dist.run_dir"]: run for run in runs
+              if run.data.tags.get("mlflow.parentRunId") == sweep.info.run_id}
+    assert len(runs) == 3 and sorted(trials) == sorted(row["run_dir"] for row in rows)
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["imdb_dist.best_trial"] == best_row["trial_id"]
+    for row in rows:
+        trial = trials[row["run_dir"]]
+        assert trial.info.status == "FINISHED" and float(trial.data.params[LR]) == float(row[LR])
+        assert logged_history(client, trial.info.run_id) == expected_history(Path(row["run_dir"]))
+        assert (trial.data.tags.get("imdb_dist.best_trial") == "true") == (row is best_row)
 
     # best.yaml is a complete config `imdb-dist train` takes as it is.
     trained = subprocess.run([sys.executable, "-m", "imdb_dist.cli", "train", "--config", str(out / "best.yaml"),
@@ -177,13 +196,13 @@ def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean_in_nested_m
     data, mlflow_server, tmp_path
 ) -> None:
     out = tmp_path / "sweep"
-    # Two trials, each trained on each of two folds.
+    # One trial (several are the sweep above's), trained on each of two folds.
     config = sweep_config(tmp_path / "tune.yaml", data, out,
-                          {"space": {LR: {"grid": [0.03, 0.003]}}, "trials": 1, "folds": 2},
+                          {"space": {LR: {"grid": [0.03]}}, "trials": 1, "folds": 2},
                           tracking={"uri": mlflow_server.uri, "experiment": "sweep"}, epochs=1)
     _finish(_tune(config))
     rows = _results(out)
-    assert len(rows) == 2
+    assert len(rows) == 1
     for row in rows:
         assert row["status"] == "completed"
         folds = [json.loads((Path(row["run_dir"]) / f"fold{k}" / rundir.REPORT).read_text()) for k in range(2)]
@@ -192,14 +211,14 @@ def test_a_cross_validated_sweep_scores_each_trial_by_its_folds_mean_in_nested_m
         mean = sum(f["validation"]["accuracy"] for f in folds) / 2
         assert float(row["cv_val_accuracy"]) == pytest.approx(mean, abs=1e-6)
     assert load_config(out / "best.yaml").data.folds == 0, "best.yaml trains on the usual split"
-    # MLflow: the sweep's run; under it each trial's, with its sampled value and its fold-averaged score;
-    # under each trial its two folds' training runs; the best trial tagged on both.
+    # MLflow: the sweep's run; under it the trial's, with its sampled value and its fold-averaged score;
+    # under the trial its two folds' training runs; the best trial tagged on both.
     client = mlflow_server.client()
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     parents = {run.info.run_id: run.data.tags.get("mlflow.parentRunId") for run in runs}
     (sweep,) = [run for run in runs if parents[run.info.run_id] is None]
     trials = [run for run in runs if parents[run.info.run_id] == sweep.info.run_id]
-    assert len(runs) == 1 + 2 + 4 and len(trials) == 2
+    assert len(runs) == 1 + 1 + 2 and len(trials) == 1
     best = max(rows, key=lambda row: float(row["cv_val_accuracy"]))
     assert sweep.info.status == "FINISHED" and sweep.data.tags["imdb_dist.best_trial"] == best["trial_id"]
     assert sweep.data.metrics["best_cv_val_accuracy"] == pytest.approx(float(best["cv_val_accuracy"]))
