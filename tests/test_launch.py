@@ -175,8 +175,12 @@ def uninterrupted(cluster, tmp_path_factory) -> Callable[..., tuple[Path, Path]]
 
 
 def test_a_launch_that_tokenizes_as_a_ray_data_job_trains_what_one_process_prepares(uninterrupted, tmp_path) -> None:
-    """ray.prepare ray_data: the store, vocabulary and batches of the driver's own preparation (auto, at this size)."""
-    _, prepared_here = uninterrupted(1)
+    """ray.prepare ray_data: the store, vocabulary and batches of the driver's own preparation (auto, at this size).
+
+    Against the sync test's 2x2 run (one reference launch less): the store and the global batches are
+    the same on any topology (the batch digest is the plan's, tests/test_topology.py).
+    """
+    _, prepared_here = uninterrupted(1, *TWO_BY_TWO)
     run = launch(ray_config(tmp_path, "model.members=1", *UNINTERRUPTED, "ray.prepare=ray_data")).local_path()
     stores = sorted(path.name for path in (prepared_here / rundir.PREPARED).glob("*.npy"))
     assert len(stores) == 6
