@@ -32,8 +32,8 @@ class TrackingConfig:
     empty: the experiment's name."""
     # A later outage is retried in the background; this bounds only the wait at the very end.
     flush_timeout_s: float = 60.0
-    """At the end of a run, how long to wait for a tracker that is down before warning and leaving it behind (the
-    run's own files are complete, and a resubmit catches the tracker up)."""
+    """At the end of a run, how long to wait for a tracker that does not answer before warning and leaving it behind
+    (the run's own files are complete, and a resubmit catches the tracker up)."""
 
     def __post_init__(self) -> None:
         if self.uri:
