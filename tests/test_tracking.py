@@ -274,7 +274,11 @@ def test_a_sqlite_uri_tracks_a_run_with_no_server_and_one_it_cannot_create_is_re
     assert "tracking.uri" in _errors(refused)[0] and not (tmp_path / "refused").exists()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "run"
-    finish(start_imdb_dist(*train_args(data, out, uri, "local")))
+    # From tmp_path: with no server, MLflow keeps the artifacts in ./mlruns of the working directory.
+    finish(subprocess.Popen([sys.executable, "-m", "imdb_dist.cli", *train_args(data, out, uri, "local")],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    assert (tmp_path / "mlruns").is_dir() and not (REPO / "mlruns").exists()
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
