@@ -119,7 +119,7 @@ def launch(
     with rundir.RunDir(location, "ray.storage_path") as run_dir:
         lease = prepare(cfg, run_dir, before_writing=join_cluster, changes=changes)
         if lease is None:  # already complete (logged)
-            tracking.catch_up(cfg, run_dir, None)
+            tracking.catch_up(cfg, run_dir)
             return location
         tracking.open_run(cfg, run_dir, parent=tracked_under)
         _fit(cfg, run_dir, lease, list(worker_callbacks))

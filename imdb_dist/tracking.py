@@ -31,6 +31,7 @@ from typing import Any
 from imdb_dist import storage
 from imdb_dist.config import Config, TrackingConfig, to_dict
 from imdb_dist.errors import ConfigError, InputError
+from imdb_dist.fingerprint import flatten
 from imdb_dist.rundir import (
     CONFIG,
     CURVES,
@@ -170,19 +171,9 @@ def open_run(cfg: Config, run_dir: RunDir, *, parent: str | None = None, name: s
 
 
 def config_params(cfg: Config) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys, values as YAML writes them (JSON), cut to MLflow's limit."""
-
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict) and value and key not in ("space", "tags", "resources_per_worker"):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
+    """The resolved config as MLflow params: dotted keys, values as JSON (strings as they are), cut to MLflow's limit."""
     return {key: (value if isinstance(value, str) else json.dumps(value))[:_PARAM_CHARS]
-            for key, value in flat(to_dict(cfg)).items()}
+            for key, value in flatten(to_dict(cfg)).items()}
 
 
 def log_params(mlflow: Any, run_id: str, params: dict[str, str]) -> None:
@@ -237,7 +228,6 @@ class Tracker:
         self._deadline = float("inf")
         self._wait_s = 0.0
         self._down_since: float | None = None
-        self.sent = 0  # sends that went through (tests and the closing warning)
         self._thread = threading.Thread(target=self._run, name="tracking", daemon=True)
         self._thread.start()
         self._put("attach", lambda: self._attach(tags or {}))
@@ -304,7 +294,6 @@ class Tracker:
             while True:
                 try:
                     send()
-                    self.sent += 1
                     if self._closing.is_set():
                         self._deadline = time.monotonic() + self._wait_s
                     if self._down_since is not None:
@@ -337,12 +326,12 @@ class Tracker:
         self._experiment_id = self._mlflow.get_run(self.run_id).info.experiment_id
         if tags:
             self._mlflow.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        # How far the run got: the last step of each family (an attempt never sends beyond a checkpoint).
+        # How far the run got: the last step of the step points and of the epoch lines (an attempt never
+        # sends beyond a checkpoint), and how many worker groups (two may start from one step).
         marks = {}
-        for family, key in (("steps", "step_loss"), ("epochs", "loss"), ("groups", "workers")):
-            history = self._mlflow.get_metric_history(self.run_id, key)
-            marks[family] = max((m.step for m in history), default=-1)
-        marks["group_count"] = len(self._mlflow.get_metric_history(self.run_id, "workers"))
+        for family, key in (("steps", "step_loss"), ("epochs", "loss")):
+            marks[family] = max((m.step for m in self._mlflow.get_metric_history(self.run_id, key)), default=-1)
+        marks["groups"] = len(self._mlflow.get_metric_history(self.run_id, "workers"))
         self._marks = marks
 
     def _flush(self) -> None:
@@ -369,12 +358,15 @@ class Tracker:
                               if k not in ("epoch", "wall_s") and isinstance(v, (int, float))]
                     values.append(Metric("epoch", float(record["epoch"]), now, step))
                     records.append(("epochs", step, values, []))
-            for index, group in enumerate(groups[self._marks["group_count"]:], start=self._marks["group_count"]):
+            for index, group in enumerate(groups[self._marks["groups"]:], start=self._marks["groups"]):
                 step = (group["epoch"] - 1) * self.steps_per_epoch + group["step"]
                 tag = RunTag(f"worker_group.{index + 1}",
                              f"{group['workers']} worker(s), {group['cause']}, from epoch {group['epoch']} "
                              f"step {group['step']}")
-                records.append(("groups", step, [Metric("workers", float(group["workers"]), now, step)], [tag]))
+                # At the group's own start time: MLflow keeps one metric per (key, step, value, timestamp),
+                # and two groups of one size may start from one checkpoint.
+                start = int(group["time"] * 1000) + index  # + index: two starts within a millisecond
+                records.append(("groups", step, [Metric("workers", float(group["workers"]), start, step)], [tag]))
             batch: list[Any] = []
             tags: list[Any] = []
             done: list[tuple[str, int]] = []
@@ -397,9 +389,7 @@ class Tracker:
         assert self._marks is not None
         self._mlflow.log_batch(self.run_id, metrics=metrics, tags=tags)
         for family, step in done:
-            if family == "groups":
-                self._marks["group_count"] += 1
-            self._marks[family] = max(self._marks[family], step)
+            self._marks[family] = self._marks[family] + 1 if family == "groups" else max(self._marks[family], step)
 
     def _artifacts(self, model_version: Path | None) -> None:
         work = self.run_dir.work
@@ -430,12 +420,12 @@ def register(mlflow: Any, name: str, run_id: str) -> None:
         log.info("tracking: no model version registered (%s)", reason(exc))
 
 
-def catch_up(cfg: Config, run_dir: RunDir, steps_per_epoch: int | None) -> None:
+def catch_up(cfg: Config, run_dir: RunDir) -> None:
     """A resubmitted job that is already complete: send what its MLflow run lacks (an earlier end left it behind)."""
     if not cfg.tracking.enabled or run_dir.tracked_run() is None:
         return
     report = json.loads((run_dir.work / REPORT).read_text())
-    spe = steps_per_epoch or max(1, report["optimizer_steps"] // max(1, report["epochs"]))
+    spe = max(1, report["optimizer_steps"] // max(1, report["epochs"]))  # its epochs were whole
     run_dir.fetch([CURVES], trees=[MODEL])
     version = run_dir.work / MODEL / str(report["model_version"])
     tracker = Tracker(cfg, run_dir, spe)

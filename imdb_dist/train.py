@@ -126,7 +126,7 @@ def run(
             opened = _open_run(cfg, run_dir, worker, timings, reading, changes, tracked_under)
             if opened is None:  # already complete
                 if worker.chief:
-                    tracking.catch_up(cfg, run_dir, None)
+                    tracking.catch_up(cfg, run_dir)
                 return None if run_dir.remote else run_dir.work
             data, checkpoints = opened, run_dir.work / rundir.CHECKPOINTS
         with timings.phase("tokenize"):

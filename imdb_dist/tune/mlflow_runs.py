@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,6 @@ def log_fold(cfg: Config, run_id: str, fold: int, metric: str, score: float, mea
     from mlflow.entities import Metric
 
     try:
-        import time
-
         now = int(time.time() * 1000)
         tracking.client(cfg.tracking).log_batch(
             run_id, metrics=[Metric(metric, score, now, fold), Metric(f"cv_{metric}", mean, now, fold)])
